@@ -1,0 +1,80 @@
+"""The `anvil` command line. Parsing comes first and imports nothing heavy, so `anvil --help` is instant;
+each subcommand imports what it needs when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from coordinator.models import BUILTIN_MODELS, anvil_home
+
+    table = Table(title=f"Built-in models (cache: {anvil_home() / 'models'})")
+    for column in ("name", "layers", "hidden", "heads (q/kv)", "head_dim", "context", "cached"):
+        table.add_column(column)
+    for spec in BUILTIN_MODELS.values():
+        cached = any((anvil_home() / "models").glob(f"{spec.name}-{spec.fingerprint()}/config.json"))
+        table.add_row(
+            spec.name,
+            str(spec.num_hidden_layers),
+            str(spec.hidden_size),
+            f"{spec.num_attention_heads}/{spec.num_key_value_heads}",
+            str(spec.head_dim),
+            str(spec.max_position_embeddings),
+            "yes" if cached else "no",
+        )
+    Console().print(table)
+    return 0
+
+
+def _cmd_models_build(args: argparse.Namespace) -> int:
+    from coordinator.models import resolve_model
+
+    print(resolve_model(args.name))
+    return 0
+
+
+def _cmd_smoke(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from coordinator.smoke import run_smoke
+
+    return asyncio.run(run_smoke(args.model))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anvil",
+        description="Anvil: full-parameter RL post-training behind a Tinker-compatible API.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    models = commands.add_parser("models", help="list or build the built-in models")
+    models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    models_commands.add_parser("list", help="list built-in models and whether they are cached").set_defaults(
+        handler=_cmd_models_list
+    )
+    build = models_commands.add_parser("build", help="build (or find) a model directory and print its path")
+    build.add_argument("name", help="a built-in name (anvil-tiny, anvil-small) or a Hugging Face directory")
+    build.set_defaults(handler=_cmd_models_build)
+
+    smoke = commands.add_parser(
+        "smoke", help="check the pieces end to end: model, tokenizer, Arrow batch, gRPC server on loopback"
+    )
+    smoke.add_argument("--model", default="anvil-tiny", help="model name or directory (default: anvil-tiny)")
+    smoke.set_defaults(handler=_cmd_smoke)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Anvil learner."""

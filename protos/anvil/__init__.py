@@ -1,0 +1,1 @@
+"""Versioned anvil API packages; `v1` is the current contract."""

@@ -1,0 +1,295 @@
+"""The one way Anvil starts gRPC servers and opens channels, and the one map of errors to statuses.
+
+Every service (learner, rollout, coordinator) boots through `start_server`, which binds the address
+(`127.0.0.1:0` picks a free port and reports it), registers grpc.health.v1 and server reflection, caps
+message sizes, checks the API key, and turns the domain errors of `protos.errors` into gRPC statuses.
+Health checks and reflection stay open when auth is on, so orchestrators can probe without a key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import BaseModel, ConfigDict, Field
+
+from protos import errors
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "ANVIL_API_KEY"
+"""Environment variable that turns auth on when a config leaves `api_key` unset."""
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+STATUS_BY_ERROR: dict[type[errors.AnvilError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.AnvilError]] = {v: k for k, v in STATUS_BY_ERROR.items()}
+
+_OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class ServerConfig(BaseModel):
+    """Where and how a service listens."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    host: str = "127.0.0.1"
+    """Interface to bind; 0.0.0.0 serves other machines."""
+    port: int = Field(default=0, ge=0, le=65535)
+    """Port to bind; 0 picks a free one and the bound port is reported."""
+    api_key: str | None = None
+    """Required bearer key; None falls back to $ANVIL_API_KEY, and auth is off when both are unset."""
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+    """Largest request or response message, in bytes (weight chunks and batches must fit)."""
+    grace_s: float = Field(default=5.0, ge=0)
+    """Seconds in-flight calls get to finish when the server stops."""
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status a raised exception maps to (INTERNAL for anything not an AnvilError)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError) -> errors.AnvilError | grpc.RpcError:
+    """Turn a client-side RpcError back into the domain error it came from, when there is one."""
+    cls = ERROR_BY_STATUS.get(exc.code())
+    return cls(exc.details()) if cls else exc
+
+
+# --- server side -------------------------------------------------------------------------------------
+
+
+def _wrap_behavior(behavior: Callable[..., Any], streaming_response: bool) -> Callable[..., Any]:
+    """Wrap a handler so domain errors abort with their status and nothing else leaks as UNKNOWN."""
+
+    async def abort_for(exc: Exception, context: grpc.aio.ServicerContext) -> None:
+        code = status_for(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            logger.exception("unhandled error in handler")
+            await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
+        await context.abort(code, str(exc))
+
+    if streaming_response and inspect.isasyncgenfunction(behavior):
+
+        async def wrapped_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort_for(exc, context)
+
+        return wrapped_stream
+
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_for(exc, context)
+
+    return wrapped
+
+
+def _rebuild_handler(
+    handler: grpc.RpcMethodHandler, make_behavior: Callable[[Callable[..., Any], bool], Callable[..., Any]]
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and (de)serialisers whose behavior is make_behavior(old, streaming)."""
+    codecs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(make_behavior(handler.unary_unary, False), **codecs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(make_behavior(handler.unary_stream, True), **codecs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(make_behavior(handler.stream_unary, False), **codecs)
+    return grpc.stream_stream_rpc_method_handler(make_behavior(handler.stream_stream, True), **codecs)
+
+
+class _ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        return None if handler is None else _rebuild_handler(handler, _wrap_behavior)
+
+
+class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Answer UNAUTHENTICATED unless metadata carries `authorization: Bearer <key>`."""
+
+    def __init__(self, api_key: str) -> None:
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_OPEN_METHOD_PREFIXES):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        given = metadata.get("authorization", "")
+        given_bytes = given.encode() if isinstance(given, str) else given
+        if hmac.compare_digest(given_bytes, self._expected):
+            return handler
+
+        def reject(_: Callable[..., Any], __: bool) -> Callable[..., Any]:
+            async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+                why = "missing" if not given else "wrong"
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"API key {why}: send metadata 'authorization: Bearer <key>' with the server's key",
+                )
+
+            return deny
+
+        return _rebuild_handler(handler, reject)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One servicer to register: the generated `add_XServicer_to_server` and the full service name."""
+
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    full_name: str
+
+
+@dataclass
+class RunningServer:
+    """A started server: its bound port, and a graceful stop that first reports NOT_SERVING."""
+
+    server: grpc.aio.Server
+    host: str
+    port: int
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...]
+    grace_s: float
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        for name in ("", *self.service_names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(self.grace_s if grace_s is None else grace_s)
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def start_server(config: ServerConfig, services: Sequence[ServiceSpec]) -> RunningServer:
+    """Start a grpc.aio server for `services` with health, reflection, auth and error mapping."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    api_key = config.resolved_api_key()
+    if api_key:
+        interceptors.append(_ApiKeyInterceptor(api_key))
+    interceptors.append(_ErrorMappingInterceptor())
+    options = [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for spec in services:
+        spec.add_to_server(spec.servicer, server)
+    names = tuple(spec.full_name for spec in services)
+    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise errors.Unavailable(f"could not bind {config.host}:{config.port}; is the port in use?")
+    await server.start()
+    for name in ("", *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("serving %s on %s:%d (auth %s)", ", ".join(names), config.host, port, "on" if api_key else "off")
+    return RunningServer(server, config.host, port, health_servicer, names, config.grace_s)
+
+
+async def serve_until_signal(running: RunningServer, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Block until SIGINT/SIGTERM, then stop gracefully (entry points call this last)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(running.wait_for_termination())
+    signalled = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if on_stop is not None:
+        await on_stop()
+    await running.stop()
+    waiter.cancel()
+    signalled.cancel()
+
+
+# --- client side -------------------------------------------------------------------------------------
+
+
+def _with_auth(details: grpc.aio.ClientCallDetails, header: tuple[str, str]) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata.add(*header)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class _ClientAuthInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer <key>` to every call on a channel."""
+
+    def __init__(self, api_key: str) -> None:
+        self._header = ("authorization", f"Bearer {api_key}")
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(_with_auth(client_call_details, self._header), request)
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(_with_auth(client_call_details, self._header), request)
+
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return await continuation(_with_auth(client_call_details, self._header), request_iterator)
+
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return await continuation(_with_auth(client_call_details, self._header), request_iterator)
+
+
+def open_channel(
+    address: str, api_key: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> grpc.aio.Channel:
+    """An insecure grpc.aio channel to `address` that sends the API key (if any) on every call."""
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+    interceptors = [_ClientAuthInterceptor(api_key)] if api_key else None
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
