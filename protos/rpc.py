@@ -259,28 +259,36 @@ def _with_auth(details: grpc.aio.ClientCallDetails, header: tuple[str, str]) -> 
     )
 
 
-class _ClientAuthInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds `authorization: Bearer <key>` to every call on a channel."""
+class _AuthHeader:
+    """Adds `authorization: Bearer <key>` to a call's metadata."""
 
     def __init__(self, api_key: str) -> None:
         self._header = ("authorization", f"Bearer {api_key}")
 
+    def details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return _with_auth(details, self._header)
+
+
+# grpc.aio files each interceptor under one call kind only (an if/elif on its base classes), so every
+# kind needs its own class.
+class _UnaryUnaryAuth(_AuthHeader, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
-        return await continuation(_with_auth(client_call_details, self._header), request)
+        return await continuation(self.details(client_call_details), request)
 
+
+class _UnaryStreamAuth(_AuthHeader, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
-        return await continuation(_with_auth(client_call_details, self._header), request)
+        return await continuation(self.details(client_call_details), request)
 
+
+class _StreamUnaryAuth(_AuthHeader, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
-        return await continuation(_with_auth(client_call_details, self._header), request_iterator)
+        return await continuation(self.details(client_call_details), request_iterator)
 
+
+class _StreamStreamAuth(_AuthHeader, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
-        return await continuation(_with_auth(client_call_details, self._header), request_iterator)
+        return await continuation(self.details(client_call_details), request_iterator)
 
 
 def open_channel(
@@ -291,5 +299,9 @@ def open_channel(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
-    interceptors = [_ClientAuthInterceptor(api_key)] if api_key else None
+    interceptors = (
+        [kind(api_key) for kind in (_UnaryUnaryAuth, _UnaryStreamAuth, _StreamUnaryAuth, _StreamStreamAuth)]
+        if api_key
+        else None
+    )
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
