@@ -1,0 +1,88 @@
+"""The learner backend interface: what a model-and-optimizer holder must do, independent of sharding.
+
+A backend owns one model (all parameters trainable: lora_rank = 0) and its AdamW state. The service
+calls it from one request at a time per session (the sequencer guarantees order), so implementations
+need no locking. Gradients accumulate across `forward_backward` calls until `optim_step`;
+`forward` never touches them. Weights are named by their Hugging Face parameter names everywhere.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from learner.batch import TrainingBatch
+from learner.losses import LossSpec
+
+
+@dataclass(frozen=True)
+class AdamParams:
+    """Tinker's AdamParams: torch AdamW, decoupled weight decay, global-norm clipping when > 0."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    model_path: Path
+    num_parameters: int
+    vocab_size: int
+    max_context_length: int
+    backend: str
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    logprobs: list[np.ndarray]
+    """Per datum, the learner's logprob of each target (float32, shaped like target_tokens)."""
+    metrics: dict[str, float]
+
+
+class LearnerBackend(ABC):
+    """A full-parameter model plus AdamW state, addressed by Hugging Face parameter names."""
+
+    @property
+    @abstractmethod
+    def description(self) -> ModelDescription: ...
+
+    @property
+    @abstractmethod
+    def step(self) -> int:
+        """Optimizer steps taken; also the weight version."""
+
+    @abstractmethod
+    def forward(
+        self, batch: TrainingBatch, loss: LossSpec, loss_config: Mapping[str, float], backward: bool
+    ) -> ForwardResult:
+        """Compute per-token logprobs and the loss; with backward=True add its gradient to the accumulators."""
+
+    @abstractmethod
+    def optim_step(self, params: AdamParams) -> dict[str, float]:
+        """Apply one AdamW step with the accumulated gradients, zero them, and return metrics."""
+
+    @abstractmethod
+    def save_state(self, directory: Path) -> None:
+        """Write model, optimizer, step and RNG state into an existing empty directory."""
+
+    @abstractmethod
+    def load_state(self, directory: Path, with_optimizer: bool) -> None:
+        """Restore a saved state; without the optimizer, AdamW state starts fresh. Reads and checks every
+        file first and raises FailedPrecondition before changing anything when they do not fit."""
+
+    @abstractmethod
+    def save_weights(self, directory: Path) -> None:
+        """Write a Hugging Face model directory (config, tokenizer, safetensors) into `directory`."""
+
+    @abstractmethod
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Current weights by Hugging Face name (for publishing to rollout)."""

@@ -1,0 +1,183 @@
+"""LearnerServicer: anvil.v1.LearnerService over the session registry and a backend.
+
+The wire stops here: requests are turned into domain objects (TrainingBatch, AdamParams, paths),
+validated completely, and only then handed to the backend, in a worker thread so the event loop keeps
+answering health checks and queueing requests. Training requests go through the session's
+RequestSequencer (seq_id order, retries answered from cache). Every rejection raises a protos.errors
+exception, which protos.rpc maps to a status; a rejected request changes no model or optimizer state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from learner.backends.base import AdamParams
+from learner.batch import batch_from_arrow
+from learner.checkpoint import check_name, verify_checkpoint, write_checkpoint
+from learner.config import LearnerConfig
+from learner.losses import resolve_loss
+from learner.session import SessionRegistry, TrainingSession
+from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
+from protos.arrow_schemas import encode_outputs
+from protos.errors import FailedPrecondition, InvalidArgument
+
+LOSS_OUTPUT_TYPE = "ArrayRecord"
+CLIENT_STATE_FILE = "client_state.bin"
+
+
+class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
+    def __init__(self, config: LearnerConfig) -> None:
+        self.config = config
+        self.sessions = SessionRegistry(config)
+
+    # --- sessions --------------------------------------------------------------------------------
+
+    async def CreateSession(self, request, context):
+        session = await self.sessions.create(request.base_model, request.lora_rank, request.seed)
+        return learner_pb2.CreateSessionResponse(session_id=session.session_id, info=_model_info(session))
+
+    async def CloseSession(self, request, context):
+        await self.sessions.close(request.session_id)
+        return learner_pb2.CloseSessionResponse()
+
+    async def GetInfo(self, request, context):
+        return learner_pb2.LearnerServiceGetInfoResponse(info=_model_info(self.sessions.get(request.session_id)))
+
+    # --- sequenced training requests -------------------------------------------------------------
+
+    async def _sequenced(self, request: Any, execute: Callable[[TrainingSession], Awaitable[Any]]) -> Any:
+        session = self.sessions.get(request.session_id)
+        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+        return await session.sequencer.run(request.seq_id, fingerprint, lambda: execute(session))
+
+    async def Forward(self, request, context):
+        return await self._sequenced(request, lambda s: self._forward(s, request, backward=False))
+
+    async def ForwardBackward(self, request, context):
+        return await self._sequenced(request, lambda s: self._forward(s, request, backward=True))
+
+    async def _forward(self, session: TrainingSession, request: Any, backward: bool) -> Any:
+        description = session.backend.description
+        batch = batch_from_arrow(request.batch.arrow_ipc_stream, vocab_size=description.vocab_size)
+        longest = max(len(datum.model_input) for datum in batch.data)
+        if description.max_context_length and longest > description.max_context_length:
+            raise InvalidArgument(
+                f"a datum has {longest} input tokens but the model's context is {description.max_context_length}; "
+                "truncate it"
+            )
+        loss, loss_config = resolve_loss(
+            request.loss_fn, batch.input_names, dict(request.loss_fn_config), batch.multi_target
+        )
+        result = await asyncio.to_thread(session.backend.forward, batch, loss, loss_config, backward)
+        response_type = learner_pb2.ForwardBackwardResponse if backward else learner_pb2.ForwardResponse
+        return response_type(
+            outputs=common_pb2.DataBatch(arrow_ipc_stream=encode_outputs(result.logprobs)),
+            metrics=result.metrics,
+            loss_fn_output_type=LOSS_OUTPUT_TYPE,
+        )
+
+    async def OptimStep(self, request, context):
+        async def execute(session: TrainingSession) -> Any:
+            params = adam_params_from_proto(request.adam_params if request.HasField("adam_params") else None)
+            metrics = await asyncio.to_thread(session.backend.optim_step, params)
+            return learner_pb2.OptimStepResponse(step=session.backend.step, metrics=metrics)
+
+        return await self._sequenced(request, execute)
+
+    async def SaveState(self, request, context):
+        async def execute(session: TrainingSession) -> Any:
+            target = session.checkpoint_root / "state" / check_name(request.name)
+            client_state = request.client_state
+
+            def fill(directory: Path) -> None:
+                session.backend.save_state(directory)
+                (directory / CLIENT_STATE_FILE).write_bytes(client_state)
+
+            metadata = {"kind": "state", "step": session.backend.step, "base_model": session.base_model}
+            await asyncio.to_thread(write_checkpoint, target, fill, request.overwrite, metadata)
+            return learner_pb2.SaveStateResponse(path=str(target), step=session.backend.step)
+
+        return await self._sequenced(request, execute)
+
+    async def LoadState(self, request, context):
+        async def execute(session: TrainingSession) -> Any:
+            if not request.path:
+                raise InvalidArgument("path is empty; pass the path SaveState returned")
+            path = Path(request.path)
+            metadata = await asyncio.to_thread(verify_checkpoint, path)
+            if metadata.get("kind") != "state":
+                raise FailedPrecondition(
+                    f"{path} is a {metadata.get('kind')!r} checkpoint, not a training state; use a SaveState path"
+                )
+            await asyncio.to_thread(session.backend.load_state, path, request.with_optimizer)
+            return learner_pb2.LoadStateResponse(
+                step=session.backend.step, client_state=(path / CLIENT_STATE_FILE).read_bytes()
+            )
+
+        return await self._sequenced(request, execute)
+
+    async def SaveWeights(self, request, context):
+        async def execute(session: TrainingSession) -> Any:
+            target = session.checkpoint_root / "weights" / check_name(request.name)
+            metadata = {"kind": "weights", "step": session.backend.step, "base_model": session.base_model}
+            await asyncio.to_thread(write_checkpoint, target, session.backend.save_weights, request.overwrite, metadata)
+            return learner_pb2.SaveWeightsResponse(path=str(target), version=session.backend.step)
+
+        return await self._sequenced(request, execute)
+
+    async def PublishWeights(self, request, context):
+        self.sessions.get(request.session_id)
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "PublishWeights needs the rollout service's weight-update protocol, which is not built yet; "
+            "use SaveWeights and load the directory into the rollout service meanwhile",
+        )
+
+
+def _model_info(session: TrainingSession) -> learner_pb2.ModelInfo:
+    description = session.backend.description
+    return learner_pb2.ModelInfo(
+        base_model=session.base_model,
+        model_path=str(description.model_path),
+        tokenizer_path=str(description.model_path),
+        num_parameters=description.num_parameters,
+        vocab_size=description.vocab_size,
+        max_context_length=description.max_context_length,
+        step=session.backend.step,
+        backend=description.backend,
+        lora_rank=0,
+    )
+
+
+def adam_params_from_proto(message: common_pb2.AdamParams | None) -> AdamParams:
+    """Tinker defaults for an absent message; zeros in beta1/beta2/eps mean their defaults (see the proto)."""
+    defaults = AdamParams()
+    if message is None:
+        return defaults
+    params = AdamParams(
+        learning_rate=message.learning_rate,
+        beta1=message.beta1 or defaults.beta1,
+        beta2=message.beta2 or defaults.beta2,
+        eps=message.eps or defaults.eps,
+        weight_decay=message.weight_decay,
+        grad_clip_norm=message.grad_clip_norm,
+    )
+    checks = [
+        ("learning_rate", params.learning_rate, params.learning_rate >= 0),
+        ("beta1", params.beta1, 0 <= params.beta1 < 1),
+        ("beta2", params.beta2, 0 <= params.beta2 < 1),
+        ("eps", params.eps, params.eps > 0),
+        ("weight_decay", params.weight_decay, params.weight_decay >= 0),
+        ("grad_clip_norm", params.grad_clip_norm, params.grad_clip_norm >= 0),
+    ]
+    for name, value, ok in checks:
+        if not ok or not math.isfinite(value):
+            raise InvalidArgument(f"adam_params.{name}={value} is out of range")
+    return params

@@ -1,0 +1,69 @@
+"""Typed service configs from TOML with dotted CLI overrides, shared by every entry point.
+
+Precedence: model defaults < the TOML file < `--set section.key=value` overrides. Values of overrides
+are parsed as TOML (`--set server.port=50051`, `--set backend.device="cpu"`), falling back to a plain
+string, so types match the file format. Validation is pydantic's: an unknown key or a bad value fails
+with the field named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from protos.errors import InvalidArgument
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The two options every service entry point takes."""
+    parser.add_argument("--config", type=Path, help="TOML config file (defaults apply when omitted)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set server.port=50051 (repeatable)",
+    )
+
+
+def load_config(model: type[ConfigT], path: Path | None = None, overrides: Sequence[str] = ()) -> ConfigT:
+    """Build `model` from an optional TOML file and dotted overrides; raise InvalidArgument on bad input."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise InvalidArgument(f"config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidArgument(f"config file {path} is not valid TOML: {exc}") from exc
+    for override in overrides:
+        _apply_override(data, override)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidArgument(f"invalid {model.__name__}: {exc}") from exc
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise InvalidArgument(f"override {override!r} must look like section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise InvalidArgument(f"override {override!r}: {part!r} is not a section")
+    node[leaf] = value
