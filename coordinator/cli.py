@@ -7,6 +7,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from protos.config import add_config_arguments
+
 
 def _cmd_models_list(args: argparse.Namespace) -> int:
     from rich.console import Console
@@ -47,6 +49,13 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
     return asyncio.run(run_smoke(args.model))
 
 
+def _cmd_learner(args: argparse.Namespace) -> int:
+    from coordinator.models import resolve_model
+    from learner.__main__ import run
+
+    return run(args, models={name: str(resolve_model(name)) for name in args.models})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anvil",
@@ -63,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("name", help="a built-in name (anvil-tiny, anvil-small) or a Hugging Face directory")
     build.set_defaults(handler=_cmd_models_build)
 
+    learner = commands.add_parser("learner", help="serve anvil.v1.LearnerService (full-parameter training)")
+    add_config_arguments(learner)
+    learner.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="built-in model to register by name (repeatable; default: anvil-tiny)",
+    )
+    learner.set_defaults(handler=_cmd_learner)
+
     smoke = commands.add_parser(
         "smoke", help="check the pieces end to end: model, tokenizer, Arrow batch, gRPC server on loopback"
     )
@@ -73,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "models", "") is None:
+        args.models = ["anvil-tiny"]
     return args.handler(args)
 
 
