@@ -46,7 +46,7 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
 
     from coordinator.smoke import run_smoke
 
-    return asyncio.run(run_smoke(args.model))
+    return asyncio.run(run_smoke(args.model, steps=args.steps))
 
 
 def _cmd_learner(args: argparse.Namespace) -> int:
@@ -85,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     learner.set_defaults(handler=_cmd_learner)
 
     smoke = commands.add_parser(
-        "smoke", help="check the pieces end to end: model, tokenizer, Arrow batch, gRPC server on loopback"
+        "smoke", help="fine-tune the built-in model over a real learner on loopback and check it learned"
     )
     smoke.add_argument("--model", default="anvil-tiny", help="model name or directory (default: anvil-tiny)")
+    smoke.add_argument("--steps", type=int, default=80, help="optimizer steps (default: 80)")
     smoke.set_defaults(handler=_cmd_smoke)
     return parser
 

@@ -1,124 +1,148 @@
-"""`anvil smoke`: one pass through every piece the foundation provides, on real parts.
+"""`anvil smoke`: the pieces end to end on real parts, until the RL loop is the main job.
 
-Until the RL loop lands this is the README's main job: it builds (or finds) the model, renders a prompt
-in the built-in chat format, samples a completion with transformers while recording per-token logprobs,
-ships prompt+completion as an Arrow trajectory batch through encode -> decode -> validate, and probes
-a real gRPC server on loopback (health over an authenticated channel). Any failure exits non-zero.
+It resolves the model (building `anvil-tiny` in code on first use), starts a real learner gRPC server
+on loopback with an API key, and fine-tunes the model over the wire - Arrow batches in, ForwardBackward
+(cross_entropy on the answer tokens), OptimStep - on a handful of arithmetic prompts in the built-in chat
+format. It then exports the weights with SaveWeights, loads them with transformers, and answers the
+prompts greedily. It fails (exit 1) unless the loss falls by at least half.
 """
 
 from __future__ import annotations
 
 import secrets
+import tempfile
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+PROMPTS = [(a, b) for a, b in [(12, 7), (3, 5), (20, 22), (8, 9), (31, 4), (6, 6), (15, 27), (40, 2)]]
 
-async def run_smoke(model: str = "anvil-tiny", max_new_tokens: int = 8) -> int:
-    console = Console()
-    table = Table(title=f"anvil smoke ({model})")
-    table.add_column("step")
-    table.add_column("result")
-    table.add_column("seconds", justify="right")
 
-    def record(step: str, fn: Callable[[], Any]) -> Any:
-        start = time.perf_counter()
-        value, summary = fn()
-        table.add_row(step, summary, f"{time.perf_counter() - start:.2f}")
-        return value
+def chat_example(tokenizer: Any, a: int, b: int) -> tuple[list[int], list[int]]:
+    """(prompt tokens, answer tokens) in the built-in chat format; the answer ends with <|end|>."""
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"What is {a}+{b}?"}], add_generation_prompt=True, tokenize=False
+    )
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(f"{a + b}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids, answer_ids
+
+
+def supervised_rows(tokenizer: Any) -> list[dict]:
+    rows = []
+    for a, b in PROMPTS:
+        prompt_ids, answer_ids = chat_example(tokenizer, a, b)
+        sequence = prompt_ids + answer_ids
+        rows.append(
+            {
+                "model_input": sequence[:-1],
+                "target_tokens": sequence[1:],
+                "weights": [0.0] * (len(prompt_ids) - 1) + [1.0] * len(answer_ids),
+            }
+        )
+    return rows
+
+
+async def run_smoke(model: str = "anvil-tiny", steps: int = 80, learning_rate: float = 3e-3) -> int:
+    from transformers import AutoTokenizer
 
     from coordinator.models import resolve_model
+    from learner.config import LearnerConfig
+    from learner.server import start_learner
+    from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
+    from protos.arrow_schemas import encode_batch, make_batch
+    from protos.rpc import ServerConfig, open_channel
 
-    model_dir = record("resolve model", lambda: (lambda d: (d, str(d)))(resolve_model(model)))
-    hf_model, tokenizer = record("load with transformers", lambda: _load(model_dir))
-    prompt_ids = record("render chat prompt", lambda: _render_prompt(tokenizer))
-    completion_ids, logprobs = record(
-        "sample greedily", lambda: _sample(hf_model, tokenizer, prompt_ids, max_new_tokens)
+    console = Console()
+    started = time.perf_counter()
+    model_dir = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = supervised_rows(tokenizer)
+    answer_tokens = sum(sum(row["weights"]) for row in rows)
+    batch = common_pb2.DataBatch(arrow_ipc_stream=encode_batch(make_batch(rows)))
+    console.print(f"model [bold]{model}[/] at {model_dir}")
+
+    api_key = secrets.token_hex(8)
+    with tempfile.TemporaryDirectory() as checkpoints:
+        config = LearnerConfig(
+            server=ServerConfig(api_key=api_key), checkpoint_dir=Path(checkpoints), models={model: model_dir}
+        )
+        running, _ = await start_learner(config)
+        try:
+            async with open_channel(running.address, api_key=api_key) as channel:
+                stub = learner_pb2_grpc.LearnerServiceStub(channel)
+                session = await stub.CreateSession(learner_pb2.CreateSessionRequest(base_model=model, seed=0))
+                console.print(
+                    f"learner on {running.address}: session {session.session_id}, "
+                    f"{session.info.num_parameters / 1e6:.2f} M parameters, full-parameter AdamW"
+                )
+                table = Table(title=f"supervised fine-tuning over gRPC ({len(rows)} prompts)")
+                for column in ("step", "loss / answer token", "grad norm"):
+                    table.add_column(column, justify="right")
+                losses = []
+                seq_id = 0
+                for step in range(1, steps + 1):
+                    seq_id += 1
+                    reply = await stub.ForwardBackward(
+                        learner_pb2.ForwardBackwardRequest(
+                            session_id=session.session_id, seq_id=seq_id, batch=batch, loss_fn="cross_entropy"
+                        )
+                    )
+                    seq_id += 1
+                    stepped = await stub.OptimStep(
+                        learner_pb2.OptimStepRequest(
+                            session_id=session.session_id,
+                            seq_id=seq_id,
+                            adam_params=common_pb2.AdamParams(learning_rate=learning_rate),
+                        )
+                    )
+                    losses.append(reply.metrics["loss:sum"] / answer_tokens)
+                    if step == 1 or step % 5 == 0:
+                        table.add_row(str(step), f"{losses[-1]:.3f}", f"{stepped.metrics['grad_norm:mean']:.3f}")
+                console.print(table)
+                seq_id += 1
+                saved = await stub.SaveWeights(
+                    learner_pb2.SaveWeightsRequest(session_id=session.session_id, seq_id=seq_id, name="smoke")
+                )
+            answers = _answer_with_transformers(Path(saved.path), tokenizer)
+        finally:
+            await running.stop()
+
+    correct = sum(answer == str(a + b) for (a, b), answer in zip(PROMPTS, answers, strict=True))
+    console.print(
+        "answers from the saved weights (transformers, greedy): "
+        + ", ".join(f"{a}+{b}={answer}" for (a, b), answer in zip(PROMPTS, answers, strict=True))
     )
-    record("Arrow batch round trip", lambda: _batch_round_trip(prompt_ids, completion_ids, logprobs, tokenizer))
-    await _probe_server(table)
-    console.print(table)
+    elapsed = time.perf_counter() - started
+    console.print(
+        f"loss {losses[0]:.3f} -> {losses[-1]:.3f} per answer token; {correct}/{len(PROMPTS)} answers right; "
+        f"{elapsed:.1f} s"
+    )
+    if not losses[-1] < 0.5 * losses[0]:
+        console.print("[bold red]smoke failed: the loss did not fall by half[/]")
+        return 1
     console.print("[bold green]smoke passed[/]")
     return 0
 
 
-def _load(model_dir: Any) -> tuple[tuple[Any, Any], str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    hf_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    num_params = sum(p.numel() for p in hf_model.parameters())
-    return (hf_model, tokenizer), f"{num_params / 1e6:.2f} M parameters, vocab {hf_model.config.vocab_size}"
-
-
-def _render_prompt(tokenizer: Any) -> tuple[list[int], str]:
-    messages = [{"role": "user", "content": "What is 12+7?"}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(ids, add_special_tokens=False)["input_ids"]
-    return prompt_ids, f"{len(prompt_ids)} tokens: {tokenizer.convert_ids_to_tokens(prompt_ids)}"
-
-
-def _sample(hf_model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> Any:
+def _answer_with_transformers(weights_dir: Path, tokenizer: Any) -> list[str]:
     import torch
+    from transformers import AutoModelForCausalLM
 
-    with torch.no_grad():
-        out = hf_model.generate(
-            torch.tensor([prompt_ids]),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    completion = out.sequences[0, len(prompt_ids) :].tolist()
-    logprobs = [
-        torch.log_softmax(score[0].float(), dim=-1)[token].item()
-        for score, token in zip(out.scores, completion, strict=False)
-    ]
-    text = tokenizer.decode(completion)
-    return (completion, logprobs), f"{len(completion)} tokens {text!r} (untrained weights)"
-
-
-def _batch_round_trip(prompt_ids: list[int], completion_ids: list[int], logprobs: list[float], tokenizer: Any):
-    from protos.arrow_schemas import decode_batch, encode_batch, make_batch, validate_batch
-
-    sequence = prompt_ids + completion_ids
-    n_prompt = len(prompt_ids)
-    row = {
-        "model_input": sequence[:-1],
-        "target_tokens": sequence[1:],
-        "weights": [0.0] * (n_prompt - 1) + [1.0] * len(completion_ids),
-        "logprobs": [0.0] * (n_prompt - 1) + logprobs,
-        "advantages": [0.0] * (n_prompt - 1) + [1.0] * len(completion_ids),
-        "sampler_version": 0,
-        "group_id": 0,
-        "reward": 0.0,
-    }
-    payload = encode_batch(make_batch([row]))
-    table = validate_batch(decode_batch(payload), vocab_size=len(tokenizer))
-    assert table["target_tokens"].to_pylist()[0] == sequence[1:], "batch round trip changed the targets"
-    return table, f"{len(payload)} bytes of Arrow IPC, {table.num_columns} columns, validated"
-
-
-async def _probe_server(table: Table) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from protos.rpc import ServerConfig, open_channel, start_server
-
-    start = time.perf_counter()
-    api_key = secrets.token_hex(8)
-    running = await start_server(ServerConfig(api_key=api_key), services=[])
-    try:
-        async with open_channel(running.address, api_key=api_key) as channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
-        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-        if reply.status != health_pb2.HealthCheckResponse.SERVING:
-            raise RuntimeError(f"health check answered {status}")
-    finally:
-        await running.stop()
-    table.add_row(
-        "gRPC server on loopback", f"{running.address}: health {status}", f"{time.perf_counter() - start:.2f}"
-    )
+    model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32).eval()
+    answers = []
+    for a, b in PROMPTS:
+        prompt_ids, _ = chat_example(tokenizer, a, b)
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([prompt_ids]),
+                max_new_tokens=6,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        answers.append(tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True).strip())
+    return answers
