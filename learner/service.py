@@ -12,17 +12,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-
-import grpc
 
 from learner.backends.base import AdamParams
 from learner.batch import batch_from_arrow
 from learner.checkpoint import check_name, verify_checkpoint, write_checkpoint
 from learner.config import LearnerConfig
 from learner.losses import resolve_loss
+from learner.publisher import check_publish_request, publish_checkpoint, publish_stream, tensors_as_bytes
 from learner.session import SessionRegistry, TrainingSession
 from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
 from protos.arrow_schemas import encode_outputs
@@ -133,12 +133,25 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         return await self._sequenced(request, execute)
 
     async def PublishWeights(self, request, context):
-        self.sessions.get(request.session_id)
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "PublishWeights needs the rollout service's weight-update protocol, which is not built yet; "
-            "use SaveWeights and load the directory into the rollout service meanwhile",
-        )
+        async def execute(session: TrainingSession) -> Any:
+            targets = [target.address for target in request.targets]
+            transport = check_publish_request(targets, request.transport)
+            backend, version = session.backend, session.backend.step
+            api_key = self.config.server.resolved_api_key()
+            start = time.perf_counter()
+            if transport == "checkpoint":
+                directory = session.checkpoint_root / "weights" / f"published-v{version}"
+                metadata = {"kind": "weights", "step": version, "base_model": session.base_model}
+                await asyncio.to_thread(write_checkpoint, directory, backend.save_weights, True, metadata)
+                num_bytes = await publish_checkpoint(targets, version, directory, api_key)
+            else:
+                snapshot = await asyncio.to_thread(tensors_as_bytes, backend.named_weights())
+                num_bytes = await publish_stream(targets, version, snapshot, api_key)
+            return learner_pb2.PublishWeightsResponse(
+                version=version, num_bytes=num_bytes, duration_s=time.perf_counter() - start
+            )
+
+        return await self._sequenced(request, execute)
 
 
 def _model_info(session: TrainingSession) -> learner_pb2.ModelInfo:

@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61nvil/v1/common.proto\x12\x08\x61nvil.v1\"%\n\tDataBatch\x12\x18\n\x10\x61rrow_ipc_stream\x18\x01 \x01(\x0c\"|\n\nAdamParams\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x03 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x16\n\x0egrad_clip_norm\x18\x06 \x01(\x01\"\xb5\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x11\n\x04seed\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\r\n\x05top_p\x18\x04 \x01(\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x14\n\x0cstop_strings\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"W\n\x0bWeightChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\x1f\n\x0cWeightTarget\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t*W\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10STOP_REASON_STOP\x10\x01\x12\x16\n\x12STOP_REASON_LENGTH\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61nvil/v1/common.proto\x12\x08\x61nvil.v1\"%\n\tDataBatch\x12\x18\n\x10\x61rrow_ipc_stream\x18\x01 \x01(\x0c\"|\n\nAdamParams\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x03 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x16\n\x0egrad_clip_norm\x18\x06 \x01(\x01\"\xd9\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x11\n\x04seed\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x14\n\x0cstop_strings\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seedB\x0e\n\x0c_temperatureB\x08\n\x06_top_p\"W\n\x0bWeightChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\x1f\n\x0cWeightTarget\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t*W\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10STOP_REASON_STOP\x10\x01\x12\x16\n\x12STOP_REASON_LENGTH\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'anvil.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STOPREASON']._serialized_start=506
-  _globals['_STOPREASON']._serialized_end=593
+  _globals['_STOPREASON']._serialized_start=542
+  _globals['_STOPREASON']._serialized_end=629
   _globals['_DATABATCH']._serialized_start=35
   _globals['_DATABATCH']._serialized_end=72
   _globals['_ADAMPARAMS']._serialized_start=74
   _globals['_ADAMPARAMS']._serialized_end=198
   _globals['_SAMPLINGPARAMS']._serialized_start=201
-  _globals['_SAMPLINGPARAMS']._serialized_end=382
-  _globals['_WEIGHTCHUNK']._serialized_start=384
-  _globals['_WEIGHTCHUNK']._serialized_end=471
-  _globals['_WEIGHTTARGET']._serialized_start=473
-  _globals['_WEIGHTTARGET']._serialized_end=504
+  _globals['_SAMPLINGPARAMS']._serialized_end=418
+  _globals['_WEIGHTCHUNK']._serialized_start=420
+  _globals['_WEIGHTCHUNK']._serialized_end=507
+  _globals['_WEIGHTTARGET']._serialized_start=509
+  _globals['_WEIGHTTARGET']._serialized_end=540
 # @@protoc_insertion_point(module_scope)

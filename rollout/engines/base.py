@@ -1,0 +1,84 @@
+"""The rollout engine interface: sample with per-token logprobs, score sequences, take new weights.
+
+Engines know nothing of gRPC or of update transactions. The service validates requests before they
+reach an engine (token ids in range, lengths within the context), and it calls `load_weights*` only
+when no request is in flight (rollout/weights.py's gate), so an engine may swap weights in place.
+Logprobs are the model's raw log-softmax (temperature 1), like vLLM's default and the learner's.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Resolved sampling settings (no unset fields)."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    """-1 = off"""
+    seed: int | None
+    stop_strings: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
+    ignore_eos: bool
+
+
+@dataclass(frozen=True)
+class GeneratedSequence:
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    sequences: list[GeneratedSequence]
+    prompt_logprobs: list[float] | None
+    """Logprobs of prompt tokens 1..n-1, when asked for."""
+
+
+@dataclass(frozen=True)
+class EngineDescription:
+    engine: str
+    model_path: Path
+    vocab_size: int
+    max_context_length: int
+    eos_token_id: int | None
+
+
+class RolloutEngine(ABC):
+    weight_version: int = 0
+    """The version being served; only rollout/weights.py changes it, right after a swap."""
+
+    @property
+    @abstractmethod
+    def description(self) -> EngineDescription: ...
+
+    @abstractmethod
+    async def sample(
+        self, prompt_tokens: list[int], num_samples: int, spec: SamplingSpec, include_prompt_logprobs: bool
+    ) -> SampleResult: ...
+
+    @abstractmethod
+    async def compute_logprobs(self, tokens: list[int]) -> list[float]:
+        """Logprob of tokens[i] given tokens[:i], for i = 1..n-1."""
+
+    @abstractmethod
+    async def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the served weights with a full, already verified set (HF names)."""
+
+    @abstractmethod
+    async def load_weights_from_directory(self, directory: Path) -> None:
+        """Replace the served weights with a verified Hugging Face checkpoint directory's."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the engine (processes, memory)."""

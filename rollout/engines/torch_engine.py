@@ -1,0 +1,144 @@
+"""The PyTorch reference engine: the learner's Hugging Face model class, batched over the samples of a
+request, decoding with a KV cache.
+
+It exists for machines without vLLM and for exact-parity tests: its logprobs are the same float32
+log-softmax the learner computes. Requests run one at a time (an asyncio lock) in a worker thread;
+the `num_samples` of one request decode together as a batch. Sampling order matches vLLM's: temperature,
+then top-k, then top-p, then a draw from a generator seeded per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from rollout.config import TorchEngineConfig
+from rollout.engines.base import EngineDescription, GeneratedSequence, RolloutEngine, SampleResult, SamplingSpec
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def choose_tokens(logits_NV: torch.Tensor, spec: SamplingSpec, generator: torch.Generator) -> torch.Tensor:
+    """Next token per row: greedy at temperature 0, else a seeded draw after top-k and top-p filtering."""
+    if spec.temperature == 0:
+        return logits_NV.argmax(dim=-1)
+    scaled_NV = logits_NV / spec.temperature
+    if spec.top_k > 0 and spec.top_k < scaled_NV.shape[-1]:
+        kth_N1 = torch.topk(scaled_NV, spec.top_k, dim=-1).values[:, -1:]
+        scaled_NV = scaled_NV.masked_fill(scaled_NV < kth_N1, float("-inf"))
+    probs_NV = torch.softmax(scaled_NV, dim=-1)
+    if spec.top_p < 1.0:
+        sorted_probs, order = probs_NV.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > spec.top_p  # always keeps the top token
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs_NV = torch.zeros_like(probs_NV).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs_NV.cpu(), 1, generator=generator)[:, 0].to(logits_NV.device)
+
+
+class TorchEngine(RolloutEngine):
+    def __init__(self, model_path: Path, config: TorchEngineConfig) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._device = _resolve_device(config.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self._device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model_config = self.model.config
+        eos = model_config.eos_token_id
+        self._description = EngineDescription(
+            engine="torch",
+            model_path=model_path,
+            vocab_size=int(model_config.vocab_size),
+            max_context_length=int(model_config.max_position_embeddings),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+        self._lock = asyncio.Lock()
+
+    @property
+    def description(self) -> EngineDescription:
+        return self._description
+
+    async def sample(
+        self, prompt_tokens: list[int], num_samples: int, spec: SamplingSpec, include_prompt_logprobs: bool
+    ) -> SampleResult:
+        async with self._lock:
+            return await asyncio.to_thread(self._sample, prompt_tokens, num_samples, spec, include_prompt_logprobs)
+
+    @torch.no_grad()
+    def _sample(self, prompt: list[int], n: int, spec: SamplingSpec, include_prompt_logprobs: bool) -> SampleResult:
+        generator = torch.Generator().manual_seed(spec.seed if spec.seed is not None else random.getrandbits(63))
+        input_ids_NL = torch.tensor([prompt] * n, device=self._device)
+        out = self.model(input_ids=input_ids_NL, use_cache=True)
+        prompt_logprobs = None
+        if include_prompt_logprobs:
+            prompt_lp_LV = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
+            prompt_logprobs = prompt_lp_LV.gather(1, input_ids_NL[0, 1:, None])[:, 0].tolist()
+        past, next_logits_NV = out.past_key_values, out.logits[:, -1].float()
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[float]] = [[] for _ in range(n)]
+        stopped = [False] * n
+        for _ in range(spec.max_tokens):
+            raw_logprobs_NV = torch.log_softmax(next_logits_NV, dim=-1)
+            chosen_N = choose_tokens(next_logits_NV, spec, generator)
+            chosen_logprobs = raw_logprobs_NV.gather(1, chosen_N[:, None])[:, 0].tolist()
+            for row, token in enumerate(chosen_N.tolist()):
+                if stopped[row]:
+                    continue
+                tokens[row].append(token)
+                logprobs[row].append(chosen_logprobs[row])
+                stopped[row] = self._is_stop(tokens[row], spec)
+            if all(stopped):
+                break
+            out = self.model(input_ids=chosen_N[:, None], past_key_values=past, use_cache=True)
+            past, next_logits_NV = out.past_key_values, out.logits[:, -1].float()
+        sequences = [
+            GeneratedSequence(tokens[row], logprobs[row], "stop" if stopped[row] else "length") for row in range(n)
+        ]
+        return SampleResult(sequences, prompt_logprobs)
+
+    def _is_stop(self, generated: list[int], spec: SamplingSpec) -> bool:
+        last = generated[-1]
+        if not spec.ignore_eos and last == self._description.eos_token_id:
+            return True
+        if last in spec.stop_token_ids:
+            return True
+        if spec.stop_strings:
+            text = self.tokenizer.decode(generated)
+            return any(stop in text for stop in spec.stop_strings)
+        return False
+
+    async def compute_logprobs(self, tokens: list[int]) -> list[float]:
+        async with self._lock:
+            return await asyncio.to_thread(self._compute_logprobs, tokens)
+
+    @torch.no_grad()
+    def _compute_logprobs(self, tokens: list[int]) -> list[float]:
+        ids_1L = torch.tensor([tokens], device=self._device)
+        logprobs_LV = torch.log_softmax(self.model(input_ids=ids_1L).logits[0, :-1].float(), dim=-1)
+        return logprobs_LV.gather(1, ids_1L[0, 1:, None])[:, 0].tolist()
+
+    async def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._copy_in, tensors)
+
+    @torch.no_grad()
+    def _copy_in(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, parameter in self.model.named_parameters():
+            parameter.copy_(tensors[name].to(device=parameter.device, dtype=parameter.dtype))
+
+    async def load_weights_from_directory(self, directory: Path) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for file in sorted(directory.glob("*.safetensors")):
+            tensors.update(load_file(file))
+        await self.load_weights(tensors)
+
+    async def close(self) -> None:
+        async with self._lock:
+            self.model = None

@@ -1,0 +1,171 @@
+"""vLLM as the rollout engine: AsyncLLM, so concurrent Sample calls are batched continuously.
+
+Imported lazily (only when the config asks for vLLM). On the CPU build the linear weights are packed at
+load time, so parameters cannot be changed in place; new weights go through the worker's built-in
+`reload_weights` (a layer-wise reload that re-packs), reached with `collective_rpc`. Pushed tensors are
+first written as safetensors to a RAM-backed staging directory. If a reload fails midway, the previous
+weights are reloaded from the directory they came from before the error is raised, so a failed update
+never leaves a half-changed model serving. The prefix cache is reset after every swap so no KV computed
+with old weights is reused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from rollout.config import VllmEngineConfig
+from rollout.engines.base import EngineDescription, GeneratedSequence, RolloutEngine, SampleResult, SamplingSpec
+
+RELOAD_WEIGHTS_RPC = "reload_weights"
+"""The vLLM worker method that reloads weights layer-wise (vllm.v1.worker.*.reload_weights)."""
+
+
+class VllmEngine(RolloutEngine):
+    def __init__(self, engine, model_path: Path, config: VllmEngineConfig, description: EngineDescription) -> None:
+        self._engine = engine
+        self._config = config
+        self._description = description
+        self._serving_dir = model_path
+        """Where the weights being served came from: the rollback source if a reload fails."""
+        self._owned_dirs: set[Path] = set()
+
+    @classmethod
+    def create(cls, model_path: Path, config: VllmEngineConfig) -> VllmEngine:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
+        if config.disable_torch_compile:
+            os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        extra = {"distributed_executor_backend": "uni"} if config.single_process_worker else {}
+        args = AsyncEngineArgs(
+            model=str(model_path),
+            dtype=config.dtype,
+            enforce_eager=config.enforce_eager,
+            max_model_len=config.max_model_len,
+            seed=config.seed,
+            kv_cache_memory_bytes=config.kv_cache_memory_bytes,
+            **extra,
+        )
+        engine = AsyncLLM.from_engine_args(args)
+        model_config = engine.model_config
+        eos = model_config.hf_config.eos_token_id
+        description = EngineDescription(
+            engine="vllm",
+            model_path=model_path,
+            vocab_size=int(model_config.get_vocab_size()),
+            max_context_length=int(model_config.max_model_len),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+        return cls(engine, model_path, config, description)
+
+    @property
+    def description(self) -> EngineDescription:
+        return self._description
+
+    async def _final_output(self, prompt_tokens: list[int], params):
+        """The one RequestOutput of a FINAL_ONLY request (CUMULATIVE outputs of n > 1 can miss children)."""
+        final = None
+        async for output in self._engine.generate(
+            {"prompt_token_ids": prompt_tokens}, params, request_id=uuid.uuid4().hex
+        ):
+            final = output
+        return final
+
+    async def sample(
+        self, prompt_tokens: list[int], num_samples: int, spec: SamplingSpec, include_prompt_logprobs: bool
+    ) -> SampleResult:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=num_samples,
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=spec.top_k if spec.top_k > 0 else -1,
+            seed=spec.seed,
+            stop=list(spec.stop_strings) or None,
+            stop_token_ids=list(spec.stop_token_ids) or None,
+            ignore_eos=spec.ignore_eos,
+            include_stop_str_in_output=True,
+            logprobs=0,  # the sampled token's logprob only
+            prompt_logprobs=0 if include_prompt_logprobs else None,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        final = await self._final_output(prompt_tokens, params)
+        if len(final.outputs) != num_samples:
+            raise RuntimeError(f"vLLM returned {len(final.outputs)} completions for n={num_samples}")
+        sequences = [
+            GeneratedSequence(
+                tokens=list(completion.token_ids),
+                logprobs=[
+                    step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids, strict=True)
+                ],
+                stop_reason="length" if completion.finish_reason == "length" else "stop",
+            )
+            for completion in sorted(final.outputs, key=lambda c: c.index)
+        ]
+        prompt_logprobs = None
+        if include_prompt_logprobs:
+            prompt_logprobs = _prompt_logprobs(final.prompt_logprobs, prompt_tokens)
+        return SampleResult(sequences, prompt_logprobs)
+
+    async def compute_logprobs(self, tokens: list[int]) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            max_tokens=1, prompt_logprobs=0, logprobs=None, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        final = await self._final_output(tokens, params)
+        return _prompt_logprobs(final.prompt_logprobs, tokens)
+
+    async def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._config.staging_dir.mkdir(parents=True, exist_ok=True)
+        directory = Path(tempfile.mkdtemp(prefix="anvil-weights-", dir=self._config.staging_dir))
+        try:
+            save_file({name: t.contiguous() for name, t in tensors.items()}, directory / "model.safetensors")
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        self._owned_dirs.add(directory)
+        await self.load_weights_from_directory(directory)
+
+    async def load_weights_from_directory(self, directory: Path) -> None:
+        try:
+            await self._reload(directory)
+        except BaseException:
+            await self._reload(self._serving_dir)  # roll back to what was served
+            self._discard(directory)
+            raise
+        previous, self._serving_dir = self._serving_dir, directory
+        self._discard(previous)
+
+    async def _reload(self, directory: Path) -> None:
+        await self._engine.collective_rpc(RELOAD_WEIGHTS_RPC, kwargs={"weights_path": str(directory)})
+        await self._engine.reset_prefix_cache()
+
+    def _discard(self, directory: Path) -> None:
+        if directory in self._owned_dirs:
+            self._owned_dirs.discard(directory)
+            shutil.rmtree(directory, ignore_errors=True)
+
+    async def close(self) -> None:
+        self._engine.shutdown()
+        for directory in list(self._owned_dirs):
+            self._discard(directory)
+
+
+def _prompt_logprobs(per_position, tokens: list[int]) -> list[float]:
+    """vLLM's prompt_logprobs hold None for position 0, then {token: Logprob} per position."""
+    return [per_position[i][tokens[i]].logprob for i in range(1, len(tokens))]

@@ -1,0 +1,135 @@
+"""RolloutServicer: anvil.v1.RolloutService over an engine and its WeightUpdater.
+
+Requests are validated completely here, before an engine sees them (the engine may be a vLLM process
+that would fail less clearly); every rejection is a protos.errors exception with the field named.
+Each response names the weight version that produced it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from protos.anvil.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
+from protos.errors import InvalidArgument
+from rollout.engines.base import RolloutEngine, SamplingSpec
+from rollout.weights import WeightUpdater
+
+STOP_REASONS = {"stop": common_pb2.STOP_REASON_STOP, "length": common_pb2.STOP_REASON_LENGTH}
+
+
+class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
+    def __init__(self, engine: RolloutEngine, updater: WeightUpdater, model_name: str) -> None:
+        self.engine = engine
+        self.updater = updater
+        self.model_name = model_name
+
+    async def GetInfo(self, request, context):
+        description = self.engine.description
+        return rollout_pb2.RolloutServiceGetInfoResponse(
+            engine=description.engine,
+            base_model=self.model_name,
+            model_path=str(description.model_path),
+            vocab_size=description.vocab_size,
+            max_context_length=description.max_context_length,
+            weight_version=self.engine.weight_version,
+        )
+
+    def _check_tokens(self, field: str, tokens: list[int]) -> None:
+        description = self.engine.description
+        if not tokens:
+            raise InvalidArgument(f"{field} is empty; send at least one token id")
+        bad = next((t for t in tokens if not 0 <= t < description.vocab_size), None)
+        if bad is not None:
+            raise InvalidArgument(f"{field} holds token id {bad}; token ids must be in [0, {description.vocab_size})")
+
+    def sampling_spec(self, request: rollout_pb2.SampleRequest) -> SamplingSpec:
+        """Resolve and range-check a request's sampling settings (InvalidArgument names the field)."""
+        params = request.sampling_params
+        context = self.engine.description.max_context_length
+        room = context - len(request.prompt_tokens)
+        if room <= 0:
+            raise InvalidArgument(
+                f"prompt_tokens has {len(request.prompt_tokens)} tokens, leaving no room in the {context}-token "
+                "context; shorten the prompt"
+            )
+        if request.num_samples <= 0:
+            raise InvalidArgument(f"num_samples is {request.num_samples}; ask for at least 1")
+        if params.max_tokens < 0 or params.max_tokens > room:
+            raise InvalidArgument(
+                f"sampling_params.max_tokens is {params.max_tokens}; it must be in [1, {room}] (the context left "
+                "after the prompt), or 0 for all of it"
+            )
+        temperature = params.temperature if params.HasField("temperature") else 1.0
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise InvalidArgument(f"sampling_params.temperature is {temperature}; it must be >= 0 (0 = greedy)")
+        top_p = params.top_p if params.HasField("top_p") else 1.0
+        if not 0 < top_p <= 1:
+            raise InvalidArgument(f"sampling_params.top_p is {top_p}; it must be in (0, 1]")
+        if params.top_k < -1:
+            raise InvalidArgument(f"sampling_params.top_k is {params.top_k}; use -1 (off) or a positive count")
+        if params.stop_token_ids:
+            self._check_tokens("sampling_params.stop_token_ids", list(params.stop_token_ids))
+        if any(not stop for stop in params.stop_strings):
+            raise InvalidArgument("sampling_params.stop_strings holds an empty string; remove it")
+        return SamplingSpec(
+            max_tokens=params.max_tokens or room,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=params.top_k if params.top_k > 0 else -1,
+            seed=params.seed if params.HasField("seed") else None,
+            stop_strings=tuple(params.stop_strings),
+            stop_token_ids=tuple(params.stop_token_ids),
+            ignore_eos=params.ignore_eos,
+        )
+
+    async def Sample(self, request, context):
+        prompt = list(request.prompt_tokens)
+        self._check_tokens("prompt_tokens", prompt)
+        spec = self.sampling_spec(request)
+        async with self.updater.gate.reading():
+            version = self.engine.weight_version
+            result = await self.engine.sample(prompt, request.num_samples, spec, request.include_prompt_logprobs)
+        return rollout_pb2.SampleResponse(
+            sequences=[
+                rollout_pb2.SampledSequence(
+                    tokens=sequence.tokens, logprobs=sequence.logprobs, stop_reason=STOP_REASONS[sequence.stop_reason]
+                )
+                for sequence in result.sequences
+            ],
+            prompt_logprobs=result.prompt_logprobs or [],
+            weight_version=version,
+        )
+
+    async def ComputeLogprobs(self, request, context):
+        tokens = list(request.tokens)
+        self._check_tokens("tokens", tokens)
+        context_length = self.engine.description.max_context_length
+        if len(tokens) > context_length:
+            raise InvalidArgument(f"tokens has {len(tokens)} ids; the context is {context_length}")
+        async with self.updater.gate.reading():
+            version = self.engine.weight_version
+            logprobs = await self.engine.compute_logprobs(tokens) if len(tokens) > 1 else []
+        return rollout_pb2.ComputeLogprobsResponse(logprobs=logprobs, weight_version=version)
+
+    async def BeginWeightUpdate(self, request, context):
+        await self.updater.begin(request.version)
+        return rollout_pb2.BeginWeightUpdateResponse(version=request.version)
+
+    async def PushWeights(self, request_iterator, context):
+        chunks, num_bytes = await self.updater.push(request_iterator)
+        return rollout_pb2.PushWeightsResponse(num_chunks=chunks, num_bytes=num_bytes)
+
+    async def CommitWeightUpdate(self, request, context):
+        seconds = await self.updater.commit(request.version, request.digest)
+        return rollout_pb2.CommitWeightUpdateResponse(version=request.version, swap_duration_s=seconds)
+
+    async def AbortWeightUpdate(self, request, context):
+        await self.updater.abort(request.version)
+        return rollout_pb2.AbortWeightUpdateResponse()
+
+    async def LoadWeights(self, request, context):
+        if not request.path:
+            raise InvalidArgument("path is empty; pass the directory SaveWeights returned")
+        seconds = await self.updater.load_directory(Path(request.path), request.version)
+        return rollout_pb2.LoadWeightsResponse(version=request.version, load_duration_s=seconds)

@@ -1,0 +1,189 @@
+"""Versioned, atomic weight updates of a serving engine.
+
+The transaction: `begin(version)` opens a staging area (versions only increase; a newer begin
+discards an older open one); `push(version, chunks)` stages chunks through protos.weights_codec's
+ChunkAssembler, which rejects unknown names, wrong shapes and overlapping bytes as they arrive; a
+stream that errors or is cut off discards the staging area; `commit(version, digest)` verifies the
+digest and that every parameter arrived complete, and only then swaps the weights in. `load_directory`
+hot-loads a checkpoint directory the same way.
+
+Requests in flight finish on the old weights: every Sample/ComputeLogprobs holds a read slot of the
+ServingGate for its whole run and reports the version it read; a swap takes the write slot, which waits
+for running requests to drain and holds new ones until the new weights (and their version) are live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from protos.errors import FailedPrecondition, InvalidArgument, NotFound
+from protos.weights_codec import ChunkAssembler, TensorBytes
+from rollout.engines.base import RolloutEngine
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of a Hugging Face directory's safetensors, from the headers only."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise NotFound(f"{directory} holds no *.safetensors weights; point at a directory written by SaveWeights")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(file, "pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+class ServingGate:
+    """Many readers (requests) or one writer (a swap); a waiting writer blocks new readers."""
+
+    def __init__(self) -> None:
+        self._condition = asyncio.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        async with self._condition:
+            await self._condition.wait_for(lambda: not self._writer and self._writers_waiting == 0)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            async with self._condition:
+                self._readers -= 1
+                self._condition.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        async with self._condition:
+            self._writers_waiting += 1
+            try:
+                await self._condition.wait_for(lambda: not self._writer and self._readers == 0)
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            async with self._condition:
+                self._writer = False
+                self._condition.notify_all()
+
+
+class WeightUpdater:
+    """Owns the serving version and the (at most one) open staging area of an engine."""
+
+    def __init__(self, engine: RolloutEngine, expected_shapes: dict[str, tuple[int, ...]]) -> None:
+        self.engine = engine
+        self.gate = ServingGate()
+        self._expected = expected_shapes
+        self._lock = asyncio.Lock()
+        self._open_version: int | None = None
+        self._assembler: ChunkAssembler | None = None
+        self._last_abort_reason = ""
+
+    @property
+    def version(self) -> int:
+        return self.engine.weight_version
+
+    def _require_newer(self, version: int) -> None:
+        if version <= self.engine.weight_version:
+            raise FailedPrecondition(
+                f"version {version} is not newer than the served version {self.engine.weight_version}; "
+                "versions only increase"
+            )
+
+    def _require_open(self, version: int) -> ChunkAssembler:
+        if self._open_version != version or self._assembler is None:
+            why = f" ({self._last_abort_reason})" if self._last_abort_reason else ""
+            raise FailedPrecondition(
+                f"no weight update is open for version {version}{why}; call BeginWeightUpdate({version}) first"
+            )
+        return self._assembler
+
+    def _discard(self, reason: str) -> None:
+        self._open_version, self._assembler, self._last_abort_reason = None, None, reason
+
+    async def begin(self, version: int) -> None:
+        async with self._lock:
+            self._require_newer(version)
+            self._open_version, self._assembler, self._last_abort_reason = version, ChunkAssembler(self._expected), ""
+
+    async def push(self, requests: AsyncIterator) -> tuple[int, int]:
+        """Stage a stream of PushWeightsRequests; any error (or a cut stream) discards the staging area."""
+        chunks = bytes_ = 0
+        version: int | None = None
+        try:
+            async for request in requests:
+                version = request.version
+                assembler = self._require_open(version)
+                assembler.add(request.chunk)
+                chunks += 1
+                bytes_ += len(request.chunk.data)
+        except FailedPrecondition:
+            raise
+        except BaseException as exc:  # a bad chunk, or the client cut the stream (CancelledError)
+            if version is not None and self._open_version == version:
+                self._discard(f"its push stream failed: {exc or type(exc).__name__}")
+            raise
+        return chunks, bytes_
+
+    async def commit(self, version: int, digest: str) -> float:
+        async with self._lock:
+            assembler = self._require_open(version)
+            try:
+                staged = assembler.finish(digest)
+            except InvalidArgument as exc:
+                self._discard(f"its commit was rejected: {exc}")
+                raise
+            tensors = {name: _to_torch(tensor) for name, tensor in staged.items()}
+            start = time.perf_counter()
+            async with self.gate.writing():
+                await self.engine.load_weights(tensors)
+                self.engine.weight_version = version
+            self._discard("")
+            return time.perf_counter() - start
+
+    async def abort(self, version: int) -> None:
+        async with self._lock:
+            self._require_open(version)
+            self._discard(f"it was aborted by AbortWeightUpdate({version})")
+
+    async def load_directory(self, path: Path, version: int) -> float:
+        if not path.is_dir():
+            raise NotFound(f"no model directory at {path}")
+        shapes = await asyncio.to_thread(checkpoint_shapes, path)
+        if shapes != self._expected:
+            missing = sorted(set(self._expected) - set(shapes))[:3]
+            unknown = sorted(set(shapes) - set(self._expected))[:3]
+            reshaped = sorted(n for n in set(shapes) & set(self._expected) if shapes[n] != self._expected[n])[:3]
+            raise InvalidArgument(
+                f"{path} does not hold the served model's parameters (missing {missing}, unknown {unknown}, "
+                f"reshaped {reshaped})"
+            )
+        async with self._lock:
+            self._require_newer(version)
+            start = time.perf_counter()
+            async with self.gate.writing():
+                await self.engine.load_weights_from_directory(path)
+                self.engine.weight_version = version
+            return time.perf_counter() - start
+
+
+def _to_torch(tensor: TensorBytes) -> torch.Tensor:
+    dtype = TORCH_DTYPES[tensor.dtype]
+    if math.prod(tensor.shape) == 0:
+        return torch.empty(tensor.shape, dtype=dtype)
+    return torch.frombuffer(tensor.data, dtype=dtype).reshape(tensor.shape)
