@@ -56,6 +56,13 @@ def _cmd_learner(args: argparse.Namespace) -> int:
     return run(args, models={name: str(resolve_model(name)) for name in args.models})
 
 
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from coordinator.models import resolve_model
+    from rollout.__main__ import run
+
+    return run(args, model=(args.model, str(resolve_model(args.model))))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anvil",
@@ -83,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="built-in model to register by name (repeatable; default: anvil-tiny)",
     )
     learner.set_defaults(handler=_cmd_learner)
+
+    rollout = commands.add_parser("rollout", help="serve anvil.v1.RolloutService (sampling, weight updates)")
+    add_config_arguments(rollout)
+    rollout.add_argument(
+        "--model", default="anvil-tiny", help="model name or Hugging Face directory to serve (default: anvil-tiny)"
+    )
+    rollout.set_defaults(handler=_cmd_rollout)
 
     smoke = commands.add_parser(
         "smoke", help="fine-tune the built-in model over a real learner on loopback and check it learned"

@@ -23,10 +23,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ["torch", "vllm"]
 
 
-def start_rollout_process(model_dir: Path, engine: str, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_rollout_process(model_dir: Path, engine: str) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-m", "rollout", "--set", f'model="{model_dir}"', "--set", f'engine.type="{engine}"']
+    return start_process(command, engine)
+
+
+def start_process(command: list[str], engine: str) -> tuple[subprocess.Popen, str]:
+    """Start a rollout command and wait for its LISTENING line; fail with its exit code otherwise."""
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "rollout", "--set", f'model="{model_dir}"', "--set", f'engine.type="{engine}"', *extra],
+        command,
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
