@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from protos.config import add_config_arguments
 
@@ -63,6 +64,41 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     return run(args, model=(args.model, str(resolve_model(args.model))))
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+    import datetime
+    import sys
+    from pathlib import Path
+
+    from coordinator.config import RunConfig
+    from coordinator.run import CONFIG_FILE, run
+    from protos.config import load_config
+    from protos.errors import AnvilError
+
+    try:
+        if args.resume is not None:
+            run_dir = args.resume
+            saved = RunConfig.model_validate_json((run_dir / CONFIG_FILE).read_text())
+            config = load_config(RunConfig, None, args.overrides) if args.overrides else saved
+            if args.overrides:
+                config = RunConfig.model_validate({**saved.model_dump(), **config.model_dump(exclude_unset=True)})
+        else:
+            if args.config is None:
+                print("anvil run: give a config file (e.g. configs/tiny.toml) or --resume RUN_DIR", file=sys.stderr)
+                return 2
+            config = load_config(RunConfig, args.config, args.overrides)
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_dir = args.run_dir or Path("runs") / f"{stamp}-{args.config.stem}"
+        asyncio.run(run(config, run_dir, resume=args.resume is not None))
+    except AnvilError as exc:
+        print(f"anvil run: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("anvil run: interrupted; services stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anvil",
@@ -78,6 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     build = models_commands.add_parser("build", help="build (or find) a model directory and print its path")
     build.add_argument("name", help="a built-in name (anvil-tiny, anvil-small) or a Hugging Face directory")
     build.set_defaults(handler=_cmd_models_build)
+
+    run = commands.add_parser("run", help="run an RL job: rollout -> rewards -> learner -> weights, continuously")
+    run.add_argument("config", nargs="?", type=Path, help="TOML run config, e.g. configs/tiny.toml")
+    run.add_argument(
+        "--run-dir", type=Path, help="where metrics, checkpoints and plots go (default: runs/<time>-<name>)"
+    )
+    run.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+    )
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config field, e.g. --set loop.steps=50 (repeatable)",
+    )
+    run.set_defaults(handler=_cmd_run)
 
     learner = commands.add_parser("learner", help="serve anvil.v1.LearnerService (full-parameter training)")
     add_config_arguments(learner)

@@ -136,7 +136,8 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         async def execute(session: TrainingSession) -> Any:
             targets = [target.address for target in request.targets]
             transport = check_publish_request(targets, request.transport)
-            backend, version = session.backend, session.backend.step
+            backend = session.backend
+            version = request.version or backend.step
             api_key = self.config.server.resolved_api_key()
             start = time.perf_counter()
             if transport == "checkpoint":

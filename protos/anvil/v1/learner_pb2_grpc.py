@@ -210,9 +210,9 @@ class LearnerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PublishWeights(self, request, context):
-        """PublishWeights pushes the current weights, as version = step, to rollout replicas by the named
-        transport ("stream": BeginWeightUpdate/PushWeights/CommitWeightUpdate; "checkpoint": SaveWeights
-        then LoadWeights).
+        """PublishWeights pushes the current weights, as version = step (or the requested version), to
+        rollout replicas by the named transport ("stream": BeginWeightUpdate/PushWeights/
+        CommitWeightUpdate; "checkpoint": SaveWeights then LoadWeights).
 
         Errors include:
         - INVALID_ARGUMENT: no targets, or an unknown transport

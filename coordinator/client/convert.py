@@ -1,0 +1,79 @@
+"""Tinker types <-> the anvil.v1 wire (Arrow batches and protos): the only place that knows both."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from coordinator.client.types import (
+    Datum,
+    ForwardBackwardOutput,
+    SampledSequence,
+    SampleResponse,
+    SamplingParams,
+    TensorData,
+)
+from protos.anvil.v1 import common_pb2, rollout_pb2
+from protos.arrow_schemas import decode_outputs, encode_batch, make_batch
+from protos.errors import InvalidArgument
+
+_STOP_REASONS = {common_pb2.STOP_REASON_STOP: "stop", common_pb2.STOP_REASON_LENGTH: "length"}
+
+
+def datum_row(datum: Datum) -> dict[str, Any]:
+    """One Arrow row: [N, K] targets and weights are flattened row-major with targets_per_position = K."""
+    inputs = dict(datum.loss_fn_inputs)
+    if "target_tokens" not in inputs:
+        raise InvalidArgument("every Datum needs loss_fn_inputs['target_tokens']")
+    targets = inputs.pop("target_tokens").to_numpy()
+    row: dict[str, Any] = {"model_input": datum.model_input.to_ints(), "target_tokens": targets.reshape(-1)}
+    if targets.ndim == 2:
+        row["targets_per_position"] = int(targets.shape[1])
+    for key, value in inputs.items():
+        row[key] = value.to_numpy().astype(np.float32).reshape(-1)
+    return row
+
+
+def data_to_arrow(data: list[Datum]) -> bytes:
+    return encode_batch(make_batch([datum_row(datum) for datum in data]))
+
+
+def output_from_wire(
+    data: list[Datum], payload: bytes, metrics: dict[str, float], output_type: str
+) -> ForwardBackwardOutput:
+    """Per-datum logprobs shaped like each datum's target_tokens."""
+    outputs = []
+    for datum, logprobs in zip(data, decode_outputs(payload), strict=True):
+        shape = datum.loss_fn_inputs["target_tokens"].to_numpy().shape
+        outputs.append({"logprobs": TensorData.from_numpy(logprobs.reshape(shape))})
+    return ForwardBackwardOutput(output_type, outputs, dict(metrics))
+
+
+def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
+    """Tinker's stop rules: None keeps EOS; [] disables every stop, EOS included."""
+    message = common_pb2.SamplingParams(
+        max_tokens=params.max_tokens or 0, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k
+    )
+    if params.seed is not None:
+        message.seed = params.seed
+    stop = params.stop
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        if not stops:
+            message.ignore_eos = True
+        elif all(isinstance(s, str) for s in stops):
+            message.stop_strings.extend(stops)
+        elif all(isinstance(s, int) for s in stops):
+            message.stop_token_ids.extend(stops)
+        else:
+            raise InvalidArgument("SamplingParams.stop must be a str, a list of str, or a list of int")
+    return message
+
+
+def sample_response_from_proto(reply: rollout_pb2.SampleResponse, include_prompt_logprobs: bool) -> SampleResponse:
+    sequences = [
+        SampledSequence(_STOP_REASONS[s.stop_reason], list(s.tokens), list(s.logprobs)) for s in reply.sequences
+    ]
+    prompt_logprobs = [None, *reply.prompt_logprobs] if include_prompt_logprobs else None
+    return SampleResponse(sequences, prompt_logprobs, reply.weight_version)

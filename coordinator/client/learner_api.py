@@ -1,0 +1,135 @@
+"""An async learner session over anvil.v1.LearnerService: seq_ids, Arrow conversion, domain errors.
+
+Used by the Tinker-style TrainingClient and by the RL loop. Every training call takes the next seq_id
+when it is made (not when it is sent), so calls issued concurrently still execute in call order on the
+learner; a transport retry of the same call reuses its seq_id and is answered from the learner's cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable
+
+import grpc
+
+from coordinator.client.convert import data_to_arrow, output_from_wire
+from coordinator.client.types import AdamParams, Datum, ForwardBackwardOutput
+from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
+from protos.rpc import error_from_rpc
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+
+
+async def call(awaitable: Awaitable):
+    """Await a stub call, raising the domain error a status stands for."""
+    try:
+        return await awaitable
+    except grpc.aio.AioRpcError as exc:
+        raise error_from_rpc(exc) from exc
+
+
+class LearnerSession:
+    def __init__(self, stub: learner_pb2_grpc.LearnerServiceStub, session_id: str, info: learner_pb2.ModelInfo) -> None:
+        self.stub = stub
+        self.session_id = session_id
+        self.info = info
+        self._seq_ids = itertools.count(1)
+
+    @classmethod
+    async def create(
+        cls, channel: grpc.aio.Channel, base_model: str, lora_rank: int = 0, seed: int = 0
+    ) -> LearnerSession:
+        stub = learner_pb2_grpc.LearnerServiceStub(channel)
+        reply = await call(
+            stub.CreateSession(learner_pb2.CreateSessionRequest(base_model=base_model, lora_rank=lora_rank, seed=seed))
+        )
+        return cls(stub, reply.session_id, reply.info)
+
+    def next_seq_id(self) -> int:
+        return next(self._seq_ids)
+
+    def skip_to(self, seq_id: int) -> None:
+        """Continue numbering after `seq_id` (a client re-attaching to an existing session)."""
+        self._seq_ids = itertools.count(seq_id + 1)
+
+    async def forward(
+        self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None = None
+    ) -> ForwardBackwardOutput:
+        return await self._forward(data, loss_fn, loss_fn_config, backward=False)
+
+    async def forward_backward(
+        self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None = None
+    ) -> ForwardBackwardOutput:
+        return await self._forward(data, loss_fn, loss_fn_config, backward=True)
+
+    async def _forward(self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None, backward: bool):
+        seq_id = self.next_seq_id()
+        batch = common_pb2.DataBatch(arrow_ipc_stream=data_to_arrow(data))
+        fields = {
+            "session_id": self.session_id,
+            "seq_id": seq_id,
+            "batch": batch,
+            "loss_fn": loss_fn,
+            "loss_fn_config": {k: float(v) for k, v in (loss_fn_config or {}).items()},
+        }
+        if backward:
+            reply = await call(self.stub.ForwardBackward(learner_pb2.ForwardBackwardRequest(**fields)))
+        else:
+            reply = await call(self.stub.Forward(learner_pb2.ForwardRequest(**fields)))
+        return output_from_wire(data, reply.outputs.arrow_ipc_stream, dict(reply.metrics), reply.loss_fn_output_type)
+
+    async def optim_step(self, adam_params: AdamParams | None = None) -> learner_pb2.OptimStepResponse:
+        params = adam_params or AdamParams()
+        request = learner_pb2.OptimStepRequest(
+            session_id=self.session_id,
+            seq_id=self.next_seq_id(),
+            adam_params=common_pb2.AdamParams(
+                learning_rate=params.learning_rate,
+                beta1=params.beta1,
+                beta2=params.beta2,
+                eps=params.eps,
+                weight_decay=params.weight_decay,
+                grad_clip_norm=params.grad_clip_norm,
+            ),
+        )
+        return await call(self.stub.OptimStep(request))
+
+    async def save_state(self, name: str, client_state: bytes = b"", overwrite: bool = False):
+        request = learner_pb2.SaveStateRequest(
+            session_id=self.session_id,
+            seq_id=self.next_seq_id(),
+            name=name,
+            client_state=client_state,
+            overwrite=overwrite,
+        )
+        return await call(self.stub.SaveState(request))
+
+    async def load_state(self, path: str, with_optimizer: bool = True):
+        request = learner_pb2.LoadStateRequest(
+            session_id=self.session_id, seq_id=self.next_seq_id(), path=path, with_optimizer=with_optimizer
+        )
+        return await call(self.stub.LoadState(request))
+
+    async def save_weights(self, name: str, overwrite: bool = False):
+        request = learner_pb2.SaveWeightsRequest(
+            session_id=self.session_id, seq_id=self.next_seq_id(), name=name, overwrite=overwrite
+        )
+        return await call(self.stub.SaveWeights(request))
+
+    async def publish_weights(self, targets: list[str], transport: str = "stream", version: int = 0):
+        """Publish as `version` (0: the learner's step)."""
+        request = learner_pb2.PublishWeightsRequest(
+            session_id=self.session_id,
+            seq_id=self.next_seq_id(),
+            targets=[common_pb2.WeightTarget(address=address) for address in targets],
+            transport=transport,
+            version=version,
+        )
+        return await call(self.stub.PublishWeights(request))
+
+    async def get_info(self) -> learner_pb2.ModelInfo:
+        reply = await call(self.stub.GetInfo(learner_pb2.LearnerServiceGetInfoRequest(session_id=self.session_id)))
+        return reply.info
+
+    async def close(self) -> None:
+        await call(self.stub.CloseSession(learner_pb2.CloseSessionRequest(session_id=self.session_id)))

@@ -1,0 +1,110 @@
+"""RunConfig: one RL run, loaded from TOML (`anvil run configs/tiny.toml`), written resolved into the run
+directory. It composes what the coordinator decides (task, loop) with how the services are reached or
+launched; the launcher turns it into per-process `--set` overrides for the learner and rollout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rollout.config import EngineConfig, default_engine_config
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class TaskConfig(_Strict):
+    name: str = "copy_digit"
+    """Built-in task: copy_digit, addition or reverse (ignored when `dataset` is set)."""
+    dataset: Path | None = None
+    """A .jsonl or .parquet file with `prompt` and `answer` columns, instead of a built-in task."""
+    seed: int = 0
+    """Seed of the generated problems."""
+
+
+class AdamConfig(_Strict):
+    learning_rate: float = Field(default=1e-3, ge=0)
+    """AdamW learning rate."""
+    beta1: float = 0.9
+    """First-moment decay."""
+    beta2: float = 0.95
+    """Second-moment decay."""
+    eps: float = 1e-8
+    """Denominator epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    grad_clip_norm: float = 1.0
+    """Global-norm clipping; 0 disables."""
+
+
+class LoopConfig(_Strict):
+    steps: int = Field(default=100, ge=1)
+    """Optimizer steps (one batch of groups each)."""
+    groups_per_batch: int = Field(default=8, ge=1)
+    """Prompts per batch; each becomes a group of `group_size` samples."""
+    group_size: int = Field(default=8, ge=1)
+    """Samples per prompt; advantages are relative to the group."""
+    max_tokens: int = Field(default=8, ge=1)
+    """Longest completion."""
+    temperature: float = Field(default=1.0, ge=0)
+    """Sampling temperature."""
+    max_off_policy_steps: int = Field(default=1, ge=0)
+    """Staleness bound: a sample made by weights v may train step s only if s - v <= this (0 = synchronous).
+    Batch b is sampled as soon as step b - max_off_policy_steps has been published, so rollout of the next
+    batch overlaps training of this one when this is >= 1."""
+    sampler_concurrency: int = Field(default=16, ge=1)
+    """Sample calls in flight at once."""
+    loss: Literal["importance_sampling", "ppo", "cispo", "dpo"] = "importance_sampling"
+    """Objective: a Tinker built-in policy-gradient loss, or online DPO through forward_backward_custom."""
+    loss_config: dict[str, float] = Field(default_factory=dict)
+    """Loss settings (clip thresholds for ppo/cispo; beta for dpo)."""
+    normalize_advantages: bool = True
+    """Divide group-centred advantages by the group's reward std (GRPO)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling: scale advantages by min(p_learner / p_sampler, cap) per token
+    (one extra Forward per step). None disables."""
+    adam: AdamConfig = Field(default_factory=AdamConfig)
+    """Optimizer."""
+    publish_transport: Literal["stream", "checkpoint"] = "stream"
+    """How new weights reach rollout after each step."""
+    checkpoint_every: int = Field(default=0, ge=0)
+    """Save the full state every this many steps (0: only at the end)."""
+
+
+class ServicesConfig(_Strict):
+    learner_address: str | None = None
+    """A running learner (host:port); None starts one on loopback."""
+    rollout_addresses: list[str] = Field(default_factory=list)
+    """Running rollout replicas; empty starts `rollout_replicas` on loopback."""
+    rollout_replicas: int = Field(default=1, ge=1)
+    """Replicas to start when none are given."""
+    rollout_engine: EngineConfig = Field(default_factory=default_engine_config)
+    """Engine of the rollout replicas this run starts."""
+    learner_device: str = "auto"
+    """Device of the learner this run starts."""
+    api_key: str | None = None
+    """Key of running services; a fresh random key protects the services this run starts."""
+    startup_timeout_s: float = Field(default=300.0, gt=0)
+    """How long to wait for a started service to listen."""
+
+
+class RunConfig(_Strict):
+    model: str = "anvil-tiny"
+    """Built-in model name or Hugging Face model directory."""
+    seed: int = 0
+    """Seed of the learner session and of sampling."""
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    """What the policy is trained on."""
+    loop: LoopConfig = Field(default_factory=LoopConfig)
+    """The RL loop."""
+    services: ServicesConfig = Field(default_factory=ServicesConfig)
+    """Where learner and rollout run."""
+
+    @model_validator(mode="after")
+    def _dpo_needs_pairs(self) -> RunConfig:
+        if self.loop.loss == "dpo" and self.loop.group_size < 2:
+            raise ValueError("loop.loss = 'dpo' pairs samples within a group: set loop.group_size >= 2")
+        return self

@@ -1,0 +1,56 @@
+"""The single-turn answer environment: chat-formatted prompt, graded exact-match reward.
+
+Reward (in [0, 1]) for a completion whose text (special tokens removed, stripped) is `text`:
+    0.1  if text starts like an answer of the right kind (a digit when the answer starts with one)
+  + 0.5  * the fraction of the answer that text matches as a prefix
+  + 0.2  if text == answer
+  + 0.2  if text == answer and the completion ended with EOS
+The shaping gives a random policy a gradient (an answer-like start earns something, each right
+leading character more) while only a clean, exact answer earns 1.0. There is deliberately no credit
+for a numerically "near" answer: it rewards collapsing onto a middle digit, whatever the prompt.
+`correct` (exact match) is reported alongside.
+"""
+
+from __future__ import annotations
+
+from coordinator.envs.base import Env, Problem, Score
+
+
+def common_prefix(a: str, b: str) -> int:
+    """Number of leading characters a and b share."""
+    count = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+def grade(text: str, answer: str, ended_with_eos: bool) -> Score:
+    text = text.strip()
+    exact = text == answer
+    reward = 0.0
+    if text and answer and (text[0].isdigit() == answer[0].isdigit()):
+        reward += 0.1
+    reward += 0.5 * common_prefix(text, answer) / max(len(answer), 1)
+    if exact:
+        reward += 0.2 + (0.2 if ended_with_eos else 0.0)
+    return Score(min(reward, 1.0), {"correct": float(exact)})
+
+
+class AnswerEnv(Env):
+    def __init__(self, problem: Problem, tokenizer) -> None:
+        self.problem = problem
+        self._tokenizer = tokenizer
+
+    async def prompt_tokens(self) -> list[int]:
+        text = self._tokenizer.apply_chat_template(
+            [{"role": "user", "content": self.problem.prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return self._tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    async def score(self, completion_tokens: list[int]) -> Score:
+        eos = self._tokenizer.eos_token_id
+        ended = bool(completion_tokens) and completion_tokens[-1] == eos
+        text = self._tokenizer.decode(completion_tokens, skip_special_tokens=True)
+        return grade(text, self.problem.answer, ended)

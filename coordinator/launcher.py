@@ -1,0 +1,90 @@
+"""Start learner and rollout services as separate processes on loopback, and stop them cleanly.
+
+Each service is `python -m learner|rollout` with `--set` overrides, bound to port 0; its output goes to
+<run_dir>/logs/<name>.log, where the launcher waits for the `LISTENING host:port` line. Children get
+SIGTERM if the coordinator dies (Linux PR_SET_PDEATHSIG), so even a killed coordinator leaves no
+service behind; a normal stop sends SIGTERM and waits for a graceful exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from protos.errors import Unavailable
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def toml_value(value: object) -> str:
+    """A Python scalar as a TOML literal for `--set key=value`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    process: subprocess.Popen
+    address: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+async def start_service(
+    name: str, module: str, overrides: list[str], log_dir: Path, env: dict[str, str], timeout_s: float
+) -> ServiceProcess:
+    """Run `python -m module --set ...` and wait until it reports the address it listens on."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    command = [sys.executable, "-m", module, "--set", "server.port=0"]
+    for override in overrides:
+        command += ["--set", override]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=_die_with_parent,
+        )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in log_path.read_text(errors="replace").splitlines():
+            if line.startswith("LISTENING "):
+                return ServiceProcess(name, process, line.split()[1], log_path)
+        if process.poll() is not None:
+            raise Unavailable(f"{name} exited with code {process.returncode} before listening; see {log_path}")
+        await asyncio.sleep(0.1)
+    ServiceProcess(name, process, "", log_path).stop()
+    raise Unavailable(f"{name} did not listen within {timeout_s:g}s; see {log_path}")

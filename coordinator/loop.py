@@ -1,0 +1,260 @@
+"""The asynchronous RL actor loop: prompt feeder -> samplers -> (scoring) -> trainer, joined by queues.
+
+    feeder    emits the prompts of batch b (problem indices b*G .. b*G+G-1, deterministic) once
+              step b - max_off_policy_steps has been published: that is the staleness bound, and with
+              a bound >= 1 the next batch is sampled while this one trains;
+    samplers  `sampler_concurrency` tasks, each taking a prompt, calling Sample (n = group_size) on a
+              rollout replica, and scoring every completion with the prompt's Env;
+    trainer   assembles batch b from its groups, drops any group whose sampler version is older than
+              the bound (counted), turns groups into datums (group-relative advantages), runs
+              ForwardBackward and OptimStep, and publishes the new weights to every replica before
+              releasing the next batch.
+
+The loop never decides where services run or how state is stored: `on_step` receives each step's
+metrics and `on_checkpoint` is asked to save after the steps it names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from coordinator.client.custom_loss import forward_backward_custom
+from coordinator.client.learner_api import LearnerSession
+from coordinator.client.rollout_api import RolloutPool
+from coordinator.client.types import AdamParams, Datum, SampledSequence, SamplingParams
+from coordinator.config import LoopConfig
+from coordinator.envs.base import Env, Problem, ProblemSource
+from coordinator.objectives import (
+    dpo_datum,
+    dpo_loss,
+    group_advantages,
+    policy_datum,
+    sampler_learner_kl,
+    truncated_is_weights,
+)
+
+
+@dataclass
+class ScoredGroup:
+    batch: int
+    problem: Problem
+    prompt: list[int]
+    sequences: list[SampledSequence]
+    rewards: list[float]
+    correct: list[float]
+    sampler_version: int
+    sample_s: float
+
+
+@dataclass
+class StepResult:
+    step: int
+    batch: int
+    metrics: dict[str, float]
+    problem_indices: list[int] = field(default_factory=list)
+    """Every problem this step consumed (trained on, or dropped as stale)."""
+
+
+class RLLoop:
+    def __init__(
+        self,
+        config: LoopConfig,
+        session: LearnerSession,
+        rollout: RolloutPool,
+        source: ProblemSource,
+        make_env: Callable[[Problem], Env],
+        seed: int,
+        start_batch: int,
+        on_step: Callable[[StepResult], Awaitable[None] | None],
+        on_checkpoint: Callable[[int, int], Awaitable[None]],
+    ) -> None:
+        self.config = config
+        self.session = session
+        self.rollout = rollout
+        self.source = source
+        self.make_env = make_env
+        self.seed = seed
+        self.start_batch = start_batch
+        self.end_batch = config.steps
+        self.on_step = on_step
+        self.on_checkpoint = on_checkpoint
+        self.step = int(session.info.step)
+        self._released = start_batch  # batches whose prompts may be sampled: < released + bound + 1
+        self._released_changed = asyncio.Condition()
+
+    # --- tasks --------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        if self.start_batch >= self.end_batch:
+            return
+        prompts: asyncio.Queue[tuple[int, Problem]] = asyncio.Queue(maxsize=self.config.groups_per_batch)
+        scored: asyncio.Queue[ScoredGroup] = asyncio.Queue()
+        async with asyncio.TaskGroup() as group:
+            helpers = [group.create_task(self._feed(prompts))]
+            helpers += [
+                group.create_task(self._sample(prompts, scored)) for _ in range(self.config.sampler_concurrency)
+            ]
+            try:
+                await self._train(scored)
+            finally:
+                for task in helpers:
+                    task.cancel()
+
+    async def _feed(self, prompts: asyncio.Queue) -> None:
+        size, bound = self.config.groups_per_batch, self.config.max_off_policy_steps
+        for batch in range(self.start_batch, self.end_batch):
+            async with self._released_changed:
+                await self._released_changed.wait_for(lambda b=batch: b <= self._released + bound)
+            for offset in range(size):
+                await prompts.put((batch, self.source.problem(batch * size + offset)))
+
+    async def _sample(self, prompts: asyncio.Queue, scored: asyncio.Queue) -> None:
+        config = self.config
+        while True:
+            batch, problem = await prompts.get()
+            env = self.make_env(problem)
+            prompt = await env.prompt_tokens()
+            params = SamplingParams(
+                max_tokens=config.max_tokens,
+                temperature=config.temperature,
+                seed=(self.seed * 1_000_003 + problem.index) % (2**62),
+            )
+            start = time.perf_counter()
+            response = await self.rollout.sample(prompt, config.group_size, params)
+            sample_s = time.perf_counter() - start
+            scores = [await env.score(sequence.tokens) for sequence in response.sequences]
+            await scored.put(
+                ScoredGroup(
+                    batch=batch,
+                    problem=problem,
+                    prompt=prompt,
+                    sequences=response.sequences,
+                    rewards=[s.reward for s in scores],
+                    correct=[s.metrics.get("correct", float("nan")) for s in scores],
+                    sampler_version=response.weight_version,
+                    sample_s=sample_s,
+                )
+            )
+
+    async def _train(self, scored: asyncio.Queue) -> None:
+        pending: dict[int, list[ScoredGroup]] = defaultdict(list)
+        for batch in range(self.start_batch, self.end_batch):
+            step_start = time.perf_counter()
+            while len(pending[batch]) < self.config.groups_per_batch:
+                group = await scored.get()
+                pending[group.batch].append(group)
+            groups = sorted(pending.pop(batch), key=lambda g: g.problem.index)
+            wait_s = time.perf_counter() - step_start
+            result = await self._train_batch(batch, groups)
+            result.metrics["time/wait_for_samples_s"] = wait_s
+            result.metrics["time/step_s"] = time.perf_counter() - step_start
+            completion_tokens = result.metrics["tokens/completion"]
+            result.metrics["tokens/per_s"] = completion_tokens / max(result.metrics["time/step_s"], 1e-9)
+            async with self._released_changed:
+                self._released = batch + 1
+                self._released_changed.notify_all()
+            maybe = self.on_step(result)
+            if asyncio.iscoroutine(maybe):
+                await maybe
+            every = self.config.checkpoint_every
+            if (every and self.step % every == 0) or batch + 1 == self.end_batch:
+                await self.on_checkpoint(self.step, batch + 1)
+
+    # --- one step -----------------------------------------------------------------------------------
+
+    async def _train_batch(self, batch: int, groups: list[ScoredGroup]) -> StepResult:
+        config = self.config
+        bound = config.max_off_policy_steps
+        fresh = [g for g in groups if self.step - g.sampler_version <= bound]
+        staleness = [self.step - g.sampler_version for g in fresh]
+        metrics: dict[str, float] = {
+            "reward/mean": float(np.mean([r for g in groups for r in g.rewards])),
+            "reward/std": float(np.std([r for g in groups for r in g.rewards])),
+            "correct/mean": float(np.nanmean([c for g in groups for c in g.correct])),
+            "staleness/mean": float(np.mean(staleness)) if staleness else 0.0,
+            "staleness/max": float(max(staleness, default=0)),
+            "groups/dropped_stale": float(len(groups) - len(fresh)),
+            "time/sample_mean_s": float(np.mean([g.sample_s for g in groups])),
+        }
+        sampled = [s for g in fresh for s in g.sequences]
+        sampler_T = (
+            np.concatenate([np.asarray(s.logprobs, dtype=np.float64) for s in sampled]) if sampled else np.zeros(0)
+        )
+        metrics["tokens/completion"] = float(sampler_T.size)
+        metrics["entropy/sampler_estimate"] = float(-sampler_T.mean()) if sampler_T.size else 0.0
+
+        train_start = time.perf_counter()
+        if config.loss == "dpo":
+            learner_T = await self._dpo_step(fresh, metrics)
+        else:
+            learner_T = await self._policy_gradient_step(fresh, metrics)
+        if learner_T is not None and learner_T.size == sampler_T.size:
+            metrics["kl_sample_train/v1"], metrics["kl_sample_train/v2"] = sampler_learner_kl(sampler_T, learner_T)
+        adam = config.adam
+        stepped = await self.session.optim_step(AdamParams(**adam.model_dump()))
+        self.step = int(stepped.step)
+        metrics.update({f"optim/{k.split(':')[0]}": v for k, v in stepped.metrics.items()})
+        metrics["time/train_s"] = time.perf_counter() - train_start
+
+        sync_start = time.perf_counter()
+        published = await self.session.publish_weights(self.rollout.addresses, config.publish_transport)
+        metrics["time/weight_sync_s"] = time.perf_counter() - sync_start
+        metrics["weights/published_bytes"] = float(published.num_bytes)
+        metrics["weights/rollout_version_min"] = float(min(await self.rollout.versions()))
+        indices = [g.problem.index for g in groups]
+        return StepResult(step=self.step, batch=batch, metrics=metrics, problem_indices=indices)
+
+    async def _policy_gradient_step(self, groups: list[ScoredGroup], metrics: dict) -> np.ndarray | None:
+        config = self.config
+        entries: list[tuple[list[int], SampledSequence, float]] = []
+        for group in groups:
+            advantages = group_advantages(group.rewards, config.normalize_advantages)
+            entries += [(group.prompt, s, a) for s, a in zip(group.sequences, advantages, strict=True)]
+        entries = [(p, s, a) for p, s, a in entries if s.tokens]
+        if not entries:
+            return None
+        data = [policy_datum(p, s.tokens, s.logprobs, a) for p, s, a in entries]
+        if config.tis_cap is not None:
+            learner = await self.session.forward(data, config.loss, config.loss_config)
+            data = []
+            for (prompt, sequence, advantage), output in zip(entries, learner.loss_fn_outputs, strict=True):
+                learner_lp = output["logprobs"].to_numpy()[-len(sequence.tokens) :]
+                weights = truncated_is_weights(learner_lp, np.asarray(sequence.logprobs), config.tis_cap)
+                data.append(policy_datum(prompt, sequence.tokens, sequence.logprobs, (advantage * weights).tolist()))
+            metrics["tis/weight_mean"] = float(np.mean([w for d in data for w in d.loss_fn_inputs["advantages"].data]))
+        result = await self.session.forward_backward(data, config.loss, config.loss_config)
+        metrics["loss/sum"] = result.metrics["loss:sum"]
+        return _completion_logprobs(result.loss_fn_outputs, [s for _, s, _ in entries])
+
+    async def _dpo_step(self, groups: list[ScoredGroup], metrics: dict) -> np.ndarray | None:
+        data: list[Datum] = []
+        lengths: list[int] = []
+        references: list[float] = []
+        for group in groups:
+            best, worst = int(np.argmax(group.rewards)), int(np.argmin(group.rewards))
+            if group.rewards[best] <= group.rewards[worst]:
+                continue
+            for index in (best, worst):
+                sequence = group.sequences[index]
+                data.append(dpo_datum(group.prompt, sequence.tokens))
+                lengths.append(len(sequence.tokens))
+                references.append(float(sum(sequence.logprobs)))
+        metrics["dpo/pairs"] = float(len(data) // 2)
+        if not data:
+            return None
+        beta = self.config.loss_config.get("beta", 0.1)
+        result = await forward_backward_custom(self.session, data, dpo_loss(lengths, references, beta))
+        metrics["loss/sum"] = result.metrics["loss:sum"]
+        metrics["dpo/accuracy"] = result.metrics["dpo_accuracy:mean"]
+        return None
+
+
+def _completion_logprobs(outputs: list[dict], sequences: list[SampledSequence]) -> np.ndarray:
+    parts = [o["logprobs"].to_numpy()[-len(s.tokens) :] for o, s in zip(outputs, sequences, strict=True)]
+    return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)

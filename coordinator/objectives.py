@@ -1,0 +1,104 @@
+"""RL objectives as pure functions: group-relative advantages, policy-gradient datums, online DPO.
+
+Shapes: `_G` per sample of a group, `_T` per completion token. A sampled sequence becomes one datum:
+model_input = prompt + completion[:-1], target_tokens = prompt[1:] + completion, and the per-token loss
+inputs are zero on prompt positions (no gradient there) and carry the sampler's logprobs and the
+sample's advantage on completion positions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from coordinator.client.types import Datum, ModelInput, TensorData
+
+
+def group_advantages(rewards_G: Sequence[float], normalize_by_std: bool) -> list[float]:
+    """GRPO: reward minus the group mean, optionally divided by the group std (0 when all rewards tie)."""
+    rewards = np.asarray(rewards_G, dtype=np.float64)
+    centred = rewards - rewards.mean()
+    if normalize_by_std:
+        std = rewards.std()
+        centred = centred / std if std > 1e-6 else np.zeros_like(centred)
+    return centred.tolist()
+
+
+def policy_datum(
+    prompt: Sequence[int],
+    completion: Sequence[int],
+    sampler_logprobs_T: Sequence[float],
+    advantage_T: Sequence[float] | float,
+) -> Datum:
+    """A datum for importance_sampling / ppo / cispo; `advantage_T` may be one value or one per token."""
+    num_prompt_targets = len(prompt) - 1
+    tokens = [*prompt, *completion]
+    advantages = [advantage_T] * len(completion) if isinstance(advantage_T, float | int) else list(advantage_T)
+    return Datum(
+        model_input=ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": TensorData(tokens[1:], "int64", [len(tokens) - 1]),
+            "logprobs": TensorData([0.0] * num_prompt_targets + list(sampler_logprobs_T), "float32", [len(tokens) - 1]),
+            "advantages": TensorData([0.0] * num_prompt_targets + advantages, "float32", [len(tokens) - 1]),
+        },
+    )
+
+
+def completion_slice(datum: Datum, completion_length: int) -> slice:
+    """Where a datum's completion targets sit in its target_tokens."""
+    total = datum.model_input.length
+    return slice(total - completion_length, total)
+
+
+def truncated_is_weights(learner_T: np.ndarray, sampler_T: np.ndarray, cap: float) -> np.ndarray:
+    """min(p_learner / p_sampler, cap) per token: corrects the sampler/learner mismatch, bounded."""
+    return np.minimum(np.exp(learner_T - sampler_T), cap)
+
+
+def sampler_learner_kl(sampler_T: np.ndarray, learner_T: np.ndarray) -> tuple[float, float]:
+    """Tinker cookbook's health checks: v1 = mean(lp_q - lp_p), v2 = mean((lp_q - lp_p)^2) / 2."""
+    if sampler_T.size == 0:
+        return 0.0, 0.0
+    diff = sampler_T - learner_T
+    return float(diff.mean()), float(0.5 * np.square(diff).mean())
+
+
+def dpo_datum(prompt: Sequence[int], completion: Sequence[int]) -> Datum:
+    """A datum for the two-pass custom loss: only target_tokens (and weights, filled by the client)."""
+    tokens = [*prompt, *completion]
+    return Datum(
+        model_input=ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": TensorData(tokens[1:], "int64", [len(tokens) - 1])},
+    )
+
+
+def dpo_loss(
+    completion_lengths: Sequence[int], reference_logprob_sums: Sequence[float], beta: float
+):  # -> CustomLossFn
+    """Online DPO over consecutive (chosen, rejected) datums; the reference is the sampling policy.
+
+    loss = -sum_pairs log sigmoid(beta * ((lp_c - ref_c) - (lp_r - ref_r))), lp = sum of completion logprobs.
+    """
+
+    def loss_fn(data: list[Datum], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        sums = [lp[-n:].sum() if n else lp.sum() * 0 for lp, n in zip(logprobs, completion_lengths, strict=True)]
+        total = torch.zeros(())
+        accuracy = 0.0
+        pairs = len(sums) // 2
+        for pair in range(pairs):
+            chosen, rejected = 2 * pair, 2 * pair + 1
+            margin = beta * (
+                (sums[chosen] - reference_logprob_sums[chosen]) - (sums[rejected] - reference_logprob_sums[rejected])
+            )
+            total = total - torch.nn.functional.logsigmoid(margin)
+            accuracy += float(margin.detach() > 0)
+        return total, {"dpo_accuracy:mean": accuracy / max(pairs, 1), "dpo_pairs:sum": float(pairs)}
+
+    return loss_fn
+
+
+def mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else math.nan

@@ -1,0 +1,118 @@
+"""What a run leaves in its directory: metrics.jsonl, consumed.jsonl, TensorBoard events, a PNG of the
+curves, and a live console view.
+
+metrics.jsonl has one JSON object per step (`step`, `batch`, `wall_s` and every metric of the step).
+consumed.jsonl records which problems each step consumed, so exactly-once can be audited. On resume,
+both are cut back to the checkpoint's step before the loop continues.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from coordinator.loop import StepResult
+
+METRICS_FILE = "metrics.jsonl"
+CONSUMED_FILE = "consumed.jsonl"
+PLOT_FILE = "curves.png"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_to_step(path: Path, step: int) -> None:
+    """Keep only the lines of steps <= step (work after a checkpoint is redone on resume)."""
+    kept = [row for row in read_jsonl(path) if row["step"] <= step]
+    path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+
+
+class Recorder:
+    def __init__(self, run_dir: Path, total_steps: int, console: Console | None = None) -> None:
+        self.run_dir = run_dir
+        self.total_steps = total_steps
+        self.console = console or Console()
+        self.started = time.time()
+        self._tensorboard = _tensorboard_writer(run_dir / "tensorboard")
+
+    def on_step(self, result: StepResult) -> None:
+        row = {"step": result.step, "batch": result.batch, "wall_s": time.time() - self.started, **result.metrics}
+        with (self.run_dir / METRICS_FILE).open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        with (self.run_dir / CONSUMED_FILE).open("a") as handle:
+            handle.write(
+                json.dumps({"step": result.step, "batch": result.batch, "problems": result.problem_indices}) + "\n"
+            )
+        if self._tensorboard is not None:
+            for key, value in result.metrics.items():
+                self._tensorboard.add_scalar(key, value, result.step)
+        self.console.print(self._line(row))
+
+    def _line(self, row: dict) -> str:
+        return (
+            f"step {row['step']:>4}/{self.total_steps}  reward {row['reward/mean']:.3f}  "
+            f"correct {row['correct/mean']:.2f}  loss {row.get('loss/sum', float('nan')):+.3f}  "
+            f"kl {row.get('kl_sample_train/v1', float('nan')):+.4f}  "
+            f"stale {row['staleness/max']:.0f}  tok/s {row['tokens/per_s']:.0f}  "
+            f"sync {row['time/weight_sync_s'] * 1000:.0f} ms  step {row['time/step_s']:.2f} s"
+        )
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        rows = read_jsonl(self.run_dir / METRICS_FILE)
+        if rows:
+            plot_curves(rows, self.run_dir / PLOT_FILE)
+            self.console.print(summary_table(rows))
+
+
+def _tensorboard_writer(directory: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(directory))
+
+
+def summary_table(rows: list[dict]) -> Table:
+    table = Table(title="run summary")
+    for column in ("", "first step", "last 5 steps"):
+        table.add_column(column, justify="right")
+    tail = rows[-5:]
+
+    def avg(key: str, part: list[dict]) -> str:
+        values = [r[key] for r in part if key in r]
+        return f"{sum(values) / len(values):.3f}" if values else "-"
+
+    for key in ("reward/mean", "correct/mean", "loss/sum", "kl_sample_train/v1", "time/weight_sync_s", "tokens/per_s"):
+        table.add_row(key, avg(key, rows[:1]), avg(key, tail))
+    return table
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    figure, (reward_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
+    reward_axis.plot(steps, [r["reward/mean"] for r in rows], label="reward")
+    reward_axis.plot(steps, [r["correct/mean"] for r in rows], label="exact answers", alpha=0.7)
+    reward_axis.set_xlabel("step")
+    reward_axis.set_ylim(0, 1.05)
+    reward_axis.legend()
+    reward_axis.set_title("reward")
+    loss_axis.plot(steps, [r.get("loss/sum", float("nan")) for r in rows], color="tab:red")
+    loss_axis.set_xlabel("step")
+    loss_axis.set_title("loss (sum over tokens)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
