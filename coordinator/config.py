@@ -61,13 +61,18 @@ class LoopConfig(_Strict):
     """Objective: a Tinker built-in policy-gradient loss, or online DPO through forward_backward_custom."""
     loss_config: dict[str, float] = Field(default_factory=dict)
     """Loss settings (clip thresholds for ppo/cispo; beta for dpo)."""
+    advantage_baseline: Literal["group", "batch"] = "group"
+    """Subtract the group's mean reward (GRPO) or the whole batch's. The batch baseline keeps a signal
+    when every sample of a group is equally wrong (a collapsed policy): their advantage is negative."""
     normalize_advantages: bool = True
-    """Divide group-centred advantages by the group's reward std (GRPO)."""
+    """Divide the centred rewards by the std of the same population (group or batch)."""
     tis_cap: float | None = None
     """Truncated importance sampling: scale advantages by min(p_learner / p_sampler, cap) per token
     (one extra Forward per step). None disables."""
     adam: AdamConfig = Field(default_factory=AdamConfig)
     """Optimizer."""
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    """"linear" decays the learning rate from adam.learning_rate at step 1 to 10% of it at the last step."""
     publish_transport: Literal["stream", "checkpoint"] = "stream"
     """How new weights reach rollout after each step."""
     checkpoint_every: int = Field(default=0, ge=0)

@@ -31,6 +31,7 @@ from coordinator.client.types import AdamParams, Datum, SampledSequence, Samplin
 from coordinator.config import LoopConfig
 from coordinator.envs.base import Env, Problem, ProblemSource
 from coordinator.objectives import (
+    batch_advantages,
     dpo_datum,
     dpo_loss,
     group_advantages,
@@ -196,8 +197,10 @@ class RLLoop:
             learner_T = await self._policy_gradient_step(fresh, metrics)
         if learner_T is not None and learner_T.size == sampler_T.size:
             metrics["kl_sample_train/v1"], metrics["kl_sample_train/v2"] = sampler_learner_kl(sampler_T, learner_T)
-        adam = config.adam
-        stepped = await self.session.optim_step(AdamParams(**adam.model_dump()))
+        adam = AdamParams(**config.adam.model_dump())
+        adam.learning_rate *= learning_rate_factor(config.lr_schedule, self.step, config.steps)
+        metrics["optim/learning_rate"] = adam.learning_rate
+        stepped = await self.session.optim_step(adam)
         self.step = int(stepped.step)
         metrics.update({f"optim/{k.split(':')[0]}": v for k, v in stepped.metrics.items()})
         metrics["time/train_s"] = time.perf_counter() - train_start
@@ -213,8 +216,11 @@ class RLLoop:
     async def _policy_gradient_step(self, groups: list[ScoredGroup], metrics: dict) -> np.ndarray | None:
         config = self.config
         entries: list[tuple[list[int], SampledSequence, float]] = []
-        for group in groups:
-            advantages = group_advantages(group.rewards, config.normalize_advantages)
+        if config.advantage_baseline == "batch":
+            advantages_BG = batch_advantages([g.rewards for g in groups], config.normalize_advantages)
+        else:
+            advantages_BG = [group_advantages(g.rewards, config.normalize_advantages) for g in groups]
+        for group, advantages in zip(groups, advantages_BG, strict=True):
             entries += [(group.prompt, s, a) for s, a in zip(group.sequences, advantages, strict=True)]
         entries = [(p, s, a) for p, s, a in entries if s.tokens]
         if not entries:
@@ -253,6 +259,13 @@ class RLLoop:
         metrics["loss/sum"] = result.metrics["loss:sum"]
         metrics["dpo/accuracy"] = result.metrics["dpo_accuracy:mean"]
         return None
+
+
+def learning_rate_factor(schedule: str, step: int, total_steps: int) -> float:
+    """Multiplier of the base learning rate for the optimizer step after `step` completed steps."""
+    if schedule == "linear" and total_steps > 1:
+        return 1.0 - 0.9 * min(step, total_steps - 1) / (total_steps - 1)
+    return 1.0
 
 
 def _completion_logprobs(outputs: list[dict], sequences: list[SampledSequence]) -> np.ndarray:

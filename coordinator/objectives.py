@@ -17,14 +17,29 @@ import torch
 from coordinator.client.types import Datum, ModelInput, TensorData
 
 
-def group_advantages(rewards_G: Sequence[float], normalize_by_std: bool) -> list[float]:
-    """GRPO: reward minus the group mean, optionally divided by the group std (0 when all rewards tie)."""
-    rewards = np.asarray(rewards_G, dtype=np.float64)
-    centred = rewards - rewards.mean()
+def centred_advantages(rewards: Sequence[float], normalize_by_std: bool) -> list[float]:
+    """Rewards minus their mean, optionally divided by their std (0 when all rewards tie)."""
+    values = np.asarray(rewards, dtype=np.float64)
+    centred = values - values.mean()
     if normalize_by_std:
-        std = rewards.std()
+        std = values.std()
         centred = centred / std if std > 1e-6 else np.zeros_like(centred)
     return centred.tolist()
+
+
+def group_advantages(rewards_G: Sequence[float], normalize_by_std: bool) -> list[float]:
+    """GRPO: each sample against its own group (the other samples of the same prompt)."""
+    return centred_advantages(rewards_G, normalize_by_std)
+
+
+def batch_advantages(rewards_BG: Sequence[Sequence[float]], normalize_by_std: bool) -> list[list[float]]:
+    """REINFORCE with a batch-mean baseline: every sample against all samples of the batch."""
+    flat = centred_advantages([r for group in rewards_BG for r in group], normalize_by_std)
+    out, start = [], 0
+    for group in rewards_BG:
+        out.append(flat[start : start + len(group)])
+        start += len(group)
+    return out
 
 
 def policy_datum(

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from coordinator.loop import StepResult
@@ -23,9 +24,18 @@ PLOT_FILE = "curves.png"
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL log; a torn last line (the writer was killed mid-write) is ignored."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines) - 1:
+                raise
+    return rows
 
 
 def truncate_to_step(path: Path, step: int) -> None:
@@ -35,12 +45,24 @@ def truncate_to_step(path: Path, step: int) -> None:
 
 
 class Recorder:
-    def __init__(self, run_dir: Path, total_steps: int, console: Console | None = None) -> None:
+    """Writes every step to the run directory and shows a live progress bar with the key numbers."""
+
+    def __init__(self, run_dir: Path, total_steps: int, console: Console | None = None, print_every: int = 10) -> None:
         self.run_dir = run_dir
         self.total_steps = total_steps
         self.console = console or Console()
+        self.print_every = print_every
         self.started = time.time()
         self._tensorboard = _tensorboard_writer(run_dir / "tensorboard")
+        self._progress = Progress(
+            TextColumn("[bold]step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+        )
+        self._task = self._progress.add_task("run", total=total_steps, status="waiting for the first batch")
+        self._progress.start()
 
     def on_step(self, result: StepResult) -> None:
         row = {"step": result.step, "batch": result.batch, "wall_s": time.time() - self.started, **result.metrics}
@@ -53,18 +75,20 @@ class Recorder:
         if self._tensorboard is not None:
             for key, value in result.metrics.items():
                 self._tensorboard.add_scalar(key, value, result.step)
-        self.console.print(self._line(row))
+        self._progress.update(self._task, completed=result.step, status=self._status(row))
+        if result.step % self.print_every == 0 or result.step == 1 or result.step == self.total_steps:
+            self._progress.console.print(f"step {row['step']:>4}  {self._status(row)}")
 
-    def _line(self, row: dict) -> str:
+    @staticmethod
+    def _status(row: dict) -> str:
         return (
-            f"step {row['step']:>4}/{self.total_steps}  reward {row['reward/mean']:.3f}  "
-            f"correct {row['correct/mean']:.2f}  loss {row.get('loss/sum', float('nan')):+.3f}  "
-            f"kl {row.get('kl_sample_train/v1', float('nan')):+.4f}  "
-            f"stale {row['staleness/max']:.0f}  tok/s {row['tokens/per_s']:.0f}  "
-            f"sync {row['time/weight_sync_s'] * 1000:.0f} ms  step {row['time/step_s']:.2f} s"
+            f"reward {row['reward/mean']:.3f} kl {row.get('kl_sample_train/v1', float('nan')):+.3f} "
+            f"stale {row['staleness/max']:.0f} tok/s {row['tokens/per_s']:.0f} "
+            f"sync {row['time/weight_sync_s'] * 1000:.0f}ms"
         )
 
     def close(self) -> None:
+        self._progress.stop()
         if self._tensorboard is not None:
             self._tensorboard.close()
         rows = read_jsonl(self.run_dir / METRICS_FILE)

@@ -1,14 +1,12 @@
 """The single-turn answer environment: chat-formatted prompt, graded exact-match reward.
 
 Reward (in [0, 1]) for a completion whose text (special tokens removed, stripped) is `text`:
-    0.1  if text starts like an answer of the right kind (a digit when the answer starts with one)
-  + 0.5  * the fraction of the answer that text matches as a prefix
-  + 0.2  if text == answer
-  + 0.2  if text == answer and the completion ended with EOS
-The shaping gives a random policy a gradient (an answer-like start earns something, each right
-leading character more) while only a clean, exact answer earns 1.0. There is deliberately no credit
-for a numerically "near" answer: it rewards collapsing onto a middle digit, whatever the prompt.
-`correct` (exact match) is reported alongside.
+    0.5  * the fraction of the answer that text matches as a prefix
+  + 0.5  if text == answer (nothing after it but EOS)
+Only right characters earn anything, and only an exact answer earns 1.0. There is deliberately no
+credit for merely answer-shaped output (say, any digit): under on-policy sampling such credit is won
+first by whichever token happens to be sampled most, and the policy collapses onto it whatever the
+prompt. `correct` (exact match) is reported alongside.
 """
 
 from __future__ import annotations
@@ -29,13 +27,10 @@ def common_prefix(a: str, b: str) -> int:
 def grade(text: str, answer: str, ended_with_eos: bool) -> Score:
     text = text.strip()
     exact = text == answer
-    reward = 0.0
-    if text and answer and (text[0].isdigit() == answer[0].isdigit()):
-        reward += 0.1
-    reward += 0.5 * common_prefix(text, answer) / max(len(answer), 1)
+    reward = 0.5 * common_prefix(text, answer) / max(len(answer), 1)
     if exact:
-        reward += 0.2 + (0.2 if ended_with_eos else 0.0)
-    return Score(min(reward, 1.0), {"correct": float(exact)})
+        reward += 0.5
+    return Score(min(reward, 1.0), {"correct": float(exact), "ended_with_eos": float(ended_with_eos)})
 
 
 class AnswerEnv(Env):
