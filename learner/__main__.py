@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -14,25 +12,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="learner", description="Serve anvil.v1.LearnerService.")
     add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    return run(args)
+    return run(parser.parse_args(argv))
 
 
 def run(args: argparse.Namespace, models: dict[str, str] | None = None) -> int:
+    """Serve; `models` (name -> directory) is filled in by `anvil learner --model NAME`."""
     from learner.config import LearnerConfig
     from learner.server import serve
-    from protos.config import load_config
-    from protos.errors import InvalidArgument
+    from protos.config import serve_from_arguments
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = [*(f'models.{name}="{path}"' for name, path in (models or {}).items()), *args.overrides]
-    try:
-        config = load_config(LearnerConfig, args.config, overrides)
-    except InvalidArgument as exc:
-        print(f"learner: {exc}", file=sys.stderr)
-        return 2
-    asyncio.run(serve(config))
-    return 0
+    overrides = [f'models.{name}="{path}"' for name, path in (models or {}).items()]
+    return serve_from_arguments("learner", LearnerConfig, args, overrides, serve)
 
 
 if __name__ == "__main__":

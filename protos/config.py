@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,3 +67,25 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         if not isinstance(node, dict):
             raise InvalidArgument(f"override {override!r}: {part!r} is not a section")
     node[leaf] = value
+
+
+def serve_from_arguments(
+    name: str,
+    model: type[ConfigT],
+    args: argparse.Namespace,
+    extra_overrides: Sequence[str],
+    serve: Callable[[ConfigT], Awaitable[None]],
+) -> int:
+    """The body of every service entry point: log setup, config (exit 2 naming the bad field), serve."""
+    import asyncio
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(model, args.config, [*extra_overrides, *args.overrides])
+    except InvalidArgument as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(config))
+    return 0

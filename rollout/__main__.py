@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -19,20 +17,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, model: tuple[str, str] | None = None) -> int:
     """Serve; `model` = (name, directory) is filled in by `anvil rollout --model NAME`."""
-    from protos.config import load_config
-    from protos.errors import InvalidArgument
+    from protos.config import serve_from_arguments
     from rollout.config import RolloutConfig
     from rollout.server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = [f'model="{model[1]}"', f'model_name="{model[0]}"'] if model else []
-    try:
-        config = load_config(RolloutConfig, args.config, [*overrides, *args.overrides])
-    except InvalidArgument as exc:
-        print(f"rollout: {exc}", file=sys.stderr)
-        return 2
-    asyncio.run(serve(config))
-    return 0
+    return serve_from_arguments("rollout", RolloutConfig, args, overrides, serve)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+# One definition of Tinker's optimizer parameters, shared with the learner; re-exported by name.
+from learner.backends.base import AdamParams as AdamParams
+
 # Per-key dtypes Tinker uses when loss_fn_inputs arrive as plain lists.
 _INPUT_DTYPES = {"target_tokens": "int64"}
 _FLOAT_KEYS = {"weights", "advantages", "logprobs", "clip_low_threshold", "clip_high_threshold"}
@@ -104,16 +107,6 @@ class Datum:
 
     def __post_init__(self) -> None:
         self.loss_fn_inputs = {key: as_tensor_data(key, value) for key, value in self.loss_fn_inputs.items()}
-
-
-@dataclass
-class AdamParams:
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
 
 
 @dataclass
