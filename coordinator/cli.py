@@ -93,8 +93,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except AnvilError as exc:
         print(f"anvil run: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("anvil run: interrupted; services stopped", file=sys.stderr)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("anvil run: stopped; the services it started were stopped too", file=sys.stderr)
         return 130
     return 0
 

@@ -197,8 +197,8 @@ class RLLoop:
             learner_T = await self._policy_gradient_step(fresh, metrics)
         if learner_T is not None and learner_T.size == sampler_T.size:
             metrics["kl_sample_train/v1"], metrics["kl_sample_train/v2"] = sampler_learner_kl(sampler_T, learner_T)
-        adam = AdamParams(**config.adam.model_dump())
-        adam.learning_rate *= learning_rate_factor(config.lr_schedule, self.step, config.steps)
+        factor = learning_rate_factor(config.lr_schedule, self.step, config.steps)
+        adam = AdamParams(**{**config.adam.model_dump(), "learning_rate": config.adam.learning_rate * factor})
         metrics["optim/learning_rate"] = adam.learning_rate
         stepped = await self.session.optim_step(adam)
         self.step = int(stepped.step)

@@ -12,8 +12,10 @@ resumes - so no prompt is lost and none is trained twice.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +98,9 @@ def latest_checkpoint(run_dir: Path) -> dict:
 async def run(config: RunConfig, run_dir: Path, resume: bool = False, console: Console | None = None) -> list[dict]:
     """Run (or resume) the RL job; return the metrics rows of the whole run."""
     console = console or Console()
+    # SIGTERM (a scheduler, `kill`) stops the run like Ctrl-C: the task is cancelled and the `finally`
+    # below stops the services this run started.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(config.model_dump_json(indent=2))
     checkpoint = latest_checkpoint(run_dir) if resume else None
