@@ -18,7 +18,7 @@ class _Strict(BaseModel):
 
 class TaskConfig(_Strict):
     name: str = "copy_digit"
-    """Built-in task: copy_digit, addition or reverse (ignored when `dataset` is set)."""
+    """Built-in task: copy_digit, next_digit, addition or reverse (ignored when `dataset` is set)."""
     dataset: Path | None = None
     """A .jsonl or .parquet file with `prompt` and `answer` columns, instead of a built-in task."""
     seed: int = 0

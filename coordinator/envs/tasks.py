@@ -4,6 +4,7 @@ Each task generates problem i from a generator seeded by (task seed, i), so prob
 reproducible. Prompts use the built-in chat format (coordinator.models):
 
     copy_digit   "Copy 7"        -> "7"      a one-token copy: learnable from scratch in a few minutes
+    next_digit   "After 7"       -> "8"      the next digit, cyclic (after 9 comes 0): one-token arithmetic
     addition     "3+5="          -> "8"      single-digit sums (answers 0..18)
     reverse      "Reverse 4 1 9" -> "9 1 4"  string manipulation over digits
 """
@@ -21,6 +22,11 @@ def _copy_digit(rng: random.Random) -> tuple[str, str]:
     return f"Copy {digit}", digit
 
 
+def _next_digit(rng: random.Random) -> tuple[str, str]:
+    digit = rng.randrange(10)
+    return f"After {digit}", str((digit + 1) % 10)
+
+
 def _addition(rng: random.Random) -> tuple[str, str]:
     a, b = rng.randrange(10), rng.randrange(10)
     return f"{a}+{b}=", str(a + b)
@@ -33,6 +39,7 @@ def _reverse(rng: random.Random) -> tuple[str, str]:
 
 GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "copy_digit": _copy_digit,
+    "next_digit": _next_digit,
     "addition": _addition,
     "reverse": _reverse,
 }

@@ -25,6 +25,8 @@ def test_generated_problems_are_reproducible_and_verifiable(name):
     for problem in problems:
         if name == "copy_digit":
             assert problem.prompt == f"Copy {problem.answer}"
+        elif name == "next_digit":
+            assert int(problem.answer) == (int(problem.prompt.removeprefix("After ")) + 1) % 10
         elif name == "addition":
             a, b = problem.prompt.rstrip("=").split("+")
             assert int(problem.answer) == int(a) + int(b)
