@@ -67,6 +67,7 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     import datetime
+    import json
     import sys
     from pathlib import Path
 
@@ -78,10 +79,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         if args.resume is not None:
             run_dir = args.resume
-            saved = RunConfig.model_validate_json((run_dir / CONFIG_FILE).read_text())
-            config = load_config(RunConfig, None, args.overrides) if args.overrides else saved
-            if args.overrides:
-                config = RunConfig.model_validate({**saved.model_dump(), **config.model_dump(exclude_unset=True)})
+            saved = json.loads((run_dir / CONFIG_FILE).read_text())
+            config = load_config(RunConfig, None, args.overrides, base=saved)
         else:
             if args.config is None:
                 print("anvil run: give a config file (e.g. configs/tiny.toml) or --resume RUN_DIR", file=sys.stderr)

@@ -34,9 +34,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_config(model: type[ConfigT], path: Path | None = None, overrides: Sequence[str] = ()) -> ConfigT:
-    """Build `model` from an optional TOML file and dotted overrides; raise InvalidArgument on bad input."""
-    data: dict[str, Any] = {}
+def load_config(
+    model: type[ConfigT], path: Path | None = None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None
+) -> ConfigT:
+    """Build `model` from `base` (e.g. a saved config), else an optional TOML file, then dotted overrides;
+    raise InvalidArgument on bad input."""
+    data: dict[str, Any] = dict(base or {})
     if path is not None:
         try:
             data = tomllib.loads(Path(path).read_text())
