@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import signal
 from dataclasses import dataclass, field
@@ -53,14 +54,17 @@ class Services:
 async def launch_services(config: RunConfig, model_dir: Path, run_dir: Path) -> Services:
     """Connect to the configured services, starting on loopback whichever are not given."""
     services_config = config.services
-    started = Services(
-        services_config.learner_address or "", list(services_config.rollout_addresses), services_config.api_key
-    )
+    api_key = services_config.api_key or os.environ.get("ANVIL_API_KEY")
+    started = Services(services_config.learner_address or "", list(services_config.rollout_addresses), api_key)
     if services_config.learner_address and services_config.rollout_addresses:
         return started
-    if not started.api_key:
+    if not started.api_key and not (services_config.learner_address or services_config.rollout_addresses):
+        # Everything is local: a fresh key protects it. (With a remote service and no configured key,
+        # the local ones run without auth too, since the learner sends its own key when it publishes.)
         started.api_key = secrets.token_urlsafe(16)
-    env = {"ANVIL_API_KEY": started.api_key, "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    if started.api_key:
+        env["ANVIL_API_KEY"] = started.api_key
     logs, timeout = run_dir / "logs", services_config.startup_timeout_s
     try:
         if not services_config.rollout_addresses:

@@ -157,3 +157,33 @@ def test_other_objectives_run(tmp_path, settings, expected_metric):
     assert all(expected_metric in r for r in metrics)
     if expected_metric == "tis/weight_mean":
         assert all(r["staleness/max"] == 0 for r in metrics)
+
+
+def test_run_connects_to_a_running_learner(tmp_path, tiny_model_dir):
+    """A learner started separately (here without auth); the run starts only the rollout it lacks."""
+    checkpoints = tmp_path / "learner"
+    learner = subprocess.Popen(
+        [sys.executable, "-m", "learner", "--set", "server.port=0", "--set", f'checkpoint_dir="{checkpoints}"'],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={k: v for k, v in os.environ.items() if k != "ANVIL_API_KEY"},
+    )  # fmt: skip
+    try:
+        address = next(line.split()[1] for line in learner.stdout if line.startswith("LISTENING "))
+        run_dir = tmp_path / "connected"
+        arguments = ["configs/tiny.toml", "--run-dir", str(run_dir)]
+        for setting in [
+            "loop.steps=3",
+            "loop.checkpoint_every=0",
+            f'services.learner_address="{address}"',
+            'services.rollout_engine.type="torch"',
+            f'model="{tiny_model_dir}"',
+        ]:
+            arguments += ["--set", setting]
+        result = anvil_run(*arguments)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert [r["step"] for r in rows(run_dir)] == [1, 2, 3]
+        assert set(json.loads((run_dir / "services.json").read_text())) == {"rollout-0"}
+        assert learner.poll() is None, "a learner the run did not start keeps running"
+    finally:
+        learner.send_signal(signal.SIGTERM)
+        learner.wait(timeout=60)
