@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from protos.config import add_config_arguments
+from protos.config import add_config_arguments, add_override_argument
 
 
 def _cmd_models_list(args: argparse.Namespace) -> int:
@@ -122,14 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
     )
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config field, e.g. --set loop.steps=50 (repeatable)",
-    )
+    add_override_argument(run)
     run.set_defaults(handler=_cmd_run)
 
     learner = commands.add_parser("learner", help="serve anvil.v1.LearnerService (full-parameter training)")

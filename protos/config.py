@@ -24,6 +24,11 @@ ConfigT = TypeVar("ConfigT", bound=BaseModel)
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The two options every service entry point takes."""
     parser.add_argument("--config", type=Path, help="TOML config file (defaults apply when omitted)")
+    add_override_argument(parser)
+
+
+def add_override_argument(parser: argparse.ArgumentParser) -> None:
+    """`--set KEY=VALUE` (repeatable), collected in `args.overrides`."""
     parser.add_argument(
         "--set",
         dest="overrides",
