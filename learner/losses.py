@@ -10,6 +10,14 @@ per position, N otherwise). Notation: `lp` = the learner's logprob of the target
     ppo                  L = -sum(min(r * A, clip(r, lo, hi) * A))         lo, hi = 0.8, 1.2
     cispo                L = -sum(sg(clip(r, lo, hi)) * lp * A)            lo, hi = 0.0, 4.0; sg = stop-grad
     dro                  L = -sum(lp * A - beta/2 * (lp - lp_q)^2)          beta = 0.05
+    gspo                 L = -sum(m * min(s * A, clip(s, lo, hi) * A))     lo, hi = 1 - 3e-4, 1 + 4e-4
+                         s = exp(mean over the datum's masked tokens of (lp - lp_q)), one ratio per
+                         sequence (Zheng et al. 2025, "Group Sequence Policy Optimization"); m is
+                         `sequence_ratio_mask`, or (A != 0) when the batch has no such column
+
+Tinker's `gspo` is undocumented; this is the GSPO paper's objective in Tinker's per-token-sum form, with
+the paper's clip range as defaults. Tinker's `stable_reinforce` is proprietary and is not offered (the
+gateway answers it with a user error that points to `importance_sampling`).
 
 `resolve_loss` checks a request against the registry before any state changes: unknown names, missing
 or extra per-token inputs, and unknown or out-of-range config keys are InvalidArgument.
@@ -27,8 +35,12 @@ from protos.errors import InvalidArgument
 Tensor = torch.Tensor
 LossFn = Callable[[Tensor, Mapping[str, Tensor], Mapping[str, float]], tuple[Tensor, dict[str, float]]]
 
-PER_TOKEN_INPUTS = frozenset({"weights", "logprobs", "advantages"})
-"""Batch columns that are loss inputs; a loss must get exactly the ones it declares."""
+PER_TOKEN_INPUTS = frozenset({"weights", "logprobs", "advantages", "sequence_ratio_mask"})
+"""Batch columns that are loss inputs; a loss must get exactly the ones it declares (or may take)."""
+
+DATUM_INDEX = "datum_index"
+"""Not a column: backends add this int64 `_T` tensor (the datum each token belongs to) to every loss's
+inputs, for losses with a per-sequence term (gspo)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,8 @@ class LossSpec:
     defaults: Mapping[str, float] = field(default_factory=dict)
     multi_target: bool = False
     """Accepts K > 1 targets per position (only cross_entropy does)."""
+    optional_inputs: frozenset[str] = frozenset()
+    """Per-token inputs the loss uses when present."""
 
 
 def _ratio(logprobs_T: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
@@ -84,6 +98,27 @@ def dro(logprobs_T: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, f
     return loss, {"loss:sum": loss.item()}
 
 
+def gspo(logprobs_T: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float]):
+    low, high = config["clip_low_threshold"], config["clip_high_threshold"]
+    advantages_T, datum_T = inputs["advantages"], inputs[DATUM_INDEX]
+    mask_T = inputs["sequence_ratio_mask"] if "sequence_ratio_mask" in inputs else (advantages_T != 0).float()
+    num_datums = int(datum_T.max().item()) + 1 if datum_T.numel() else 0
+    log_ratio_sum_D = torch.zeros(num_datums, device=logprobs_T.device).index_add(
+        0, datum_T, (logprobs_T - inputs["logprobs"]) * mask_T
+    )
+    tokens_D = torch.zeros(num_datums, device=logprobs_T.device).index_add(0, datum_T, mask_T)
+    ratio_D = torch.exp(log_ratio_sum_D / tokens_D.clamp(min=1.0))
+    ratio_T = ratio_D[datum_T]
+    objective_T = torch.minimum(ratio_T * advantages_T, ratio_T.clamp(low, high) * advantages_T)
+    loss = -(mask_T * objective_T).sum()
+    clipped = ((ratio_D < low) | (ratio_D > high)).float().mean()
+    return loss, {
+        "loss:sum": loss.item(),
+        "sequence_ratio:mean": ratio_D.mean().item(),
+        "clip_fraction:mean": clipped.item(),
+    }
+
+
 _RL_INPUTS = frozenset({"logprobs", "advantages"})
 LOSSES: dict[str, LossSpec] = {
     spec.name: spec
@@ -93,6 +128,13 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec("ppo", _RL_INPUTS, ppo, {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}),
         LossSpec("cispo", _RL_INPUTS, cispo, {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}),
         LossSpec("dro", _RL_INPUTS, dro, {"beta": 0.05}),
+        LossSpec(
+            "gspo",
+            _RL_INPUTS,
+            gspo,
+            {"clip_low_threshold": 1 - 3e-4, "clip_high_threshold": 1 + 4e-4},
+            optional_inputs=frozenset({"sequence_ratio_mask"}),
+        ),
     )
 }
 
@@ -105,7 +147,7 @@ def resolve_loss(
     if spec is None:
         raise InvalidArgument(f"unknown loss_fn {name!r}; choose one of {sorted(LOSSES)}")
     given = present_inputs & PER_TOKEN_INPUTS
-    missing, extra = sorted(spec.inputs - given), sorted(given - spec.inputs)
+    missing, extra = sorted(spec.inputs - given), sorted(given - spec.inputs - spec.optional_inputs)
     if missing:
         raise InvalidArgument(f"loss_fn {name!r} needs batch column(s) {missing}; add them to every datum")
     if extra:

@@ -12,6 +12,7 @@ Columns (only the first two are required; which optional ones a loss needs is th
     weights              list<float32>  N*K per-target weights (cross_entropy; any sign)
     logprobs             list<float32>  N sampler logprobs of the targets (RL losses)
     advantages           list<float32>  N per-token advantages (RL losses)
+    sequence_ratio_mask  list<float32>  N, 1 on the tokens whose ratio forms GSPO's sequence ratio
     targets_per_position int32          K, default 1
     sampler_version      int64          weight version that sampled the row
     group_id             int64          rollout group the row belongs to
@@ -33,7 +34,7 @@ import pyarrow.compute as pc
 from protos.errors import InvalidArgument
 
 TOKEN_LIST_COLUMNS = ("model_input", "target_tokens")
-FLOAT_LIST_COLUMNS = ("weights", "logprobs", "advantages")
+FLOAT_LIST_COLUMNS = ("weights", "logprobs", "advantages", "sequence_ratio_mask")
 REQUIRED_COLUMNS = TOKEN_LIST_COLUMNS
 
 BATCH_SCHEMA = pa.schema(
@@ -43,6 +44,7 @@ BATCH_SCHEMA = pa.schema(
         pa.field("weights", pa.list_(pa.float32())),
         pa.field("logprobs", pa.list_(pa.float32())),
         pa.field("advantages", pa.list_(pa.float32())),
+        pa.field("sequence_ratio_mask", pa.list_(pa.float32())),
         pa.field("targets_per_position", pa.int32()),
         pa.field("sampler_version", pa.int64()),
         pa.field("group_id", pa.int64()),
@@ -56,7 +58,7 @@ OUTPUT_SCHEMA = pa.schema([pa.field("logprobs", pa.list_(pa.float32()), nullable
 
 # Columns whose per-token length must equal len(target_tokens) (the flattened N*K), or N.
 _TARGET_SHAPED = ("weights",)
-_POSITION_SHAPED = ("logprobs", "advantages")
+_POSITION_SHAPED = ("logprobs", "advantages", "sequence_ratio_mask")
 
 
 def make_batch(rows: Sequence[Mapping[str, Any]]) -> pa.Table:

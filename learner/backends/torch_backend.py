@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from learner.backends.base import AdamParams, ForwardResult, LearnerBackend, ModelDescription
 from learner.batch import TrainingBatch
 from learner.config import TorchBackendConfig
-from learner.losses import LossSpec
+from learner.losses import DATUM_INDEX, LossSpec
 from protos.errors import FailedPrecondition
 
 STATE_FORMAT = "anvil-learner-state/1"
@@ -103,6 +103,9 @@ class TorchBackend(LearnerBackend):
                 name: torch.from_numpy(np.concatenate([d.loss_inputs[name] for d in batch.data])).to(self._device)
                 for name in batch.input_names
             }
+            inputs_T[DATUM_INDEX] = torch.cat(
+                [torch.full((len(lp),), row, dtype=torch.long) for row, lp in enumerate(per_datum)]
+            ).to(self._device)
             loss_value, metrics = loss.fn(logprobs_T, inputs_T, loss_config)
             if backward:
                 loss_value.backward()

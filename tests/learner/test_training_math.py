@@ -50,6 +50,14 @@ def reference_loss(name: str, lp: torch.Tensor, row, config) -> torch.Tensor:
     if name == "dro":
         beta = config.get("beta", 0.05)
         return -(lp * advantages - 0.5 * beta * (lp - sampler) ** 2).sum()
+    if name == "gspo":  # the GSPO paper's sequence ratio: a length-normalised product of token ratios
+        low, high = config.get("clip_low_threshold", 1 - 3e-4), config.get("clip_high_threshold", 1 + 4e-4)
+        mask = (
+            torch.as_tensor(row["sequence_ratio_mask"]) if "sequence_ratio_mask" in row else (advantages != 0).float()
+        )
+        sequence_ratio = torch.exp(((lp - sampler) * mask).sum() / mask.sum().clamp(min=1))
+        objective = torch.min(sequence_ratio * advantages, torch.clamp(sequence_ratio, low, high) * advantages)
+        return -(mask * objective).sum()
     raise AssertionError(name)
 
 
@@ -81,6 +89,8 @@ def assert_gradients_match(client, reference_model):
         ("cispo", {}),
         ("cispo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}),
         ("dro", {"beta": 0.3}),
+        ("gspo", {}),
+        ("gspo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}),
     ],
 )
 async def test_loss_gradient_and_logprobs_match_autograd(client, reference_model, loss_fn, config):
@@ -93,6 +103,22 @@ async def test_loss_gradient_and_logprobs_match_autograd(client, reference_model
         lp = reference_logprobs(reference_model, row)
         torch.testing.assert_close(torch.from_numpy(server_lp), lp.detach(), **LOGPROB_TOL)
         total = total + reference_loss(loss_fn, lp, row, config)
+    total.backward()
+    assert metrics["loss:sum"] == pytest.approx(total.item(), rel=1e-4, abs=1e-4)
+    assert_gradients_match(client, reference_model)
+
+
+async def test_gspo_with_a_sequence_ratio_mask_matches_autograd(client, reference_model):
+    """Only masked tokens form the sequence ratio and carry loss; advantage on a prompt token is ignored."""
+    vocab = client.backend.description.vocab_size
+    rows = rl_rows(reference_model, vocab, seed=3)
+    for row in rows:
+        n = len(row["model_input"])
+        row["sequence_ratio_mask"] = (np.arange(n) >= n // 2).astype(np.float32)
+        row["advantages"] = np.full(n, row["advantages"][0] or 0.5, dtype=np.float32)
+    config = {"clip_low_threshold": 0.95, "clip_high_threshold": 1.02}
+    _, metrics = await client.forward_backward(rows, "gspo", config)
+    total = sum(reference_loss("gspo", reference_logprobs(reference_model, row), row, config) for row in rows)
     total.backward()
     assert metrics["loss:sum"] == pytest.approx(total.item(), rel=1e-4, abs=1e-4)
     assert_gradients_match(client, reference_model)
