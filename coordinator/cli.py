@@ -98,6 +98,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from coordinator.gateway.config import GatewayConfig
+    from coordinator.gateway.server import serve
+    from protos.config import serve_from_arguments
+
+    return serve_from_arguments("anvil serve", GatewayConfig, args, [], serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anvil",
@@ -124,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_override_argument(run)
     run.set_defaults(handler=_cmd_run)
+
+    serve = commands.add_parser(
+        "serve", help="serve the Tinker REST API (the official tinker SDK, unmodified) on learner + rollout"
+    )
+    add_config_arguments(serve)
+    serve.set_defaults(handler=_cmd_serve)
 
     learner = commands.add_parser("learner", help="serve anvil.v1.LearnerService (full-parameter training)")
     add_config_arguments(learner)

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from coordinator.client.learner_api import LearnerSession
 from coordinator.client.rollout_api import RolloutPool
-from coordinator.config import RunConfig
+from coordinator.config import RunConfig, ServicesConfig
 from coordinator.envs import build_source
 from coordinator.envs.answer_env import AnswerEnv
 from coordinator.launcher import ServiceProcess, start_service, toml_value
@@ -52,8 +52,18 @@ class Services:
 
 
 async def launch_services(config: RunConfig, model_dir: Path, run_dir: Path) -> Services:
+    """Connect to the run's services, starting on loopback whichever are not given."""
+    return await start_services(config.services, config.model, model_dir, run_dir)
+
+
+async def start_services(
+    services_config: ServicesConfig,
+    model: str,
+    model_dir: Path,
+    run_dir: Path,
+    learner_overrides: tuple[str, ...] = (),
+) -> Services:
     """Connect to the configured services, starting on loopback whichever are not given."""
-    services_config = config.services
     api_key = services_config.api_key or os.environ.get("ANVIL_API_KEY")
     started = Services(services_config.learner_address or "", list(services_config.rollout_addresses), api_key)
     if services_config.learner_address and services_config.rollout_addresses:
@@ -69,7 +79,7 @@ async def launch_services(config: RunConfig, model_dir: Path, run_dir: Path) -> 
     try:
         if not services_config.rollout_addresses:
             engine = services_config.rollout_engine.model_dump(exclude_none=True)
-            overrides = [f"model={toml_value(model_dir)}", f"model_name={toml_value(config.model)}"]
+            overrides = [f"model={toml_value(model_dir)}", f"model_name={toml_value(model)}"]
             overrides += [f"engine.{key}={toml_value(value)}" for key, value in engine.items()]
             for replica in range(services_config.rollout_replicas):
                 process = await start_service(f"rollout-{replica}", "rollout", overrides, logs, env, timeout)
@@ -79,6 +89,7 @@ async def launch_services(config: RunConfig, model_dir: Path, run_dir: Path) -> 
             overrides = [
                 f"checkpoint_dir={toml_value(run_dir / 'learner')}",
                 f"backend.device={toml_value(services_config.learner_device)}",
+                *learner_overrides,
             ]
             process = await start_service("learner", "learner", overrides, logs, env, timeout)
             started.processes.append(process)

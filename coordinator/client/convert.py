@@ -15,7 +15,7 @@ from coordinator.client.types import (
     TensorData,
 )
 from protos.anvil.v1 import common_pb2, rollout_pb2
-from protos.arrow_schemas import decode_outputs, encode_batch, make_batch
+from protos.arrow_schemas import encode_batch, make_batch
 from protos.errors import InvalidArgument
 
 _STOP_REASONS = {common_pb2.STOP_REASON_STOP: "stop", common_pb2.STOP_REASON_LENGTH: "length"}
@@ -39,12 +39,12 @@ def data_to_arrow(data: list[Datum]) -> bytes:
     return encode_batch(make_batch([datum_row(datum) for datum in data]))
 
 
-def output_from_wire(
-    data: list[Datum], payload: bytes, metrics: dict[str, float], output_type: str
+def output_from_logprobs(
+    data: list[Datum], per_datum_logprobs: list[np.ndarray], metrics: dict[str, float], output_type: str
 ) -> ForwardBackwardOutput:
     """Per-datum logprobs shaped like each datum's target_tokens."""
     outputs = []
-    for datum, logprobs in zip(data, decode_outputs(payload), strict=True):
+    for datum, logprobs in zip(data, per_datum_logprobs, strict=True):
         shape = datum.loss_fn_inputs["target_tokens"].to_numpy().shape
         outputs.append({"logprobs": TensorData.from_numpy(logprobs.reshape(shape))})
     return ForwardBackwardOutput(output_type, outputs, dict(metrics))

@@ -11,10 +11,12 @@ import itertools
 from collections.abc import Awaitable
 
 import grpc
+import numpy as np
 
-from coordinator.client.convert import data_to_arrow, output_from_wire
+from coordinator.client.convert import datum_row, output_from_logprobs
 from coordinator.client.types import AdamParams, Datum, ForwardBackwardOutput
 from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
+from protos.arrow_schemas import decode_outputs, encode_batch, make_batch
 from protos.rpc import error_from_rpc
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
@@ -63,12 +65,18 @@ class LearnerSession:
         return await self._forward(data, loss_fn, loss_fn_config, backward=True)
 
     async def _forward(self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None, backward: bool):
-        seq_id = self.next_seq_id()
-        batch = common_pb2.DataBatch(arrow_ipc_stream=data_to_arrow(data))
+        rows = [datum_row(datum) for datum in data]
+        logprobs, metrics, output_type = await self.forward_rows(rows, loss_fn, loss_fn_config, backward)
+        return output_from_logprobs(data, logprobs, metrics, output_type)
+
+    async def forward_rows(
+        self, rows: list[dict], loss_fn: str, loss_fn_config: dict | None, backward: bool
+    ) -> tuple[list[np.ndarray], dict[str, float], str]:
+        """Forward(Backward) of Arrow batch rows; per-row flat float32 logprobs, metrics, output type."""
         fields = {
             "session_id": self.session_id,
-            "seq_id": seq_id,
-            "batch": batch,
+            "seq_id": self.next_seq_id(),
+            "batch": common_pb2.DataBatch(arrow_ipc_stream=encode_batch(make_batch(rows))),
             "loss_fn": loss_fn,
             "loss_fn_config": {k: float(v) for k, v in (loss_fn_config or {}).items()},
         }
@@ -76,7 +84,7 @@ class LearnerSession:
             reply = await call(self.stub.ForwardBackward(learner_pb2.ForwardBackwardRequest(**fields)))
         else:
             reply = await call(self.stub.Forward(learner_pb2.ForwardRequest(**fields)))
-        return output_from_wire(data, reply.outputs.arrow_ipc_stream, dict(reply.metrics), reply.loss_fn_output_type)
+        return decode_outputs(reply.outputs.arrow_ipc_stream), dict(reply.metrics), reply.loss_fn_output_type
 
     async def optim_step(self, adam_params: AdamParams | None = None) -> learner_pb2.OptimStepResponse:
         params = adam_params or AdamParams()

@@ -1,0 +1,254 @@
+"""The FastAPI app: Tinker's `/api/v1` routes over a TinkerService.
+
+HTTP concerns only: auth (`X-API-Key`), body parsing, status codes, and the result encoding of
+`retrieve_future` (protobuf when the poll accepts `application/x-protobuf`, JSON otherwise). A request
+the gateway cannot even attribute (bad JSON, unknown session) is a 4xx; anything wrong with the work
+itself comes back through its future as `{"error", "category"}`, which the SDK raises as
+RequestFailedError, so a training client's seq_id sequence never stalls on a rejected request.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from coordinator.gateway.futures import Outcome
+from coordinator.gateway.service import TinkerService
+from coordinator.gateway.wire import forward_call_from_json, forward_call_from_proto
+from protos.errors import AlreadyExists, AnvilError, FailedPrecondition, InvalidArgument, NotFound
+
+PROTOBUF = "application/x-protobuf"
+OPEN_PATHS = {"/api/v1/healthz"}
+_STATUS = {InvalidArgument: 400, NotFound: 404, FailedPrecondition: 400, AlreadyExists: 400}
+
+
+def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
+    app = FastAPI(title="Anvil Tinker gateway", docs_url=None, redoc_url=None)
+    config = service.config
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if api_keys and request.url.path not in OPEN_PATHS and request.headers.get("x-api-key") not in api_keys:
+            return JSONResponse(
+                {"detail": "missing or unknown X-API-Key; set TINKER_API_KEY to a key this server accepts"}, 401
+            )
+        return await call_next(request)
+
+    @app.exception_handler(AnvilError)
+    async def anvil_error(request: Request, exc: AnvilError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, _STATUS.get(type(exc), 500))
+
+    async def body_json(request: Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"the body is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise InvalidArgument("the body must be a JSON object")
+        return body
+
+    def field(body: dict[str, Any], name: str) -> Any:
+        if body.get(name) is None:
+            raise InvalidArgument(f"the request needs {name!r}")
+        return body[name]
+
+    # --- client bootstrap, health, sessions -----------------------------------------------------------
+
+    @app.post("/api/v1/client/config")
+    async def client_config() -> dict[str, Any]:
+        return {
+            "pjwt_auth_enabled": False,
+            "use_pyqwest_transport": False,
+            "fwdbwd_max_chunk_len": config.fwdbwd_max_chunk_len,
+            "parallel_fwdbwd_chunks": True,
+            "custom_loss_server_side": False,
+            "sample_use_retrieve_futures": False,
+            "sample_join_sampling_session": False,
+        }
+
+    @app.post("/api/v1/client/dynamic_config")
+    async def dynamic_config() -> dict[str, Any]:
+        return {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
+
+    @app.get("/api/v1/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/api/v1/get_server_capabilities")
+    async def capabilities() -> dict[str, Any]:
+        model = {"model_name": config.model, "trainable": True, "sampleable": True}
+        return {"supported_models": [model]}
+
+    @app.post("/api/v1/create_session")
+    async def create_session(request: Request) -> dict[str, Any]:
+        body = await body_json(request)
+        session = service.sessions.create(body.get("user_metadata") or {})
+        return {"type": "create_session", "session_id": session.session_id}
+
+    @app.post("/api/v1/session_heartbeat")
+    async def heartbeat(request: Request) -> Response:
+        body = await body_json(request)
+        try:
+            session = service.sessions.get(field(body, "session_id"))
+        except NotFound as exc:
+            return JSONResponse({"detail": str(exc)}, 410)
+        session.last_heartbeat = time.monotonic()
+        return JSONResponse({"type": "session_heartbeat"})
+
+    @app.post("/api/v1/sessions/{session_id}/finish")
+    async def finish(session_id: str) -> dict[str, Any]:
+        session = service.sessions.sessions.get(session_id)
+        if session is not None and not session.finished:
+            await service.finish_session(session, "finished")
+        return {"status": "finished"}
+
+    @app.get("/api/v1/sessions/{session_id}")
+    async def get_session(session_id: str) -> dict[str, Any]:
+        session = service.sessions.get(session_id)
+        return {"training_run_ids": list(session.models), "sampler_ids": list(session.samplers)}
+
+    @app.get("/api/v1/sessions")
+    async def list_sessions() -> dict[str, Any]:
+        return {"sessions": [s.session_id for s in service.sessions.sessions.values() if not s.finished]}
+
+    @app.post("/api/v1/telemetry")
+    async def telemetry() -> dict[str, str]:
+        return {"status": "accepted"}
+
+    # --- training ------------------------------------------------------------------------------------
+
+    @app.post("/api/v1/create_model")
+    async def create_model(request: Request) -> dict[str, Any]:
+        body = await body_json(request)
+        field(body, "session_id"), field(body, "model_seq_id")
+        return service.create_model(body)
+
+    @app.post("/api/v1/get_info")
+    async def get_info(request: Request) -> dict[str, Any]:
+        return service.get_info(field(await body_json(request), "model_id"))
+
+    @app.post("/api/v1/forward_backward")
+    async def forward_backward(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if request.headers.get("content-encoding") == "zstd":
+            import zstandard
+
+            raw = zstandard.ZstdDecompressor().decompress(raw)
+        if request.headers.get("content-type", "").startswith(PROTOBUF):
+            call = forward_call_from_proto(raw)
+        else:
+            call = forward_call_from_json(await body_json(request), forward_only=False)
+        kind = "forward" if call.forward_only else "forward_backward"
+        return service.submit(call.model_id, call.seq_id, raw, kind, lambda model: service.forward(model, call))
+
+    @app.post("/api/v1/forward")
+    async def forward(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        call = forward_call_from_json(await body_json(request), forward_only=True)
+        return service.submit(call.model_id, call.seq_id, raw, "forward", lambda model: service.forward(model, call))
+
+    async def sequenced(request: Request, kind: str, work) -> dict[str, Any]:
+        raw = await request.body()
+        body = await body_json(request)
+        return service.submit(
+            field(body, "model_id"), int(field(body, "seq_id")), raw, kind, lambda model: work(model, body)
+        )
+
+    @app.post("/api/v1/optim_step")
+    async def optim_step(request: Request) -> dict[str, Any]:
+        return await sequenced(request, "optim_step", service.optim_step)
+
+    @app.post("/api/v1/save_weights")
+    async def save_weights(request: Request) -> dict[str, Any]:
+        return await sequenced(request, "save_weights", service.save_state)
+
+    @app.post("/api/v1/save_weights_for_sampler")
+    async def save_weights_for_sampler(request: Request) -> dict[str, Any]:
+        return await sequenced(
+            request,
+            "save_weights_for_sampler",
+            lambda model, body: service.save_weights_for_sampler(model, body, int(body["seq_id"])),
+        )
+
+    @app.post("/api/v1/load_weights")
+    async def load_weights(request: Request) -> dict[str, Any]:
+        body = await body_json(request)
+        if body.get("model_id") is None:  # create-via-load: a new training client from a state
+            field(body, "session_id"), field(body, "model_seq_id"), field(body, "path")
+            return service.create_from_state(body)
+        return await sequenced(
+            request,
+            "load_weights",
+            lambda model, b: service.load_state(model, str(field(b, "path")), bool(b.get("optimizer"))),
+        )
+
+    # --- sampling ------------------------------------------------------------------------------------
+
+    @app.post("/api/v1/create_sampling_session")
+    async def create_sampling_session(request: Request) -> dict[str, Any]:
+        body = await body_json(request)
+        field(body, "session_id"), field(body, "sampling_session_seq_id")
+        return service.create_sampling_session(body)
+
+    @app.get("/api/v1/samplers/{sampler_id}")
+    async def get_sampler(sampler_id: str) -> dict[str, Any]:
+        return service.get_sampler(sampler_id)
+
+    @app.post("/api/v1/asample")
+    async def asample(request: Request) -> dict[str, Any]:
+        return service.asample(await body_json(request))
+
+    # --- futures -------------------------------------------------------------------------------------
+
+    @app.post("/api/v1/retrieve_future")
+    async def retrieve_future(request: Request) -> Response:
+        body = await body_json(request)
+        request_id = str(field(body, "request_id"))
+        outcome: Outcome | None = await service.futures.wait(request_id, config.long_poll_s)
+        if outcome is None:
+            return JSONResponse({"type": "try_again", "request_id": request_id, "queue_state": "active"})
+        if outcome.error is not None:
+            return JSONResponse({"error": outcome.error, "category": outcome.category})
+        value = outcome.value
+        if hasattr(value, "proto"):
+            if PROTOBUF in request.headers.get("accept", ""):
+                return Response(value.proto(), media_type=PROTOBUF)
+            return JSONResponse(value.json())
+        return JSONResponse(value)
+
+    # --- training runs and checkpoints ---------------------------------------------------------------
+
+    @app.get("/api/v1/training_runs/{run_id}")
+    async def training_run(run_id: str) -> dict[str, Any]:
+        return service.training_run(run_id)
+
+    @app.get("/api/v1/training_runs")
+    async def training_runs(limit: int = 20, offset: int = 0) -> dict[str, Any]:
+        ids = list(service.runs)
+        page = [service.training_run(run_id) for run_id in ids[offset : offset + limit]]
+        return {"training_runs": page, "cursor": {"offset": offset, "limit": limit, "total_count": len(ids)}}
+
+    @app.get("/api/v1/training_runs/{run_id}/checkpoints")
+    async def run_checkpoints(run_id: str) -> dict[str, Any]:
+        return {"checkpoints": [c.to_tinker() for c in service.checkpoints.of_run(run_id)], "cursor": None}
+
+    @app.delete("/api/v1/training_runs/{run_id}/checkpoints/{kind}/{name}")
+    async def delete_checkpoint(run_id: str, kind: str, name: str) -> dict[str, Any]:
+        service.checkpoints.delete(f"tinker://{run_id}/{kind}/{name}")
+        return {}
+
+    @app.get("/api/v1/checkpoints")
+    async def all_checkpoints(limit: int = 100, offset: int = 0) -> dict[str, Any]:
+        records = service.checkpoints.all()
+        page = [c.to_tinker() for c in records[offset : offset + limit]]
+        return {"checkpoints": page, "cursor": {"offset": offset, "limit": limit, "total_count": len(records)}}
+
+    @app.post("/api/v1/weights_info")
+    async def weights_info(request: Request) -> dict[str, Any]:
+        return service.weights_info(str(field(await body_json(request), "tinker_path")))
+
+    return app

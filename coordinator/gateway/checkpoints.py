@@ -1,0 +1,109 @@
+"""Tinker checkpoint paths and the records behind them, kept in `<state_dir>/checkpoints.jsonl`.
+
+A path is `tinker://<training_run_id>/<kind>/<name>` with exactly three segments (the SDK splits on
+'/'): kind `weights` is a training state (model + AdamW, from save_state), `sampler_weights` is
+weights only (servable). The record maps a path to the learner's directory, so a checkpoint outlives
+the session and the gateway process that made it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from protos.errors import InvalidArgument, NotFound
+
+KIND_TO_TYPE = {"weights": "training", "sampler_weights": "sampler"}
+
+
+def tinker_path(run_id: str, kind: str, name: str) -> str:
+    return f"tinker://{run_id}/{kind}/{name}"
+
+
+def parse_tinker_path(path: str) -> tuple[str, str, str]:
+    """(training_run_id, kind, name); InvalidArgument for anything else."""
+    parts = path.removeprefix("tinker://").split("/") if path.startswith("tinker://") else []
+    if len(parts) != 3 or parts[1] not in KIND_TO_TYPE or not all(parts):
+        raise InvalidArgument(
+            f"{path!r} is not a checkpoint path; expected tinker://<run_id>/weights/<name> or "
+            "tinker://<run_id>/sampler_weights/<name>"
+        )
+    return parts[0], parts[1], parts[2]
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat()
+
+
+@dataclass
+class CheckpointRecord:
+    path: str
+    """The tinker:// path."""
+    run_id: str
+    kind: str
+    name: str
+    local_path: str
+    """The learner's directory for it."""
+    base_model: str
+    time: str
+    size_bytes: int
+
+    def to_tinker(self) -> dict:
+        return {
+            "checkpoint_id": f"{self.kind}/{self.name}",
+            "checkpoint_type": KIND_TO_TYPE[self.kind],
+            "time": self.time,
+            "tinker_path": self.path,
+            "size_bytes": self.size_bytes,
+            "public": False,
+            "expires_at": None,
+        }
+
+
+class CheckpointStore:
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._file = state_dir / "checkpoints.jsonl"
+        self._records: dict[str, CheckpointRecord] = {}
+        if self._file.exists():
+            for line in self._file.read_text().splitlines():
+                entry = json.loads(line)
+                if entry.pop("deleted", False):
+                    self._records.pop(entry["path"], None)
+                else:
+                    self._records[entry["path"]] = CheckpointRecord(**entry)
+
+    def add(self, run_id: str, kind: str, name: str, local_path: str, base_model: str) -> CheckpointRecord:
+        size = sum(p.stat().st_size for p in Path(local_path).rglob("*") if p.is_file())
+        record = CheckpointRecord(
+            tinker_path(run_id, kind, name), run_id, kind, name, local_path, base_model, _now(), size
+        )
+        self._records[record.path] = record
+        self._append(asdict(record))
+        return record
+
+    def get(self, path: str) -> CheckpointRecord:
+        parse_tinker_path(path)
+        record = self._records.get(path)
+        if record is None or not Path(record.local_path).is_dir():
+            raise NotFound(f"no checkpoint {path}; list them with GET /api/v1/training_runs/<run_id>/checkpoints")
+        return record
+
+    def of_run(self, run_id: str) -> list[CheckpointRecord]:
+        return [r for r in self._records.values() if r.run_id == run_id]
+
+    def all(self) -> list[CheckpointRecord]:
+        return list(self._records.values())
+
+    def delete(self, path: str) -> None:
+        record = self.get(path)
+        shutil.rmtree(record.local_path, ignore_errors=True)
+        del self._records[path]
+        self._append({"path": path, "deleted": True})
+
+    def _append(self, entry: dict) -> None:
+        with self._file.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")

@@ -1,0 +1,49 @@
+"""GatewayConfig: `anvil serve`'s one typed config (TOML file + `--set` overrides)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from coordinator.config import ServicesConfig
+
+API_KEYS_ENV = "ANVIL_TINKER_API_KEYS"
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    host: str = "127.0.0.1"
+    """Interface the REST API listens on ("0.0.0.0" for every interface)."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    """TCP port; 0 picks a free one (printed as `LISTENING host:port`)."""
+    api_keys: list[str] = Field(default_factory=list)
+    """Accepted `X-API-Key` values; empty (and no $ANVIL_TINKER_API_KEYS) turns auth off. The tinker SDK
+    only sends keys that start with `tml-`."""
+    model: str = "anvil-tiny"
+    """The base model served: a built-in name or a Hugging Face directory. `create_model` takes this name."""
+    services: ServicesConfig = Field(default_factory=ServicesConfig)
+    """Learner and rollout services: addresses of running ones, or how to start them on loopback."""
+    learner_max_sessions: int = Field(default=4, ge=1)
+    """Training clients open at once on a learner this gateway starts (each holds a model and AdamW)."""
+    state_dir: Path = Path("runs/serve")
+    """Training-run and checkpoint records, and the checkpoints of a learner this gateway starts."""
+    session_timeout_s: float = Field(default=120.0, gt=0)
+    """A session without a heartbeat for this long is closed (the SDK sends one every 10 s)."""
+    long_poll_s: float = Field(default=20.0, gt=0)
+    """How long retrieve_future holds a poll before answering try_again (the SDK waits up to 45 s)."""
+    sequence_gap_timeout_s: float = Field(default=300.0, gt=0)
+    """How long a training request waits for a missing earlier seq_id before that one is declared lost."""
+    fwdbwd_max_chunk_len: int = Field(default=1024, ge=1)
+    """Datums per forward_backward request the SDK sends (it splits larger calls into chunks)."""
+    default_max_tokens: int = Field(default=512, ge=1)
+    """Completion cap when a sample request leaves max_tokens unset (never past the model's context)."""
+    sampler_snapshots_kept: int = Field(default=4, ge=1)
+    """Unnamed sampler snapshots (save_weights_and_get_sampling_client) kept per training client; older
+    ones are deleted and their sampling clients answer NOT_FOUND."""
+
+    def resolved_api_keys(self) -> list[str]:
+        from_env = [key.strip() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
+        return [*self.api_keys, *from_env]

@@ -1,0 +1,108 @@
+"""Tinker's futures: every long operation answers with a request id and its result is fetched by
+`retrieve_future`, which the gateway long-polls (holds until done or `long_poll_s`, then `try_again`).
+
+A result is an `Outcome`: a value (encoded by the route that polls it) or a categorised error, which
+Tinker's SDK raises as `RequestFailedError`. Finished futures are kept `ttl_s` after completion so a
+poll that was lost in transit can be repeated, then dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from protos.errors import (
+    AlreadyExists,
+    AnvilError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+)
+
+USER_ERRORS = (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Unauthenticated, ResourceExhausted)
+"""Errors the caller can fix; everything else is the server's fault (category "server")."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    value: Any = None
+    error: str | None = None
+    category: Literal["user", "server"] = "server"
+
+
+def outcome_of_error(exc: BaseException) -> Outcome:
+    if isinstance(exc, USER_ERRORS):
+        return Outcome(error=str(exc), category="user")
+    if isinstance(exc, AnvilError):
+        return Outcome(error=str(exc), category="server")
+    return Outcome(error=f"internal error: {type(exc).__name__}: {exc}", category="server")
+
+
+@dataclass
+class _Entry:
+    kind: str
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    finished_at: float | None = None
+
+
+class FutureStore:
+    """request id -> pending or finished Outcome; ids are `req-<n>`, unique for the gateway's lifetime."""
+
+    def __init__(self, ttl_s: float = 900.0) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self._ids = itertools.count(1)
+        self._prefix = f"req-{int(time.time()):x}-"
+        self.ttl_s = ttl_s
+
+    def create(self, kind: str) -> str:
+        self._expire()
+        request_id = f"{self._prefix}{next(self._ids)}"
+        self._entries[request_id] = _Entry(kind)
+        return request_id
+
+    def resolve(self, request_id: str, outcome: Outcome) -> None:
+        entry = self._entries.get(request_id)
+        if entry is not None and not entry.done.done():
+            entry.done.set_result(outcome)
+            entry.finished_at = time.monotonic()
+
+    def run(self, kind: str, work: Callable[[], Awaitable[Any]]) -> str:
+        """Start `work` now in its own task; its value or error resolves a new future."""
+        request_id = self.create(kind)
+
+        async def execute() -> None:
+            try:
+                self.resolve(request_id, Outcome(value=await work()))
+            except Exception as exc:  # every failure becomes the future's error, never a lost request
+                self.resolve(request_id, outcome_of_error(exc))
+
+        asyncio.get_running_loop().create_task(execute())
+        return request_id
+
+    def kind(self, request_id: str) -> str:
+        entry = self._entries.get(request_id)
+        if entry is None:
+            raise NotFound(f"no request {request_id!r}; it never existed or its result expired")
+        return entry.kind
+
+    async def wait(self, request_id: str, timeout_s: float) -> Outcome | None:
+        """The outcome, or None when still running after `timeout_s` (the caller answers try_again)."""
+        entry = self._entries.get(request_id)
+        if entry is None:
+            raise NotFound(f"no request {request_id!r}; it never existed or its result expired")
+        try:
+            return await asyncio.wait_for(asyncio.shield(entry.done), timeout_s)
+        except TimeoutError:
+            return None
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - self.ttl_s
+        stale = [rid for rid, e in self._entries.items() if e.finished_at is not None and e.finished_at < cutoff]
+        for request_id in stale:
+            del self._entries[request_id]

@@ -1,0 +1,113 @@
+"""`anvil serve`: the Tinker REST gateway on uvicorn, over running or locally started services.
+
+`start_gateway` builds the service and binds the HTTP server (port 0 picks a free one); `serve` also
+starts the learner and rollout processes that are not given by address (as `anvil run` does), prints
+`LISTENING host:port`, and stops everything it started on SIGTERM / Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from coordinator.gateway.app import create_app
+from coordinator.gateway.config import GatewayConfig
+from coordinator.gateway.service import TinkerService
+from coordinator.gateway.snapshots import SnapshotRouter
+from coordinator.models import resolve_model
+from protos.rpc import open_channel
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: `serve` (or the test) decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+@dataclass
+class RunningGateway:
+    address: str
+    service: TinkerService
+    server: uvicorn.Server
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        for task in self.tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for session in list(self.service.sessions.sessions.values()):
+            if not session.finished:
+                await self.service.finish_session(session, "the server stopped")
+        await self.service.router.close()
+        await self.service.learner_channel.close()
+
+
+async def start_gateway(
+    config: GatewayConfig,
+    learner_address: str,
+    rollout_addresses: list[str],
+    services_api_key: str | None,
+    learner_base_model: str | None = None,
+) -> RunningGateway:
+    """Serve the REST API for `config.model` over the given learner and rollout services."""
+    model_dir = resolve_model(config.model)
+    router = SnapshotRouter(rollout_addresses, services_api_key, model_dir)
+    await router.start()
+    service = TinkerService(
+        config,
+        open_channel(learner_address, api_key=services_api_key),
+        learner_base_model or config.model,
+        model_dir,
+        router,
+    )
+    app = create_app(service, config.resolved_api_keys())
+    server = _QuietServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
+    serving = asyncio.get_running_loop().create_task(server.serve())
+    while not server.started:
+        if serving.done():
+            serving.result()  # raises the bind error
+            raise OSError(f"the gateway could not listen on {config.host}:{config.port}")
+        await asyncio.sleep(0.02)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    expiry = asyncio.get_running_loop().create_task(service.expire_sessions_forever())
+    return RunningGateway(f"{host}:{port}", service, server, [expiry, serving])
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Start missing services, serve until cancelled, then stop what was started."""
+    from coordinator.run import start_services
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # SIGTERM (a scheduler, `kill`) stops like Ctrl-C: the `finally` blocks stop what was started.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model(config.model)
+    overrides = (f"max_sessions={config.learner_max_sessions}",)
+    services = await start_services(config.services, config.model, model_dir, config.state_dir, overrides)
+    try:
+        # A learner started here knows the model by its directory; a remote one by the configured name.
+        learner_model = config.model if config.services.learner_address else str(model_dir)
+        running = await start_gateway(
+            config, services.learner_address, services.rollout_addresses, services.api_key, learner_model
+        )
+        print(f"LISTENING {running.address}", flush=True)
+        print(
+            f"Tinker API for {config.model}: TINKER_BASE_URL=http://{running.address} "
+            f"TINKER_API_KEY={'<a configured key>' if config.resolved_api_keys() else 'tml-anything'}",
+            flush=True,
+        )
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await running.stop()
+    finally:
+        services.stop()

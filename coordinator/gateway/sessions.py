@@ -1,0 +1,94 @@
+"""Tinker sessions, their training models and sampling clients, and heartbeat expiry.
+
+A session is what one `tinker.ServiceClient` holds: it heartbeats every 10 s and ends with
+`sessions/{id}/finish`. A silent session is closed after `session_timeout_s`; closing one releases its
+learner sessions (model and AdamW memory) and its sampling clients. A finished session answers
+heartbeats with 410, which stops the SDK's heartbeat loop.
+"""
+
+from __future__ import annotations
+
+import datetime
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.client.learner_api import LearnerSession
+from coordinator.gateway.sequencer import OrderedExecutor
+from protos.errors import NotFound
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat()
+
+
+@dataclass
+class TrainingModel:
+    """One TrainingClient: a learner session whose requests run in seq_id order."""
+
+    model_id: str
+    base_model: str
+    learner: LearnerSession
+    executor: OrderedExecutor
+    user_metadata: dict[str, str] = field(default_factory=dict)
+    last_request_time: str = field(default_factory=utc_now)
+    unnamed_snapshots: deque[Path] = field(default_factory=deque)
+
+
+@dataclass
+class SamplingSession:
+    """One SamplingClient: the snapshot it samples from, and its submitted seq_ids (for dedup)."""
+
+    sampling_session_id: str
+    base_model: str
+    snapshot: Path
+    model_path: str | None = None
+    requests: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class Session:
+    session_id: str
+    user_metadata: dict[str, str]
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    finished: bool = False
+    models: dict[str, TrainingModel] = field(default_factory=dict)
+    samplers: dict[str, SamplingSession] = field(default_factory=dict)
+    requests: dict[str, str] = field(default_factory=dict)
+    """Dedup of create_model / create-via-load / sampling-session creation: "<op>:<seq>" -> request id."""
+
+
+class SessionRegistry:
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+
+    def create(self, user_metadata: dict[str, str]) -> Session:
+        session = Session(f"sess-{secrets.token_hex(6)}", dict(user_metadata or {}))
+        self.sessions[session.session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None or session.finished:
+            raise NotFound(f"no open session {session_id!r}; it finished or expired (create a new ServiceClient)")
+        return session
+
+    def model(self, model_id: str) -> TrainingModel:
+        session_id = model_id.split(":", 1)[0]
+        model = self.sessions.get(session_id, Session("", {})).models.get(model_id)
+        if model is None or self.sessions[session_id].finished:
+            raise NotFound(f"no training model {model_id!r}; its session finished or it was never created")
+        return model
+
+    def sampler(self, sampling_session_id: str) -> SamplingSession:
+        session_id = sampling_session_id.split(":", 1)[0]
+        sampler = self.sessions.get(session_id, Session("", {})).samplers.get(sampling_session_id)
+        if sampler is None:
+            raise NotFound(f"no sampling session {sampling_session_id!r}")
+        return sampler
+
+    def expired(self, timeout_s: float) -> list[Session]:
+        cutoff = time.monotonic() - timeout_s
+        return [s for s in self.sessions.values() if not s.finished and s.last_heartbeat < cutoff]

@@ -1,0 +1,83 @@
+"""A real learner, a real rollout (torch engine) and the gateway, each on loopback, on a private event-loop
+thread; tests drive the gateway with the unmodified `tinker` SDK from the test thread."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coordinator.gateway.config import GatewayConfig
+from coordinator.gateway.server import start_gateway
+from learner.config import LearnerConfig
+from learner.server import start_learner
+from protos.rpc import ServerConfig
+from rollout.config import RolloutConfig, TorchEngineConfig
+from rollout.server import start_rollout
+from tests.coordinator.conftest import ThreadedServers
+
+SERVICE_KEY = "gateway-test-service-key"
+TINKER_KEY = "tml-gateway-test"
+
+
+class Stack:
+    """Handles of the running stack, for tests that look behind the REST API."""
+
+    def __init__(self, threaded: ThreadedServers, gateway, learner, learner_address: str) -> None:
+        self.threaded, self.gateway, self.learner, self.learner_address = threaded, gateway, learner, learner_address
+        self.base_url = f"http://{gateway.address}"
+
+    def run(self, coroutine, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.threaded.loop).result(timeout)
+
+
+def build_stack(tmp: Path, model_dir: Path, **gateway_settings) -> Stack:
+    threaded = ThreadedServers()
+    learner_address, learner = threaded.start(
+        start_learner(
+            LearnerConfig(
+                server=ServerConfig(api_key=SERVICE_KEY),
+                checkpoint_dir=tmp / "learner",
+                max_sessions=6,
+                models={"anvil-tiny": model_dir},
+            )
+        )
+    )
+    rollout_address, _ = threaded.start(
+        start_rollout(
+            RolloutConfig(
+                model=model_dir,
+                model_name="anvil-tiny",
+                server=ServerConfig(api_key=SERVICE_KEY),
+                engine=TorchEngineConfig(device="cpu"),
+            )
+        )
+    )
+    config = GatewayConfig(port=0, api_keys=[TINKER_KEY], state_dir=tmp / "gateway", **gateway_settings)
+    gateway = asyncio.run_coroutine_threadsafe(
+        start_gateway(config, learner_address, [rollout_address], SERVICE_KEY), threaded.loop
+    ).result(60)
+    return Stack(threaded, gateway, learner, learner_address)
+
+
+def stop_stack(stack: Stack) -> None:
+    stack.run(stack.gateway.stop())
+    stack.threaded.close()
+
+
+@pytest.fixture(scope="package")
+def stack(tiny_model_dir: Path, tmp_path_factory) -> Iterator[Stack]:
+    running = build_stack(tmp_path_factory.mktemp("gateway"), tiny_model_dir, fwdbwd_max_chunk_len=3)
+    yield running
+    stop_stack(running)
+
+
+@pytest.fixture(scope="package")
+def service_client(stack: Stack):
+    import tinker
+
+    client = tinker.ServiceClient(base_url=stack.base_url, api_key=TINKER_KEY)
+    yield client
+    client.close("success")
