@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
 from coordinator.gateway.futures import Outcome
@@ -27,16 +27,12 @@ _STATUS = {InvalidArgument: 400, NotFound: 404, FailedPrecondition: 400, Already
 
 
 def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
-    app = FastAPI(title="Anvil Tinker gateway", docs_url=None, redoc_url=None)
-    config = service.config
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
+    async def authenticate(request: Request) -> None:
         if api_keys and request.url.path not in OPEN_PATHS and request.headers.get("x-api-key") not in api_keys:
-            return JSONResponse(
-                {"detail": "missing or unknown X-API-Key; set TINKER_API_KEY to a key this server accepts"}, 401
-            )
-        return await call_next(request)
+            raise HTTPException(401, "missing or unknown X-API-Key; set TINKER_API_KEY to a key this server accepts")
+
+    app = FastAPI(title="Anvil Tinker gateway", docs_url=None, redoc_url=None, dependencies=[Depends(authenticate)])
+    config = service.config
 
     @app.exception_handler(AnvilError)
     async def anvil_error(request: Request, exc: AnvilError) -> JSONResponse:
