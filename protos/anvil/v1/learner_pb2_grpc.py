@@ -134,9 +134,13 @@ class LearnerServiceServicer:
         """Forward computes the loss and per-token logprobs without touching gradients.
 
         Errors include:
-        - INVALID_ARGUMENT: the batch fails validation, the loss is unknown, or its inputs are missing or extra
+        - INVALID_ARGUMENT: the batch fails validation (the message names the row and column), a datum is
+        longer than the model's context, the loss is unknown, its input columns are missing or extra,
+        or a loss_fn_config key is unknown or out of range
         - NOT_FOUND: unknown session id
         - DEADLINE_EXCEEDED: an earlier seq_id never arrived within the ordering timeout
+        - INVALID_ARGUMENT: seq_id < 1, or a seq_id already used by a different request
+        - FAILED_PRECONDITION: seq_id already ran and its result is no longer cached (send the next id)
         - UNAUTHENTICATED: auth is on and the API key is missing or wrong
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -147,9 +151,13 @@ class LearnerServiceServicer:
         """ForwardBackward computes the loss and adds its gradient to the accumulated gradients.
 
         Errors include:
-        - INVALID_ARGUMENT: the batch fails validation, the loss is unknown, or its inputs are missing or extra
+        - INVALID_ARGUMENT: the batch fails validation (the message names the row and column), a datum is
+        longer than the model's context, the loss is unknown, its input columns are missing or extra,
+        or a loss_fn_config key is unknown or out of range
         - NOT_FOUND: unknown session id
         - DEADLINE_EXCEEDED: an earlier seq_id never arrived within the ordering timeout
+        - INVALID_ARGUMENT: seq_id < 1, or a seq_id already used by a different request
+        - FAILED_PRECONDITION: seq_id already ran and its result is no longer cached (send the next id)
         - UNAUTHENTICATED: auth is on and the API key is missing or wrong
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -163,6 +171,8 @@ class LearnerServiceServicer:
         - INVALID_ARGUMENT: an AdamParams field is out of range (named in the message)
         - NOT_FOUND: unknown session id
         - DEADLINE_EXCEEDED: an earlier seq_id never arrived within the ordering timeout
+        - INVALID_ARGUMENT: seq_id < 1, or a seq_id already used by a different request
+        - FAILED_PRECONDITION: seq_id already ran and its result is no longer cached (send the next id)
         - UNAUTHENTICATED: auth is on and the API key is missing or wrong
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -177,6 +187,8 @@ class LearnerServiceServicer:
         - INVALID_ARGUMENT: the name is not a single path segment
         - ALREADY_EXISTS: a checkpoint of that name exists and overwrite is false
         - NOT_FOUND: unknown session id
+        - INVALID_ARGUMENT: seq_id < 1, or a seq_id already used by a different request
+        - FAILED_PRECONDITION: seq_id already ran and its result is no longer cached (send the next id)
         - UNAUTHENTICATED: auth is on and the API key is missing or wrong
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -189,6 +201,8 @@ class LearnerServiceServicer:
         Errors include:
         - NOT_FOUND: no checkpoint at that path, or unknown session id
         - FAILED_PRECONDITION: the checkpoint is incomplete or fails its manifest, or belongs to another model
+        - INVALID_ARGUMENT: seq_id < 1, or a seq_id already used by a different request
+        - FAILED_PRECONDITION: seq_id already ran and its result is no longer cached (send the next id)
         - UNAUTHENTICATED: auth is on and the API key is missing or wrong
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -203,6 +217,8 @@ class LearnerServiceServicer:
         - INVALID_ARGUMENT: the name is not a single path segment
         - ALREADY_EXISTS: a checkpoint of that name exists and overwrite is false
         - NOT_FOUND: unknown session id
+        - INVALID_ARGUMENT: seq_id < 1, or a seq_id already used by a different request
+        - FAILED_PRECONDITION: seq_id already ran and its result is no longer cached (send the next id)
         - UNAUTHENTICATED: auth is on and the API key is missing or wrong
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -219,6 +235,8 @@ class LearnerServiceServicer:
         - NOT_FOUND: unknown session id
         - UNAVAILABLE: a target could not be reached
         - FAILED_PRECONDITION: a target refused the version (not newer than what it serves)
+        - INVALID_ARGUMENT: seq_id < 1, or a seq_id already used by a different request
+        - FAILED_PRECONDITION: seq_id already ran and its result is no longer cached (send the next id)
         - UNAUTHENTICATED: auth is on and the API key is missing or wrong
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
