@@ -64,6 +64,13 @@ def test_javascript_unit_tests_pass(node_client: Path):
     assert "# fail 0" in result.stdout and "# pass 0" not in result.stdout, result.stdout
 
 
+def test_javascript_is_formatted(node_client: Path):
+    """The JavaScript is held to a formatter as the Python is to ruff (`npm run format` fixes it)."""
+    prettier = node_client / "node_modules" / ".bin" / "prettier"
+    result = subprocess.run([str(prettier), "--check", "src", "test"], cwd=node_client, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_javascript_column_table_matches_the_contract(node_client: Path, tmp_path: Path):
     """A batch with every column the JS client knows has exactly BATCH_SCHEMA's names and types."""
     path = tmp_path / "every-column.arrows"

@@ -5,17 +5,7 @@
 // table): list<int32> token ids, list<float32> per-token values, int64 versions and groups. The
 // server ignores list child names and nullability, so plain apache-arrow vectors work as they are.
 
-import {
-  Field,
-  Float32,
-  Int32,
-  Int64,
-  List,
-  Table,
-  tableFromIPC,
-  tableToIPC,
-  vectorFromArray,
-} from 'apache-arrow';
+import { Field, Float32, Int32, Int64, List, Table, tableFromIPC, tableToIPC, vectorFromArray } from 'apache-arrow';
 
 /** A list<type> Arrow type, as every per-token column uses. */
 export const listOf = (type) => new List(new Field('item', type, true));

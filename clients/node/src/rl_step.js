@@ -3,7 +3,7 @@
 //
 //   Sample (rollout, version v) -> reward and group advantages in JS -> Arrow batch built in JS ->
 //   Forward (logprobs before) -> ForwardBackward(importance_sampling) -> OptimStep -> PublishWeights
-//   -> Forward (logprobs after) -> Sample again (rollout now serves version v + 1)
+//   -> Forward (logprobs after) -> Sample again (the rollout now serves the published version)
 //
 // and the contract's edges: calls without the API key get UNAUTHENTICATED; batches with a wrong
 // column type or ragged columns get INVALID_ARGUMENT naming the column, and the learner keeps
@@ -18,10 +18,11 @@ import { parseArgs } from 'node:util';
 
 import { Float64, Int64 } from 'apache-arrow';
 
-import { decodeOutputLogprobs, describeSchema, encodeBatch, listOf } from './batch.js';
+import { describeSchema, encodeBatch, listOf } from './batch.js';
 import { check, expectStatus, logprobShift, maxAbsDifference } from './checks.js';
 import { connect } from './client.js';
 import { loadAnvilV1 } from './contract.js';
+import { LearnerSession } from './session.js';
 import { evenTokenReward, groupAdvantages, trajectoryRow } from './trajectory.js';
 
 const OPTIONS = {
@@ -51,94 +52,34 @@ async function main() {
   report.auth = await checkAuthIsRequired(anvil, args, apiKey);
   const learner = connect(anvil.LearnerService, args.learner, { apiKey });
   const rollout = connect(anvil.RolloutService, args.rollout, { apiKey });
-  let sessionId = null;
+  let session = null;
   try {
-    const created = await learner.CreateSession({
-      base_model: args['base-model'],
-      lora_rank: 0,
-      seed: Number(args.seed),
-    });
-    const { info } = created;
-    sessionId = created.session_id;
-    report.session_id = sessionId;
-    report.step_before = info.step;
-    let seqId = 0;
-    const nextSeqId = () => (seqId += 1); // per-session order; a rejected request still uses its id
-
+    session = await LearnerSession.create(learner, { baseModel: args['base-model'], seed: Number(args.seed) });
+    report.session_id = session.sessionId;
     const served = await rollout.GetInfo({});
     report.version_before = served.weight_version;
+
     const rows = await sampleGroup(rollout, args, served);
     const batch = encodeBatch(rows);
-    report.rows = rows;
-    report.batch_schema = describeSchema(batch);
+    Object.assign(report, { rows, batch_schema: describeSchema(batch) });
     if (args['batch-out']) writeFileSync(args['batch-out'], batch);
 
-    const forward = async (arrowBytes, rpc = 'Forward') => {
-      const reply = await learner[rpc]({
-        session_id: sessionId,
-        seq_id: nextSeqId(),
-        batch: { arrow_ipc_stream: arrowBytes },
-        loss_fn: LOSS,
-      });
-      return { logprobs: decodeOutputLogprobs(reply.outputs.arrow_ipc_stream).map((row) => Array.from(row)), metrics: reply.metrics };
-    };
-
-    const before = await forward(batch);
-    const trained = await forward(batch, 'ForwardBackward');
-    check(maxAbsDifference(before.logprobs, trained.logprobs) < 1e-5, 'Forward changed the model');
-    const stepped = await learner.OptimStep({
-      session_id: sessionId,
-      seq_id: nextSeqId(),
-      adam_params: { learning_rate: Number(args['learning-rate']) },
-    });
-    check(stepped.step === info.step + 1, `OptimStep returned step ${stepped.step}, expected ${info.step + 1}`);
-    // The version is the step, unless the rollout already serves a newer one (another session
-    // published to it): versions there must keep increasing.
-    const version = Math.max(stepped.step, report.version_before + 1);
-    const published = await learner.PublishWeights({
-      session_id: sessionId,
-      seq_id: nextSeqId(),
-      targets: [{ address: args.rollout }],
-      transport: 'stream',
-      version,
-    });
-    check(published.version === version, `published version ${published.version}, asked for ${version}`);
-    const after = await forward(batch);
-    Object.assign(report, {
-      logprobs_before: before.logprobs,
-      logprobs_after: after.logprobs,
-      forward_backward_metrics: trained.metrics,
-      optim_step: { step: stepped.step, metrics: stepped.metrics },
-      publish: { version: published.version, num_bytes: published.num_bytes },
-    });
-
-    report.shift = logprobShift(rows, before.logprobs, after.logprobs);
-    const total = report.shift.reduce((sum, row) => sum + row.weightedChange, 0);
-    report.objective_change = total;
-    check(total > 0, `sum of A * (logprob after - before) is ${total}; the step moved against the advantages`);
-    for (const [index, row] of report.shift.entries()) {
-      check(
-        Math.sign(row.meanChange) === Math.sign(row.advantage),
-        `row ${index}: advantage ${row.advantage} but its logprobs moved by ${row.meanChange} on average`,
-      );
-    }
+    const step = await trainAndPublish(session, batch, args, served.weight_version);
+    Object.assign(report, step);
+    report.shift = checkLogprobsFollowTheAdvantages(rows, step.logprobs_before, step.logprobs_after);
+    report.objective_change = report.shift.reduce((sum, row) => sum + row.weightedChange, 0);
 
     const resampled = await rollout.Sample(sampleRequest(args));
     report.version_after = resampled.weight_version;
     check(
-      resampled.weight_version === published.version && resampled.weight_version > report.version_before,
-      `rollout samples from version ${resampled.weight_version}; expected the published ${published.version}`,
+      resampled.weight_version === step.publish.version && resampled.weight_version > report.version_before,
+      `rollout samples from version ${resampled.weight_version}; expected the published ${step.publish.version}`,
     );
 
-    report.rejections = await checkBadBatchesAreRejected(learner, sessionId, nextSeqId, rows);
-    const still = await forward(batch);
-    const drift = maxAbsDifference(still.logprobs, after.logprobs);
-    check(drift < 1e-6, `rejected batches changed the model: logprobs moved by ${drift}`);
-    const { info: infoAfter } = await learner.GetInfo({ session_id: sessionId });
-    check(infoAfter.step === stepped.step, `rejected batches changed the step to ${infoAfter.step}`);
-    report.step_after_rejections = infoAfter.step;
+    report.rejections = await checkBadBatchesAreRejected(session, rows);
+    report.step_after_rejections = await checkLearnerUnchanged(session, batch, step);
   } finally {
-    if (sessionId !== null) await learner.CloseSession({ session_id: sessionId }); // frees the model and optimizer
+    if (session !== null) await session.close(); // frees the learner's model and optimizer
     learner.close();
     rollout.close();
   }
@@ -149,22 +90,18 @@ async function main() {
 async function checkAuthIsRequired(anvil, args, apiKey) {
   // GetInfo of an unknown session: NOT_FOUND if auth were off, so UNAUTHENTICATED proves the key is checked.
   const probe = { session_id: 'no-such-session' };
-  const results = {};
   const withoutKey = connect(anvil.LearnerService, args.learner);
   const wrongKey = connect(anvil.LearnerService, args.learner, { apiKey: `${apiKey}-wrong` });
   const rolloutWithoutKey = connect(anvil.RolloutService, args.rollout);
   try {
-    results.learner_without_key = await expectStatus(withoutKey.GetInfo(probe), 'UNAUTHENTICATED', 'learner, no key');
-    results.learner_wrong_key = await expectStatus(wrongKey.GetInfo(probe), 'UNAUTHENTICATED', 'learner, wrong key');
-    results.rollout_without_key = await expectStatus(
-      rolloutWithoutKey.GetInfo({}),
-      'UNAUTHENTICATED',
-      'rollout, no key',
-    );
+    return {
+      learner_without_key: await expectStatus(withoutKey.GetInfo(probe), 'UNAUTHENTICATED', 'learner, no key'),
+      learner_wrong_key: await expectStatus(wrongKey.GetInfo(probe), 'UNAUTHENTICATED', 'learner, wrong key'),
+      rollout_without_key: await expectStatus(rolloutWithoutKey.GetInfo({}), 'UNAUTHENTICATED', 'rollout, no key'),
+    };
   } finally {
     [withoutKey, wrongKey, rolloutWithoutKey].forEach((client) => client.close());
   }
-  return results;
 }
 
 function sampleRequest(args) {
@@ -175,6 +112,7 @@ function sampleRequest(args) {
   };
 }
 
+/** Sample a group, score it in JS, and turn it into training rows with group-centred advantages. */
 async function sampleGroup(rollout, args, served) {
   const request = sampleRequest(args);
   check(
@@ -201,35 +139,88 @@ async function sampleGroup(rollout, args, served) {
   );
 }
 
-async function checkBadBatchesAreRejected(learner, sessionId, nextSeqId, rows) {
+/** Forward -> ForwardBackward -> OptimStep -> PublishWeights -> Forward, checking each answer. */
+async function trainAndPublish(session, batch, args, servedVersion) {
+  const before = await session.forward(batch, LOSS);
+  const trained = await session.forwardBackward(batch, LOSS);
+  check(maxAbsDifference(before.logprobs, trained.logprobs) < 1e-5, 'Forward and ForwardBackward saw other weights');
+  const stepped = await session.optimStep({ learning_rate: Number(args['learning-rate']) });
+  const expectedStep = session.info.step + 1;
+  check(stepped.step === expectedStep, `OptimStep returned step ${stepped.step}, expected ${expectedStep}`);
+  // The version is the step, unless the rollout already serves a newer one (another session
+  // published to it): versions there must keep increasing.
+  const version = Math.max(stepped.step, servedVersion + 1);
+  const published = await session.publishWeights([args.rollout], { version });
+  check(published.version === version, `published version ${published.version}, asked for ${version}`);
+  const after = await session.forward(batch, LOSS);
+  return {
+    logprobs_before: before.logprobs,
+    logprobs_after: after.logprobs,
+    forward_backward_metrics: trained.metrics,
+    optim_step: { step: stepped.step, metrics: stepped.metrics },
+    publish: { version: published.version, num_bytes: published.num_bytes },
+  };
+}
+
+function checkLogprobsFollowTheAdvantages(rows, before, after) {
+  const shift = logprobShift(rows, before, after);
+  const total = shift.reduce((sum, row) => sum + row.weightedChange, 0);
+  check(total > 0, `sum of A * (logprob after - before) is ${total}; the step moved against the advantages`);
+  shift.forEach((row, index) =>
+    check(
+      Math.sign(row.meanChange) === Math.sign(row.advantage),
+      `row ${index}: advantage ${row.advantage} but its logprobs moved by ${row.meanChange} on average`,
+    ),
+  );
+  return shift;
+}
+
+/** ForwardBackward with malformed batches built in JS: INVALID_ARGUMENT, naming the column. */
+async function checkBadBatchesAreRejected(session, rows) {
   const ragged = rows.map((row, index) => (index === 1 ? { ...row, advantages: row.advantages.slice(1) } : row));
   const cases = [
-    { name: 'advantages as list<float64>', column: 'advantages', bytes: encodeBatch(rows, { advantages: () => listOf(new Float64()) }) },
-    { name: 'model_input as list<int64>', column: 'model_input', bytes: encodeBatch(rows, { model_input: () => listOf(new Int64()) }) },
+    {
+      name: 'advantages as list<float64>',
+      column: 'advantages',
+      bytes: encodeBatch(rows, { advantages: () => listOf(new Float64()) }),
+    },
+    {
+      name: 'model_input as list<int64>',
+      column: 'model_input',
+      bytes: encodeBatch(rows, { model_input: () => listOf(new Int64()) }),
+    },
     { name: 'ragged advantages in row 1', column: 'advantages', bytes: encodeBatch(ragged) },
   ];
   const results = [];
   for (const { name, column, bytes } of cases) {
-    const call = learner.ForwardBackward({
-      session_id: sessionId,
-      seq_id: nextSeqId(),
-      batch: { arrow_ipc_stream: bytes },
-      loss_fn: LOSS,
-    });
-    const outcome = await expectStatus(call, 'INVALID_ARGUMENT', name);
-    check(outcome.details.includes(`'${column}'`), `${name}: the message does not name column ${column}: ${outcome.details}`);
+    const outcome = await expectStatus(session.forwardBackward(bytes, LOSS), 'INVALID_ARGUMENT', name);
+    check(outcome.details.includes(`'${column}'`), `${name}: the message does not name ${column}: ${outcome.details}`);
     results.push({ case: name, column, ...outcome });
   }
   return results;
 }
 
+/** After the rejections the learner still serves, with the same weights and step. */
+async function checkLearnerUnchanged(session, batch, step) {
+  const still = await session.forward(batch, LOSS);
+  const drift = maxAbsDifference(still.logprobs, step.logprobs_after);
+  check(drift < 1e-6, `rejected batches changed the model: logprobs moved by ${drift}`);
+  const { step: stepNow } = await session.describe();
+  check(stepNow === step.optim_step.step, `rejected batches changed the step to ${stepNow}`);
+  return stepNow;
+}
+
 function printSummary(report) {
+  const shifts = report.shift.map((row) => `${row.advantage.toFixed(3)}:${row.meanChange.toExponential(2)}`);
   const lines = [
     `auth: no key -> ${report.auth.learner_without_key.status}, wrong key -> ${report.auth.learner_wrong_key.status}`,
-    `sampled ${report.rows.length} completions at version ${report.version_before}; batch schema: ${report.batch_schema.join(', ')}`,
+    `sampled ${report.rows.length} completions at version ${report.version_before}`,
+    `batch schema: ${report.batch_schema.join(', ')}`,
     `ForwardBackward(${report.loss_fn}) loss:sum=${report.forward_backward_metrics['loss:sum']}`,
-    `OptimStep -> step ${report.optim_step.step}; PublishWeights -> version ${report.publish.version} (${report.publish.num_bytes} bytes)`,
-    `sum A*(logprob after - before) = ${report.objective_change.toExponential(3)}; per-row mean change: ${report.shift.map((row) => `${row.advantage.toFixed(3)}:${row.meanChange.toExponential(2)}`).join(' ')}`,
+    `OptimStep -> step ${report.optim_step.step}; PublishWeights -> version ${report.publish.version} ` +
+      `(${report.publish.num_bytes} bytes)`,
+    `sum A*(logprob after - before) = ${report.objective_change.toExponential(3)}`,
+    `per-row advantage:mean logprob change = ${shifts.join(' ')}`,
     `rollout now samples from version ${report.version_after}`,
     ...report.rejections.map((rejection) => `rejected (${rejection.case}): ${rejection.status}: ${rejection.details}`),
     `learner still serving: step ${report.step_after_rejections}, logprobs unchanged`,

@@ -16,7 +16,13 @@ test('encodeBatch writes the contract types in schema order', () => {
   const table = tableFromIPC(bytes);
   assert.deepEqual(
     table.schema.fields.map((field) => `${field.name}: ${field.type}`),
-    ['model_input: List<Int32>', 'target_tokens: List<Int32>', 'advantages: List<Float32>', 'sampler_version: Int64', 'reward: Float32'],
+    [
+      'model_input: List<Int32>',
+      'target_tokens: List<Int32>',
+      'advantages: List<Float32>',
+      'sampler_version: Int64',
+      'reward: Float32',
+    ],
   );
   assert.equal(table.getChild('sampler_version').get(0), 3n);
   assert.deepEqual(Array.from(table.getChild('target_tokens').get(0).toArray()), [2, 3, 4]);
@@ -33,7 +39,10 @@ test('decodeOutputLogprobs returns one Float32Array per row', () => {
   ]);
   // An outputs payload is a one-column logprobs table; this one has extra columns, which decoding ignores.
   const rows = decodeOutputLogprobs(bytes);
-  assert.deepEqual(rows.map((row) => Array.from(row)), [[-0.5], [-1, -2]]);
+  assert.deepEqual(
+    rows.map((row) => Array.from(row)),
+    [[-0.5], [-1, -2]],
+  );
 });
 
 test('trajectoryRow shifts tokens by one and puts the advantage on completion positions only', () => {
