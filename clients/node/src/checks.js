@@ -22,28 +22,39 @@ export function check(condition, message) {
 }
 
 /**
- * How a learner step moved the batch's logprobs: per row, the advantage-weighted change
- * sum_t A_t * (after_t - before_t), and the mean change over the positions that carry an advantage.
- * An importance_sampling step ascends sum_t A_t * ratio_t, so the total must be positive, and each
- * row with a positive (negative) advantage must become more (less) likely.
+ * How a learner step moved the batch's logprobs, measured against the advantages:
+ * - objectiveChange = sum over tokens of A_t * (after_t - before_t). An importance_sampling step
+ *   ascends sum_t A_t * ratio_t, and to first order (ratio ~ 1 + delta logprob) that is exactly
+ *   this sum, so it must come out positive.
+ * - meanChangeWherePositive / meanChangeWhereNegative: the mean logprob change over the tokens
+ *   with a positive (negative) advantage. Rewarded tokens must gain relative to penalised ones.
+ * - rows: per row, its advantage and mean change, for the report. A single row may move against
+ *   its own advantage (rows share parameters, and a small advantage can lose to a large one), so
+ *   rows are reported, not asserted on one by one.
  */
 export function logprobShift(rows, before, after) {
-  return rows.map((row, index) => {
-    let weighted = 0;
-    let changed = 0;
-    let counted = 0;
+  let objectiveChange = 0;
+  const changes = { positive: [], negative: [] };
+  const perRow = rows.map((row, index) => {
+    const deltas = row.advantages.map((_, t) => after[index][t] - before[index][t]);
+    const scored = deltas.filter((_, t) => row.advantages[t] !== 0);
     row.advantages.forEach((advantage, t) => {
-      const delta = after[index][t] - before[index][t];
-      weighted += advantage * delta;
-      if (advantage !== 0) {
-        changed += delta;
-        counted += 1;
-      }
+      objectiveChange += advantage * deltas[t];
+      if (advantage > 0) changes.positive.push(deltas[t]);
+      if (advantage < 0) changes.negative.push(deltas[t]);
     });
     const advantage = row.advantages.find((value) => value !== 0) ?? 0;
-    return { advantage, weightedChange: weighted, meanChange: counted ? changed / counted : 0 };
+    return { advantage, meanChange: mean(scored) };
   });
+  return {
+    objectiveChange,
+    meanChangeWherePositive: mean(changes.positive),
+    meanChangeWhereNegative: mean(changes.negative),
+    rows: perRow,
+  };
 }
+
+const mean = (values) => (values.length ? values.reduce((sum, value) => sum + value, 0) / values.length : 0);
 
 /** Largest absolute difference between two lists of per-row logprob arrays. */
 export function maxAbsDifference(left, right) {
