@@ -20,9 +20,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -45,16 +47,27 @@ class Servers:
 
 
 def start_service(command: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    """Start a service process and wait for its `LISTENING host:port` line; fail with its log otherwise."""
+    """Start a service process and wait for its `LISTENING host:port` line; fail with its log otherwise.
+
+    stderr goes to the log; stdout is read up to the LISTENING line and then copied to the log by a
+    thread, so a chatty server (vLLM logs to stdout) never blocks on a full pipe.
+    """
     env = {key: value for key, value in os.environ.items() if key != "ANVIL_API_KEY"}
     env["VLLM_LOGGING_LEVEL"] = "WARNING"
-    log = log_path.open("w")
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     for line in process.stdout:
         if line.startswith("LISTENING "):
+            threading.Thread(target=_copy_lines, args=(process.stdout, log_path), daemon=True).start()
             return process, line.split()[1]
     code = process.wait(timeout=30)
     raise AssertionError(f"{command[2]} exited with {code} before listening:\n{log_path.read_text()[-4000:]}")
+
+
+def _copy_lines(stream: IO[str], log_path: Path) -> None:
+    with log_path.open("a") as log:
+        for line in stream:
+            log.write(line)
 
 
 def stop_service(process: subprocess.Popen) -> int:
