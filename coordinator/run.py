@@ -88,6 +88,7 @@ async def start_services(
         if not services_config.learner_address:
             overrides = [
                 f"checkpoint_dir={toml_value(run_dir / 'learner')}",
+                'backend.type="torch"',
                 f"backend.device={toml_value(services_config.learner_device)}",
                 *learner_overrides,
             ]

@@ -107,6 +107,8 @@ async def serve(config: GatewayConfig) -> None:
         )
         try:
             await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            print("anvil serve: stopping; the services it started are stopped too", flush=True)
         finally:
             await running.stop()
     finally:
