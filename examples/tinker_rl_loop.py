@@ -86,7 +86,7 @@ def main() -> None:
             training_client.optim_step(types.AdamParams(learning_rate=args.learning_rate)).result()
         history.append(sum(rewards) / len(rewards))
         print(f"step {step + 1:3d}  reward {history[-1]:.3f}  datums {len(data)}", flush=True)
-    service_client.close("success")
+    service_client.close("success").result()
     first, last = history[:5], history[-5:]
     print(json.dumps({"first_reward": sum(first) / len(first), "last_reward": sum(last) / len(last)}))
 

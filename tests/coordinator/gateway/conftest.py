@@ -80,4 +80,4 @@ def service_client(stack: Stack):
 
     client = tinker.ServiceClient(base_url=stack.base_url, api_key=TINKER_KEY)
     yield client
-    client.close("success")
+    client.close("success").result()
