@@ -75,12 +75,13 @@ class OrderedExecutor:
                 except TimeoutError:
                     self._declare_lost(self.next_seq_id)
                 continue
+            # Seen from now on: a retry that arrives while this runs gets the same request id.
+            self._remember_seen(self.next_seq_id, item.fingerprint, item.request_id)
             try:
                 outcome = Outcome(value=await item.work())
             except Exception as exc:  # a failed request consumes its seq_id; the next one still runs
                 outcome = outcome_of_error(exc)
             self.futures.resolve(item.request_id, outcome)
-            self._remember_seen(self.next_seq_id, item.fingerprint, item.request_id)
             self.next_seq_id += 1
 
     def _declare_lost(self, seq_id: int) -> None:

@@ -40,7 +40,7 @@ def build_stack(tmp: Path, model_dir: Path, **gateway_settings) -> Stack:
             LearnerConfig(
                 server=ServerConfig(api_key=SERVICE_KEY),
                 checkpoint_dir=tmp / "learner",
-                max_sessions=6,
+                max_sessions=24,
                 models={"anvil-tiny": model_dir},
             )
         )

@@ -49,7 +49,7 @@ def test_full_flow_sync(stack, service_client, base_model, tiny_model_dir):
 
     training = service_client.create_lora_training_client(base_model="anvil-tiny", rank=0).result()
     info = training.get_info()
-    assert info.model_id.endswith(":train:0") and info.is_lora is False
+    assert info.model_id.startswith(service_client.holder.get_session_id() + ":train:") and info.is_lora is False
     assert training.get_tokenizer().encode("Copy 7")  # loads offline from the tokenizer_id directory
 
     # forward (no gradient) agrees with transformers on the base weights, per datum and per token
@@ -109,8 +109,13 @@ def test_full_flow_sync(stack, service_client, base_model, tiny_model_dir):
     # save_state -> a second training client from it continues identically (weights and Adam state)
     saved = training.save_state("after-one-step").result()
     assert saved.path == f"tinker://{info.model_id}/weights/after-one-step"
+    at_save = training.forward(zero, "cross_entropy").result().loss_fn_outputs
     resumed = service_client.create_training_client_from_state_with_optimizer(saved.path).result()
-    assert resumed.get_info().model_id.endswith(":train:1")
+    number = int(info.model_id.rsplit(":", 1)[1])
+    assert resumed.get_info().model_id == info.model_id.replace(f":train:{number}", f":train:{number + 1}")
+    weights_only = service_client.create_training_client_from_state(saved.path).result()
+    for x, y in zip(at_save, weights_only.forward(zero, "cross_entropy").result().loss_fn_outputs, strict=True):
+        np.testing.assert_array_equal(x["logprobs"].to_numpy(), y["logprobs"].to_numpy())
     for client in (training, resumed):
         client.forward_backward(weighted, "cross_entropy").result()
         client.optim_step(types.AdamParams(learning_rate=1e-3)).result()
@@ -179,6 +184,14 @@ async def test_async_forms(stack, service_client, base_model):
         types.ModelInput.from_ints([4, 40, 405]), 2, types.SamplingParams(max_tokens=4)
     )
     assert len(response.sequences) == 2 and all(len(s.logprobs) == len(s.tokens) for s in response.sequences)
+    state = await training.save_state("async-state")
+    before = (await training.forward(data, "cross_entropy")).loss_fn_outputs
+    await training.forward_backward(data, "cross_entropy")
+    await training.optim_step(types.AdamParams(learning_rate=1e-2))
+    await training.load_state(state.path)  # the legacy in-sequence load: back to the saved weights
+    after = (await training.forward(data, "cross_entropy")).loss_fn_outputs
+    for x, y in zip(before, after, strict=True):
+        np.testing.assert_array_equal(x["logprobs"].to_numpy(), y["logprobs"].to_numpy())
     named = await training.save_weights_for_sampler("async-named")
     from_path = await service_client.create_sampling_client_async(model_path=named.path)
     assert from_path.get_base_model() == "anvil-tiny"
