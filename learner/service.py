@@ -10,6 +10,7 @@ exception, which protos.rpc maps to a status; a rejected request changes no mode
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import math
 import time
@@ -86,6 +87,10 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     async def OptimStep(self, request, context):
         async def execute(session: TrainingSession) -> Any:
             params = adam_params_from_proto(request.adam_params if request.HasField("adam_params") else None)
+            if request.HasField("grad_scale"):
+                if not (math.isfinite(request.grad_scale) and request.grad_scale > 0):
+                    raise InvalidArgument(f"grad_scale={request.grad_scale} must be finite and > 0")
+                params = dataclasses.replace(params, grad_scale=request.grad_scale)
             metrics = await asyncio.to_thread(session.backend.optim_step, params)
             return learner_pb2.OptimStepResponse(step=session.backend.step, metrics=metrics)
 

@@ -76,7 +76,8 @@ class LearnerSession:
         fields = {
             "session_id": self.session_id,
             "seq_id": self.next_seq_id(),
-            "batch": common_pb2.DataBatch(arrow_ipc_stream=encode_batch(make_batch(rows))),
+            # A dict is built in place; a DataBatch message passed here would be copied (~2 ms per MiB).
+            "batch": {"arrow_ipc_stream": encode_batch(make_batch(rows))},
             "loss_fn": loss_fn,
             "loss_fn_config": {k: float(v) for k, v in (loss_fn_config or {}).items()},
         }
@@ -100,6 +101,8 @@ class LearnerSession:
                 grad_clip_norm=params.grad_clip_norm,
             ),
         )
+        if params.grad_scale != 1.0:
+            request.grad_scale = params.grad_scale
         return await call(self.stub.OptimStep(request))
 
     async def save_state(self, name: str, client_state: bytes = b"", overwrite: bool = False):

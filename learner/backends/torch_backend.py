@@ -123,6 +123,9 @@ class TorchBackend(LearnerBackend):
 
     def optim_step(self, params: AdamParams) -> dict[str, float]:
         parameters = [p for p in self.model.parameters() if p.grad is not None]
+        if params.grad_scale != 1.0:
+            for parameter in parameters:
+                parameter.grad.mul_(params.grad_scale)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters]) if parameters else torch.zeros(())
         if params.grad_clip_norm > 0 and parameters:
             torch.nn.utils.clip_grads_with_norm_(parameters, params.grad_clip_norm, grad_norm)

@@ -58,9 +58,12 @@ class LearnerTestClient:
     async def forward_backward(self, rows, loss_fn="cross_entropy", config=None, seq_id=None):
         return await self.forward(rows, loss_fn, config, backward=True, seq_id=seq_id)
 
-    async def optim_step(self, seq_id=None, **adam) -> learner_pb2.OptimStepResponse:
+    async def optim_step(self, seq_id=None, grad_scale=None, **adam) -> learner_pb2.OptimStepResponse:
         request = learner_pb2.OptimStepRequest(
-            session_id=self.session_id, seq_id=seq_id or self.take_seq_id(), adam_params=common_pb2.AdamParams(**adam)
+            session_id=self.session_id,
+            seq_id=seq_id or self.take_seq_id(),
+            adam_params=common_pb2.AdamParams(**adam),
+            grad_scale=grad_scale,
         )
         return await self.stub.OptimStep(request)
 

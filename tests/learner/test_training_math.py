@@ -217,9 +217,11 @@ async def test_two_accumulated_calls_equal_one_concatenated_call(learner):
             torch.testing.assert_close(parameter, joined_params[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-async def test_adamw_steps_match_torch_adamw(client, reference_model):
+@pytest.mark.parametrize("grad_scale", [None, 0.05])
+async def test_adamw_steps_match_torch_adamw(client, reference_model, grad_scale):
     """Three steps with clipping and weight decay equal torch.optim.AdamW stepping a copy of the model
-    on the same gradients (the gradients themselves are checked against autograd above)."""
+    on the same gradients (the gradients themselves are checked against autograd above); a grad_scale
+    multiplies the gradients before clipping (a loss-token normalisation)."""
     adam = {"learning_rate": 3e-3, "beta1": 0.8, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.1, "grad_clip_norm": 0.5}
     reference = copy.deepcopy(reference_model)
     optimizer = torch.optim.AdamW(
@@ -234,11 +236,11 @@ async def test_adamw_steps_match_torch_adamw(client, reference_model):
         rows = random_rows(vocab, seed=20 + step)
         await client.forward_backward(rows)
         server_grads = client.gradients()
-        reply = await client.optim_step(**adam)
+        reply = await client.optim_step(grad_scale=grad_scale, **adam)
         assert reply.step == step + 1
 
         for name, parameter in reference.named_parameters():
-            parameter.grad = server_grads[name]
+            parameter.grad = server_grads[name] * (grad_scale or 1.0)
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()]))
         assert reply.metrics["grad_norm:mean"] == pytest.approx(norm.item(), rel=1e-5)
         assert norm.item() > adam["grad_clip_norm"], "the test must exercise clipping"

@@ -147,14 +147,16 @@ class ForwardBackwardResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Union[_common_pb2.DataBatch, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., loss_fn_output_type: _Optional[str] = ...) -> None: ...
 
 class OptimStepRequest(_message.Message):
-    __slots__ = ("session_id", "seq_id", "adam_params")
+    __slots__ = ("session_id", "seq_id", "adam_params", "grad_scale")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     ADAM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_SCALE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq_id: int
     adam_params: _common_pb2.AdamParams
-    def __init__(self, session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., adam_params: _Optional[_Union[_common_pb2.AdamParams, _Mapping]] = ...) -> None: ...
+    grad_scale: float
+    def __init__(self, session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., adam_params: _Optional[_Union[_common_pb2.AdamParams, _Mapping]] = ..., grad_scale: _Optional[float] = ...) -> None: ...
 
 class OptimStepResponse(_message.Message):
     __slots__ = ("step", "metrics")
