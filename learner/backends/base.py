@@ -30,6 +30,9 @@ class AdamParams:
     eps: float = 1e-12
     weight_decay: float = 0.0
     grad_clip_norm: float = 0.0
+    grad_scale: float = 1.0
+    """Anvil extension: the accumulated gradients are multiplied by this before clipping and the update
+    (normalising a summed loss by tokens or sequences, as Fireworks' grad_accumulation_normalization)."""
 
 
 @dataclass(frozen=True)
@@ -86,3 +89,6 @@ class LearnerBackend(ABC):
     @abstractmethod
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Current weights by Hugging Face name (for publishing to rollout)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op for single-process backends
+        """Release what the session holds beyond this object (the megatron backend's shards on other ranks)."""
