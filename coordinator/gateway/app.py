@@ -82,7 +82,8 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
     @app.post("/api/v1/create_session")
     async def create_session(request: Request) -> dict[str, Any]:
         body = await body_json(request)
-        session = service.sessions.create(body.get("user_metadata") or {})
+        fireworks = str(body.get("sdk_version", "")).startswith("0.2")  # Fireworks' Tinker 0.23 fork
+        session = service.sessions.create(body.get("user_metadata") or {}, fireworks=fireworks)
         return {"type": "create_session", "session_id": session.session_id}
 
     @app.post("/api/v1/session_heartbeat")
@@ -181,6 +182,15 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
             "load_weights",
             lambda model, b: service.load_state(model, str(field(b, "path")), bool(b.get("optimizer"))),
         )
+
+    @app.get("/api/v1/list_checkpoints")
+    async def list_checkpoints() -> dict[str, Any]:
+        return {"checkpoints": service.checkpoint_names()}
+
+    @app.post("/api/v1/unload_model")
+    async def unload_model(request: Request) -> dict[str, Any]:
+        model_id = str(field(await body_json(request), "model_id"))
+        return {"request_id": service.futures.run("unload_model", lambda: service.unload_model(model_id))}
 
     # --- sampling ------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 
 from coordinator.client.learner_api import LearnerSession, call
 from coordinator.client.types import AdamParams
@@ -28,6 +29,7 @@ from coordinator.gateway.sequencer import OrderedExecutor
 from coordinator.gateway.sessions import SamplingSession, Session, SessionRegistry, TrainingModel, utc_now
 from coordinator.gateway.snapshots import SnapshotRouter
 from coordinator.gateway.wire import ForwardCall, numeric_loss_config, prompt_logprobs_of
+from coordinator.service_mode.snapshots import SnapshotStore
 from protos.anvil.v1 import common_pb2, rollout_pb2
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -37,6 +39,17 @@ UNSUPPORTED_LOSSES = {
     "custom": "server-side custom losses are off on this server; call forward_backward_custom, which runs "
     "your loss on the client",
 }
+
+
+ADAM_FIELDS = {"learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"}
+
+
+def _token_weights(row: dict[str, Any]) -> np.ndarray:
+    """The per-token weights that make a token count as a loss token (weights, else advantages)."""
+    for key in ("weights", "advantages"):
+        if key in row:
+            return np.asarray(row[key])
+    return np.ones(len(row["target_tokens"]))
 
 
 def fingerprint(body: bytes) -> bytes:
@@ -50,13 +63,16 @@ class TinkerService:
         learner_channel: grpc.aio.Channel,
         learner_base_model: str,
         model_dir: Path,
-        router: SnapshotRouter,
+        router: SnapshotRouter | None,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.config = config
         self.learner_channel = learner_channel
         self.learner_base_model = learner_base_model
         self.model_dir = model_dir
         self.router = router
+        self.snapshots = snapshots
+        """Where sampler snapshots go by identity (service-mode trainer jobs, for hot-load)."""
         self.futures = FutureStore()
         self.sessions = SessionRegistry()
         self.checkpoints = CheckpointStore(config.state_dir)
@@ -127,12 +143,21 @@ class TinkerService:
         learner = await LearnerSession.create(self.learner_channel, self.learner_base_model, lora_rank=0, seed=seed)
         executor = OrderedExecutor(self.futures, self.config.sequence_gap_timeout_s)
         model = TrainingModel(model_id, base_model, learner, executor, dict(user_metadata or {}))
+        model.fireworks = session.fireworks
         session.models[model_id] = model
         run = {"training_run_id": model_id, "base_model": base_model, "user_metadata": model.user_metadata}
         self.runs[model_id] = run
         with self._runs_file.open("a") as handle:
             handle.write(json.dumps(run) + "\n")
         return model
+
+    async def unload_model(self, model_id: str) -> dict[str, Any]:
+        model = self.sessions.model(model_id)
+        session = self.sessions.get(model_id.split(":", 1)[0])
+        session.models.pop(model_id, None)
+        await model.executor.close("the model was unloaded")
+        await model.learner.close()
+        return {"model_id": model_id, "type": "unload_model"}
 
     def get_info(self, model_id: str) -> dict[str, Any]:
         model = self.sessions.model(model_id)
@@ -160,27 +185,38 @@ class TinkerService:
         logprobs, metrics, output_type = await model.learner.forward_rows(
             rows, request.loss_fn, config, backward=not request.forward_only
         )
+        if not request.forward_only:
+            model.loss_sequences += len(rows)
+            model.loss_tokens += sum(int(np.count_nonzero(_token_weights(row))) for row in rows)
         return ForwardResult(logprobs, shapes, metrics, output_type)
 
     async def optim_step(self, model: TrainingModel, body: dict[str, Any]) -> dict[str, Any]:
         if body.get("optimizer_params"):
             raise InvalidArgument("only Adam is available; pass adam_params (AdamParams)")
-        given = body.get("adam_params") or {}
-        try:
-            params = AdamParams(**given)
-        except TypeError as exc:
-            raise InvalidArgument(f"adam_params: {exc}") from exc
-        reply = await model.learner.optim_step(params)
+        given = dict(body.get("adam_params") or {})
+        given.pop("emit_grad_norm_metrics", None)  # Fireworks: grad_norm:mean is always reported
+        unknown = sorted(set(given) - ADAM_FIELDS)
+        if unknown:
+            raise InvalidArgument(f"adam_params has unknown field(s) {unknown}; allowed: {sorted(ADAM_FIELDS)}")
+        mode = body.get("grad_accumulation_normalization") or "none"
+        counts = {"none": 0, "num_loss_tokens": model.loss_tokens, "num_sequences": model.loss_sequences}
+        if mode not in counts:
+            raise InvalidArgument(f"grad_accumulation_normalization {mode!r}; choose one of {sorted(counts)}")
+        scale = 1.0 / counts[mode] if counts[mode] else 1.0
+        reply = await model.learner.optim_step(AdamParams(**given, grad_scale=scale))
+        model.loss_tokens = model.loss_sequences = 0
         return {"metrics": dict(reply.metrics), "type": "optim_step"}
 
     async def save_state(self, model: TrainingModel, body: dict[str, Any]) -> dict[str, Any]:
         name = str(body.get("path") or "")
         reply = await model.learner.save_state(name, overwrite=bool(body.get("overwrite")))
         record = self.checkpoints.add(model.model_id, "weights", name, reply.path, model.base_model)
-        return {"path": record.path, "type": "save_weights"}
+        return {"path": name if model.fireworks else record.path, "type": "save_weights"}
 
     async def save_weights_for_sampler(self, model: TrainingModel, body: dict[str, Any], seq_id: int) -> dict:
         name = body.get("path")
+        if name and self.snapshots is not None:
+            return await self._save_snapshot(model, str(name), body.get("checkpoint_type") or "base")
         if name:
             reply = await model.learner.save_weights(str(name))
             record = self.checkpoints.add(model.model_id, "sampler_weights", str(name), reply.path, model.base_model)
@@ -198,14 +234,51 @@ class TinkerService:
         session.samplers[sampler_id] = SamplingSession(sampler_id, model.base_model, snapshot)
         return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
+    async def _save_snapshot(self, model: TrainingModel, identity: str, checkpoint_type: str) -> dict[str, Any]:
+        """A sampler snapshot by identity, full or as a delta from this model's previous one (hot-loadable)."""
+        if checkpoint_type not in ("base", "delta"):
+            raise InvalidArgument(
+                f"checkpoint_type {checkpoint_type!r} is not available for full-parameter training; use base or delta"
+            )
+        if checkpoint_type == "delta" and model.last_snapshot is None:
+            raise FailedPrecondition("a delta snapshot needs an earlier snapshot from this client; save a base first")
+        self.snapshots.path(identity)  # validates the name before any work
+        reply = await model.learner.save_weights(f"sampler-{identity}", overwrite=True)
+        if checkpoint_type == "base":
+            meta = await asyncio.to_thread(self.snapshots.add_base, identity, Path(reply.path))
+        else:
+            meta = await asyncio.to_thread(self.snapshots.add_delta, identity, Path(reply.path), model.last_snapshot)
+        model.last_snapshot = identity
+        return {"path": identity, "type": "save_weights_for_sampler", "checkpoint_type": meta["kind"]}
+
+    def resolve_state_path(self, model: TrainingModel | None, path: str) -> str:
+        """A tinker:// path as is; a bare name (Fireworks clients) is this model's or this server's state."""
+        if path.startswith("tinker://"):
+            return path
+        if path.startswith("cross_job://"):
+            raise InvalidArgument(f"{path}: cross-job checkpoint references are not supported; load by name")
+        if model is not None:
+            own = f"tinker://{model.model_id}/weights/{path}"
+            if any(r.path == own for r in self.checkpoints.all()):
+                return own
+        named = [r for r in self.checkpoints.all() if r.kind == "weights" and r.name == path]
+        if not named:
+            raise NotFound(f"no checkpoint named {path!r}; list them with list_checkpoints")
+        return named[-1].path
+
+    def checkpoint_names(self) -> list[str]:
+        return sorted({r.name for r in self.checkpoints.all() if r.kind == "weights"})
+
     async def load_state(self, model: TrainingModel, path: str, with_optimizer: bool) -> dict[str, Any]:
+        path = self.resolve_state_path(model, path)
         record = self.checkpoints.get(path)
         if record.kind != "weights":
             raise InvalidArgument(
                 f"{path} holds sampler weights only; load a training state saved by save_state (tinker://…/weights/…)"
             )
         await model.learner.load_state(record.local_path, with_optimizer=with_optimizer)
-        return {"path": path, "model_id": model.model_id, "type": "load_weights"}
+        model.loss_tokens = model.loss_sequences = 0
+        return {"path": record.name if model.fireworks else path, "model_id": model.model_id, "type": "load_weights"}
 
     def create_from_state(self, body: dict[str, Any]) -> dict[str, Any]:
         """load_weights with session_id + model_seq_id: a new training model initialised from a state."""
@@ -215,7 +288,7 @@ class TinkerService:
         if key not in session.requests:
 
             async def work() -> dict[str, Any]:
-                record = self.checkpoints.get(str(body.get("path", "")))
+                record = self.checkpoints.get(self.resolve_state_path(None, str(body.get("path", ""))))
                 self._check_optimizer(body.get("optimizer_config"))
                 base_model = self.check_base_model(body.get("base_model") or record.base_model)
                 model = await self._open_model(session, model_id, base_model, 0, body.get("user_metadata"))
@@ -294,6 +367,8 @@ class TinkerService:
             sampling_params=params,
             include_prompt_logprobs=want_prompt_logprobs,
         )
+        if self.router is None:
+            raise FailedPrecondition("this trainer has no sampler; sample from a deployment (hot-load a snapshot)")
         async with self.router.serving(sampler.snapshot) as stub:
             reply = await call(stub.Sample(request))
         prompt_logprobs = (

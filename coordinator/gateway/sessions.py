@@ -35,6 +35,14 @@ class TrainingModel:
     user_metadata: dict[str, str] = field(default_factory=dict)
     last_request_time: str = field(default_factory=utc_now)
     unnamed_snapshots: deque[Path] = field(default_factory=deque)
+    fireworks: bool = False
+    """Created by a Fireworks (Tinker 0.23-era) client: bare checkpoint names instead of tinker:// paths."""
+    loss_tokens: int = 0
+    """Tokens with a nonzero weight (or advantage) accumulated since the last optim_step."""
+    loss_sequences: int = 0
+    """Datums accumulated since the last optim_step."""
+    last_snapshot: str | None = None
+    """The last sampler snapshot identity this model saved (the previous link of a delta chain)."""
 
 
 @dataclass
@@ -52,6 +60,8 @@ class SamplingSession:
 class Session:
     session_id: str
     user_metadata: dict[str, str]
+    fireworks: bool = False
+    """The client announced a Tinker 0.23-era SDK (Fireworks' fork)."""
     last_heartbeat: float = field(default_factory=time.monotonic)
     finished: bool = False
     models: dict[str, TrainingModel] = field(default_factory=dict)
@@ -64,8 +74,8 @@ class SessionRegistry:
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
 
-    def create(self, user_metadata: dict[str, str]) -> Session:
-        session = Session(f"sess-{secrets.token_hex(6)}", dict(user_metadata or {}))
+    def create(self, user_metadata: dict[str, str], fireworks: bool = False) -> Session:
+        session = Session(f"sess-{secrets.token_hex(6)}", dict(user_metadata or {}), fireworks)
         self.sessions[session.session_id] = session
         return session
 
