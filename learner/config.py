@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from protos.rpc import ServerConfig
 
@@ -21,6 +21,60 @@ class TorchBackendConfig(BaseModel):
     """"auto" (CUDA when present, else CPU), "cpu", or a torch device string such as "cuda:1"."""
 
 
+class MegatronBackendConfig(BaseModel):
+    """megatron-core GPTModel sharded over torchrun ranks: rank 0 serves gRPC, every rank runs each command.
+
+    Launch with `scripts/megatron_learner.sh` (one node) or `scripts/megatron_learner.slurm` (many); without
+    torchrun the learner runs as a world of one. tp * pp * dp must equal the number of ranks.
+    """
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    type: Literal["megatron"] = "megatron"
+    """Backend selector."""
+    tp: int = Field(default=1, ge=1)
+    """Tensor-parallel size: attention heads, MLP and vocabulary are split over this many ranks."""
+    pp: int = Field(default=1, ge=1)
+    """Pipeline-parallel size. Only 1 is implemented: larger values are refused at start-up."""
+    dp: int | None = Field(default=None, ge=1)
+    """Data-parallel size; None derives it as world_size / (tp * pp). Datums are split over DP replicas."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype. Parameters and AdamW state are always float32 (as in the torch backend); "bfloat16"
+    runs the forward under CUDA bf16 autocast. "auto" = bfloat16 on CUDA, float32 on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """"auto" uses CUDA (NCCL, one GPU per local rank) when present, else CPU (gloo) with the CUDA shim."""
+    transformer_engine: Literal["auto", "on", "off"] = "auto"
+    """Transformer Engine layer spec (fused attention and norms): "auto" uses it on CUDA when installed."""
+    fused_kernels: bool | None = None
+    """Megatron's fused bias-activation / RoPE / softmax kernels; None enables them on CUDA only."""
+    vocab_multiple: int = Field(default=128, ge=1)
+    """The embedding and output rows are padded to a multiple of this (independent of tp, so a
+    checkpoint saved at one tp loads at another); padded logits are masked out of every softmax."""
+    collective_timeout_s: float = Field(default=600.0, gt=0)
+    """A collective that waits longer fails on every rank (reported as a status) instead of hanging."""
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> MegatronBackendConfig:
+        if self.pp != 1:
+            raise ValueError("backend.pp > 1: pipeline parallelism is not implemented yet; use tp and dp")
+        if self.vocab_multiple % self.tp:
+            raise ValueError(f"backend.vocab_multiple={self.vocab_multiple} must be a multiple of tp={self.tp}")
+        return self
+
+
+def _backend_type(value: object) -> str:
+    """The union's tag; a backend table without `type` is the torch backend (as before the union)."""
+    if isinstance(value, dict):
+        return value.get("type", "torch")
+    return getattr(value, "type", "torch")
+
+
+BackendConfig = Annotated[
+    Annotated[TorchBackendConfig, Tag("torch")] | Annotated[MegatronBackendConfig, Tag("megatron")],
+    Discriminator(_backend_type),
+]
+
+
 class LearnerConfig(BaseModel):
     """Everything the learner process needs; every field has a default so a bare `python -m learner` runs."""
 
@@ -28,7 +82,7 @@ class LearnerConfig(BaseModel):
 
     server: ServerConfig = Field(default_factory=ServerConfig)
     """Where the LearnerService listens and its auth."""
-    backend: TorchBackendConfig = Field(default_factory=TorchBackendConfig)
+    backend: BackendConfig = Field(default_factory=TorchBackendConfig)
     """Model/optimizer backend."""
     models: dict[str, Path] = Field(default_factory=dict)
     """Named base models this learner serves (name -> Hugging Face directory); any directory path works too."""

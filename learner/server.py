@@ -17,6 +17,15 @@ async def start_learner(config: LearnerConfig) -> tuple[RunningServer, LearnerSe
 
 
 async def serve(config: LearnerConfig) -> None:
+    if config.backend.type == "megatron":  # torchrun ranks: rank 0 serves, the others follow it
+        from learner.backends.megatron.launch import serve_ranks
+
+        await serve_ranks(config, _serve)
+        return
+    await _serve(config)
+
+
+async def _serve(config: LearnerConfig) -> None:
     running, _ = await start_learner(config)
     print(f"LISTENING {running.address}", flush=True)  # launchers read the bound port from this line
     await serve_until_signal(running)

@@ -82,8 +82,9 @@ class SessionRegistry:
 
     async def close(self, session_id: str) -> None:
         async with self._lock:
-            self.get(session_id)
+            session = self.get(session_id)
             del self._sessions[session_id]
+        await asyncio.to_thread(session.backend.close)
 
 
 def _check_memory(model_path: Path) -> None:

@@ -1,0 +1,236 @@
+"""Hugging Face Llama/Qwen2 weights <-> Megatron GPTModel (local or Transformer Engine spec), per TP rank.
+
+Pure tensor code (no megatron import), so it is testable anywhere. The layouts:
+
+  model.embed_tokens            -> embedding.word_embeddings        rows split over TP (vocab-padded)
+  layers.i.input_layernorm      -> decoder.layers.i.input_layernorm (TE: self_attention.linear_qkv.layer_norm_weight)
+  q/k/v_proj (+ bias)           -> self_attention.linear_qkv        interleaved per query group [q..., k, v]
+  o_proj                        -> self_attention.linear_proj       columns split
+  post_attention_layernorm      -> decoder.layers.i.pre_mlp_layernorm (TE: mlp.linear_fc1.layer_norm_weight)
+  [gate; up]                    -> mlp.linear_fc1                   each rank holds [gate_r; up_r]
+  down_proj                     -> mlp.linear_fc2                   columns split
+  model.norm / lm_head          -> decoder.final_layernorm / output_layer (absent when tied)
+
+Splitting the whole `linear_qkv` by rows gives each rank whole query groups, which is why
+num_key_value_heads must be divisible by tp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from protos.errors import FailedPrecondition
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the conversion needs from a Hugging Face config."""
+
+    num_layers: int
+    num_heads: int
+    num_groups: int
+    head_dim: int
+    vocab_size: int
+    padded_vocab_size: int
+    tied: bool
+    qkv_bias: bool
+    te_names: bool = False
+    """Transformer Engine spec: the two pre-norms are fused into linear_qkv / linear_fc1."""
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_groups
+
+
+def model_shape(hf_config, tp: int, vocab_multiple: int, te_names: bool = False) -> ModelShape:
+    """Check that the model is supported at this tp and describe it; FailedPrecondition names what is not."""
+    kind = getattr(hf_config, "model_type", "?")
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise FailedPrecondition(f"the megatron backend converts {list(SUPPORTED_MODEL_TYPES)} models, not {kind!r}")
+    problems = []
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf_config.hidden_act!r} (only silu)")
+    if getattr(hf_config, "mlp_bias", False) or (kind == "llama" and getattr(hf_config, "attention_bias", False)):
+        problems.append("linear biases other than Qwen2's qkv bias")
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        problems.append(f"rope scaling {rope.get('rope_type', rope.get('type'))!r}")
+    heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    if groups % tp or heads % tp:
+        problems.append(f"{heads} heads / {groups} kv heads are not divisible by tp={tp}")
+    if problems:
+        raise FailedPrecondition(f"cannot shard this {kind} model over megatron: {'; '.join(problems)}")
+    vocab = int(hf_config.vocab_size)
+    return ModelShape(
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=heads,
+        num_groups=groups,
+        head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+        vocab_size=vocab,
+        padded_vocab_size=-(-vocab // vocab_multiple) * vocab_multiple,
+        tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        qkv_bias=kind == "qwen2",
+        te_names=te_names,
+    )
+
+
+def rope_theta(hf_config) -> float:
+    """transformers 5 keeps rope_theta in `rope_parameters`; older configs have it at the top level."""
+    parameters = getattr(hf_config, "rope_parameters", None) or {}
+    return float(parameters.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+
+
+def _norm_names(shape: ModelShape, layer: str) -> tuple[str, str]:
+    if shape.te_names:
+        return layer + "self_attention.linear_qkv.layer_norm_weight", layer + "mlp.linear_fc1.layer_norm_weight"
+    return layer + "input_layernorm.weight", layer + "pre_mlp_layernorm.weight"
+
+
+def megatron_names(shape: ModelShape) -> list[str]:
+    """Every Megatron parameter name of the (unsharded) model, in a fixed order."""
+    names = ["embedding.word_embeddings.weight"]
+    for i in range(shape.num_layers):
+        layer = f"decoder.layers.{i}."
+        norm_in, norm_mlp = _norm_names(shape, layer)
+        names += [norm_in, layer + "self_attention.linear_qkv.weight"]
+        names += [layer + "self_attention.linear_qkv.bias"] if shape.qkv_bias else []
+        names += [layer + "self_attention.linear_proj.weight", norm_mlp]
+        names += [layer + "mlp.linear_fc1.weight", layer + "mlp.linear_fc2.weight"]
+    names.append("decoder.final_layernorm.weight")
+    return names if shape.tied else [*names, "output_layer.weight"]
+
+
+def partition_dim(name: str) -> int | None:
+    """The dimension a Megatron parameter is split along over TP ranks; None when it is replicated."""
+    if name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_fc1.weight")):
+        return 0
+    if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+        return 0
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return 1
+    return None
+
+
+# --- full (TP=1) tensors --------------------------------------------------------------------------
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] == rows:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
+
+
+def hf_to_megatron(name: str, shape: ModelShape, hf: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The full Megatron tensor `name`, read from HF tensors through `hf(hf_name)`."""
+    if name == "embedding.word_embeddings.weight":
+        return _pad_rows(hf("model.embed_tokens.weight"), shape.padded_vocab_size)
+    if name == "output_layer.weight":
+        return _pad_rows(hf("lm_head.weight"), shape.padded_vocab_size)
+    if name == "decoder.final_layernorm.weight":
+        return hf("model.norm.weight")
+    index, rest = name.removeprefix("decoder.layers.").split(".", 1)
+    prefix = f"model.layers.{index}."
+    norm_in, norm_mlp = (n.split(".", 3)[3] for n in _norm_names(shape, f"decoder.layers.{index}."))
+    if rest == norm_in:
+        return hf(prefix + "input_layernorm.weight")
+    if rest == norm_mlp:
+        return hf(prefix + "post_attention_layernorm.weight")
+    if rest.startswith("self_attention.linear_qkv."):
+        suffix = rest.rsplit(".", 1)[1]
+        g, d = shape.num_groups, shape.head_dim
+        q = hf(prefix + f"self_attn.q_proj.{suffix}").reshape(g, shape.heads_per_group * d, -1)
+        k = hf(prefix + f"self_attn.k_proj.{suffix}").reshape(g, d, -1)
+        v = hf(prefix + f"self_attn.v_proj.{suffix}").reshape(g, d, -1)
+        fused = torch.cat([q, k, v], dim=1).reshape(g * (shape.heads_per_group + 2) * d, -1)
+        return fused.squeeze(-1) if suffix == "bias" else fused
+    if rest == "self_attention.linear_proj.weight":
+        return hf(prefix + "self_attn.o_proj.weight")
+    if rest == "mlp.linear_fc1.weight":
+        return torch.cat([hf(prefix + "mlp.gate_proj.weight"), hf(prefix + "mlp.up_proj.weight")])
+    if rest == "mlp.linear_fc2.weight":
+        return hf(prefix + "mlp.down_proj.weight")
+    raise KeyError(f"no Hugging Face source for megatron parameter {name}")
+
+
+def megatron_to_hf(name: str, tensor: torch.Tensor, shape: ModelShape) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF tensors held by the full Megatron tensor `name` (vocab padding dropped)."""
+    if name == "embedding.word_embeddings.weight":
+        yield "model.embed_tokens.weight", tensor[: shape.vocab_size]
+        return
+    if name == "output_layer.weight":
+        yield "lm_head.weight", tensor[: shape.vocab_size]
+        return
+    if name == "decoder.final_layernorm.weight":
+        yield "model.norm.weight", tensor
+        return
+    index, rest = name.removeprefix("decoder.layers.").split(".", 1)
+    prefix = f"model.layers.{index}."
+    norm_in, norm_mlp = (n.split(".", 3)[3] for n in _norm_names(shape, f"decoder.layers.{index}."))
+    if rest == norm_in:
+        yield prefix + "input_layernorm.weight", tensor
+    elif rest == norm_mlp:
+        yield prefix + "post_attention_layernorm.weight", tensor
+    elif rest.startswith("self_attention.linear_qkv."):
+        suffix = rest.rsplit(".", 1)[1]
+        g, d = shape.num_groups, shape.head_dim
+        grouped = tensor.reshape(g, (shape.heads_per_group + 2) * d, -1)
+        q, k, v = grouped.split([shape.heads_per_group * d, d, d], dim=1)
+        for letter, part in (("q", q), ("k", k), ("v", v)):
+            part = part.reshape(-1, part.shape[-1])
+            yield prefix + f"self_attn.{letter}_proj.{suffix}", part.squeeze(-1) if suffix == "bias" else part
+    elif rest == "self_attention.linear_proj.weight":
+        yield prefix + "self_attn.o_proj.weight", tensor
+    elif rest == "mlp.linear_fc1.weight":
+        gate, up = tensor.chunk(2)
+        yield prefix + "mlp.gate_proj.weight", gate
+        yield prefix + "mlp.up_proj.weight", up
+    elif rest == "mlp.linear_fc2.weight":
+        yield prefix + "mlp.down_proj.weight", tensor
+    else:
+        raise KeyError(f"no Hugging Face name for megatron parameter {name}")
+
+
+# --- TP shards ------------------------------------------------------------------------------------
+
+
+def shard(name: str, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+    """This TP rank's part of the full Megatron tensor `name`."""
+    dim = partition_dim(name)
+    if dim is None or tp == 1:
+        return full
+    if name.endswith("linear_fc1.weight"):  # SwiGLU: rank r holds [gate_r; up_r]
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, 0)[tp_rank], up.chunk(tp, 0)[tp_rank]])
+    return full.chunk(tp, dim=dim)[tp_rank]
+
+
+def unshard(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The full Megatron tensor from every TP rank's part (inverse of `shard`)."""
+    dim = partition_dim(name)
+    if dim is None or len(parts) == 1:
+        return parts[0]
+    if name.endswith("linear_fc1.weight"):
+        gates, ups = zip(*(part.chunk(2) for part in parts), strict=True)
+        return torch.cat([*gates, *ups])
+    return torch.cat(parts, dim=dim)
+
+
+def hf_state_to_megatron_shards(
+    hf_state: Mapping[str, torch.Tensor], shape: ModelShape, tp: int
+) -> list[dict[str, torch.Tensor]]:
+    """Every TP rank's Megatron state from a whole HF state dict (used by tests and tools)."""
+    fulls = {name: hf_to_megatron(name, shape, hf_state.__getitem__) for name in megatron_names(shape)}
+    return [{name: shard(name, t, rank, tp) for name, t in fulls.items()} for rank in range(tp)]
+
+
+def megatron_shards_to_hf_state(shards: list[Mapping[str, torch.Tensor]], shape: ModelShape) -> dict[str, torch.Tensor]:
+    """The HF state dict from every TP rank's Megatron state (inverse of `hf_state_to_megatron_shards`)."""
+    out: dict[str, torch.Tensor] = {}
+    for name in megatron_names(shape):
+        out.update(megatron_to_hf(name, unshard(name, [s[name] for s in shards]), shape))
+    return out

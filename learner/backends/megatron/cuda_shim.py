@@ -1,0 +1,46 @@
+"""The CUDA compatibility shim that lets megatron-core 0.16.1 run on a CPU-only torch (tests, gloo).
+
+megatron-core assumes CUDA in a few places even for a plain GPTModel (see
+reference/megatron-cpu.md §4): its model-parallel RNG tracker saves and restores the *CUDA* RNG state
+(attention always forks it, even with dropout 0), RoPE moves `inv_freq` to `torch.cuda.current_device()`,
+and dist_checkpointing calls `torch.cuda.synchronize()`. This module redirects exactly those to the CPU.
+
+It is installed only when no GPU is present (`install_if_needed`), and nowhere else: on a CUDA machine
+megatron runs unpatched. The backend never uses the code paths that need more (Megatron's own
+optimizer/DDP stack, which want `Tensor.type() == 'torch.cuda.FloatTensor'`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_installed = False
+
+
+def install_if_needed() -> bool:
+    """Patch megatron and torch.cuda for a CPU-only process; return whether the shim is active."""
+    global _installed
+    if torch.cuda.is_available():
+        return False
+    if _installed:
+        return True
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    megatron_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+    def add_cpu_rng_state(self, name: str, seed: int) -> None:
+        """CudaRNGStatesTracker.add, keeping a CPU generator state instead of a CUDA one."""
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        original = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(original)
+        self.seeds_.add(seed)
+
+    megatron_random.CudaRNGStatesTracker.add = add_cpu_rng_state
+    torch.cuda.current_device = lambda: "cpu"  # RoPE: inv_freq.to(torch.cuda.current_device())
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # dist_checkpointing's preload
+    _installed = True
+    return True

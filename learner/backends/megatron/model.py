@@ -1,0 +1,121 @@
+"""Build this rank's Megatron GPTModel from a Hugging Face model directory and load its weights.
+
+The TransformerConfig is derived from config.json (Llama / Qwen2: RMSNorm, SwiGLU, RoPE, GQA, Qwen2's qkv
+bias, tied embeddings). Parameters are created uninitialised (`perform_initialization=False`) and then
+filled from the safetensors, one HF tensor at a time, converted to Megatron layout and cut to this TP
+rank's slice - no rank ever holds more than one full layer tensor beyond its own shard.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from learner.backends.megatron import convert
+from learner.backends.megatron.parallel import ParallelLayout
+from learner.config import MegatronBackendConfig
+from protos.errors import FailedPrecondition
+
+
+def use_transformer_engine(config: MegatronBackendConfig, layout: ParallelLayout) -> bool:
+    installed = importlib.util.find_spec("transformer_engine") is not None
+    if config.transformer_engine == "on" and not installed:
+        raise FailedPrecondition("backend.transformer_engine='on' but transformer_engine is not installed")
+    return config.transformer_engine == "on" or (
+        config.transformer_engine == "auto" and installed and layout.device.type == "cuda"
+    )
+
+
+def hf_tensor_reader(model_path: Path) -> Callable[[str], torch.Tensor]:
+    """name -> float32 tensor, across single-file or sharded safetensors."""
+    index = model_path / "model.safetensors.index.json"
+    if index.is_file():
+        files = {name: model_path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    else:
+        files = {}
+        for file in sorted(model_path.glob("*.safetensors")):
+            with safe_open(file, "pt") as handle:
+                files.update(dict.fromkeys(handle.keys(), file))
+    if not files:
+        raise FailedPrecondition(f"{model_path} has no safetensors weights")
+
+    def read(name: str) -> torch.Tensor:
+        if name not in files:
+            raise FailedPrecondition(f"{model_path} has no tensor {name!r}")
+        with safe_open(files[name], "pt") as handle:
+            return handle.get_tensor(name).float()
+
+    return read
+
+
+def build_model(model_path: Path, config: MegatronBackendConfig, layout: ParallelLayout):
+    """(GPTModel holding this rank's shard of the HF weights, its ModelShape, the HF config)."""
+    from megatron.core.models.gpt import GPTModel, gpt_layer_specs
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(model_path)
+    te = use_transformer_engine(config, layout)
+    shape = convert.model_shape(hf_config, layout.tp, config.vocab_multiple, te_names=te)
+    fused = config.fused_kernels if config.fused_kernels is not None else layout.device.type == "cuda"
+    transformer_config = TransformerConfig(
+        num_layers=shape.num_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=shape.num_heads,
+        num_query_groups=shape.num_groups,
+        kv_channels=shape.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=shape.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=layout.tp,
+        params_dtype=torch.float32,  # fp32 master weights, as the torch backend; bf16 is autocast compute
+        use_cpu_initialization=layout.device.type == "cpu",
+        perform_initialization=False,  # every parameter is overwritten from the safetensors below
+        bias_activation_fusion=fused,
+        masked_softmax_fusion=fused,
+        apply_rope_fusion=fused and te,
+    )
+    if te:
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    model = GPTModel(
+        config=transformer_config,
+        transformer_layer_spec=spec,
+        vocab_size=shape.padded_vocab_size,
+        max_sequence_length=int(getattr(hf_config, "max_position_embeddings", 4096)),
+        share_embeddings_and_output_weights=shape.tied,
+        position_embedding_type="rope",
+        rotary_base=int(convert.rope_theta(hf_config)),
+    ).to(layout.device)
+    load_hf_weights(model, shape, hf_tensor_reader(model_path), layout)
+    return model, shape, hf_config
+
+
+def load_hf_weights(model, shape: convert.ModelShape, read: Callable[[str], torch.Tensor], layout) -> None:
+    """Overwrite every parameter with its shard of the HF weights; any name left over is an error."""
+    parameters = dict(model.named_parameters())
+    expected = set(convert.megatron_names(shape))
+    if set(parameters) != expected:
+        raise FailedPrecondition(
+            "megatron model and converter disagree on parameters: "
+            f"unexpected {sorted(set(parameters) - expected)[:4]}, missing {sorted(expected - set(parameters))[:4]}"
+        )
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            full = convert.hf_to_megatron(name, shape, read)
+            part = convert.shard(name, full, layout.tp_rank, layout.tp)
+            if part.shape != parameter.shape:
+                raise FailedPrecondition(f"{name}: converted shape {tuple(part.shape)} != {tuple(parameter.shape)}")
+            parameter.copy_(part)

@@ -1,0 +1,115 @@
+"""Process groups for the Megatron learner: torch.distributed from torchrun's environment, then Megatron's
+parallel_state (TP x DP; PP = 1), plus a gloo *control* group that carries commands from rank 0.
+
+The control group has a very long timeout because worker ranks idle in it between requests; compute
+collectives (the default group and Megatron's groups) use `collective_timeout_s`, so a rank that never
+arrives turns into an error on the others rather than a hang. Without torchrun's variables the process
+becomes a world of one on a free loopback port (handy for `python -m learner` on a laptop).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from learner.config import MegatronBackendConfig
+
+CONTROL_TIMEOUT = timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    rank: int
+    world_size: int
+    tp: int
+    dp: int
+    tp_rank: int
+    dp_rank: int
+    device: torch.device
+    control_group: object
+    tp_group: object
+    dp_group: object
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _device(config: MegatronBackendConfig) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+_layout: ParallelLayout | None = None
+
+
+def current_layout() -> ParallelLayout | None:
+    return _layout
+
+
+def initialize(config: MegatronBackendConfig, seed: int = 1234) -> ParallelLayout:
+    """Create (once per process) the process groups for `config`; every rank must call this."""
+    global _layout
+    if _layout is not None:
+        return _layout
+    if "RANK" not in os.environ:  # not under torchrun: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ["MASTER_PORT"] = str(free_port())
+    device = _device(config)
+    if device.type == "cpu":
+        from learner.backends.megatron import cuda_shim
+
+        cuda_shim.install_if_needed()
+    timeout = timedelta(seconds=config.collective_timeout_s)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    world = dist.get_world_size()
+    dp = config.dp or world // (config.tp * config.pp)
+    if config.tp * config.pp * dp != world:
+        raise ValueError(
+            f"backend.tp={config.tp} x pp={config.pp} x dp={dp} != {world} ranks; launch tp*pp*dp processes"
+        )
+    control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=config.tp,
+        pipeline_model_parallel_size=config.pp,
+        distributed_timeout_minutes=max(1, round(config.collective_timeout_s / 60)),
+    )
+    megatron_random.model_parallel_cuda_manual_seed(seed)
+    _layout = ParallelLayout(
+        rank=dist.get_rank(),
+        world_size=world,
+        tp=config.tp,
+        dp=dp,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        device=device,
+        control_group=control_group,
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        dp_group=parallel_state.get_data_parallel_group(),
+    )
+    return _layout
+
+
+def shutdown() -> None:
+    global _layout
+    if _layout is None:
+        return
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+    _layout = None

@@ -1,0 +1,147 @@
+"""GPU check of the Megatron learner backend: logprob parity with the PyTorch backend, and step time.
+
+One command, a few minutes on one GPU (anvil-small is built in code, nothing is downloaded):
+
+    .venv/bin/python scripts/megatron_gpu_check.py                     # CUDA, bf16, TP=1
+    .venv/bin/torchrun --nproc_per_node 2 scripts/megatron_gpu_check.py --tp 2
+    .venv/bin/python scripts/megatron_gpu_check.py --device cpu --dtype float32 --model anvil-tiny  # CPU smoke
+
+It runs the same random batch through (a) the Megatron backend at the requested device/dtype,
+(b) the PyTorch backend on the same device (bf16 autocast on CUDA), and (c) the PyTorch backend in
+float32 on the CPU as ground truth. It prints the logprob differences (Megatron vs PyTorch at the same
+precision, and each vs the fp32 ground truth), then times fwd+bwd+AdamW steps of both backends
+(median after one warm-up), and ends with one JSON line. It exits 1 when the Megatron backend's error
+against the fp32 ground truth exceeds twice the PyTorch backend's own (plus 2e-3), i.e. when Megatron is
+clearly less accurate than the reference at the same precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="anvil-small", help="built-in model name or HF directory")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per backend (after one warm-up)")
+    return parser.parse_args(argv)
+
+
+def make_batch(vocab: int, batch: int, seq: int):
+    from learner.batch import batch_from_arrow
+    from protos.arrow_schemas import encode_batch, make_batch
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(batch):
+        tokens = rng.integers(0, vocab, size=seq + 1)
+        rows.append({"model_input": tokens[:-1], "target_tokens": tokens[1:], "weights": np.ones(seq, np.float32)})
+    return batch_from_arrow(encode_batch(make_batch(rows)), vocab_size=vocab)
+
+
+def timed_steps(backend, batch, loss, steps: int, synchronize) -> float:
+    from learner.backends.base import AdamParams
+
+    params = AdamParams(learning_rate=1e-5, grad_clip_norm=1.0)
+    durations = []
+    for _ in range(steps + 1):
+        synchronize()
+        start = time.perf_counter()
+        backend.forward(batch, loss, {}, backward=True)
+        backend.optim_step(params)
+        synchronize()
+        durations.append(time.perf_counter() - start)
+    return statistics.median(durations[1:])
+
+
+def differences(a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, float]:
+    diff = np.abs(np.concatenate(a) - np.concatenate(b))
+    return {"max": float(diff.max()), "mean": float(diff.mean())}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        import megatron.core
+    except ImportError:
+        print("megatron-core is not installed: pip install -e '.[megatron]' (or '.[gpu]')", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu --dtype float32 for a CPU smoke run", file=sys.stderr)
+        return 2
+    from coordinator.models import resolve_model
+    from learner.backends.megatron import parallel
+    from learner.backends.megatron.backend import EngineHost, MegatronBackend, set_commander
+    from learner.backends.megatron.lockstep import Commander, worker_loop
+    from learner.backends.torch_backend import TorchBackend
+    from learner.config import MegatronBackendConfig, TorchBackendConfig
+    from learner.losses import LOSSES
+
+    config = MegatronBackendConfig(tp=args.tp, device=args.device, dtype=args.dtype)
+    layout = parallel.initialize(config)
+    host = EngineHost(config, layout)
+    if layout.rank != 0:
+        worker_loop(layout, host)
+        parallel.shutdown()
+        return 0
+    commander = Commander(layout, host)
+    set_commander(commander)
+    try:
+        model_dir = resolve_model(args.model)
+        device = str(layout.device)
+        synchronize = torch.cuda.synchronize if layout.device.type == "cuda" else (lambda: None)
+        megatron = MegatronBackend(model_dir, config, seed=0)
+        batch = make_batch(megatron.description.vocab_size, args.batch, args.seq)
+        loss = LOSSES["cross_entropy"]
+        same_precision = TorchBackend(model_dir, TorchBackendConfig(device=device), seed=0)
+        ground_truth = TorchBackend(model_dir, TorchBackendConfig(device="cpu"), seed=0)
+        lp_megatron = megatron.forward(batch, loss, {}, backward=False).logprobs
+        lp_torch = same_precision.forward(batch, loss, {}, backward=False).logprobs
+        lp_truth = ground_truth.forward(batch, loss, {}, backward=False).logprobs
+        del ground_truth
+        result = {
+            "model": args.model,
+            "device": torch.cuda.get_device_name() if layout.device.type == "cuda" else "cpu",
+            "dtype": config.dtype,
+            "tp": layout.tp,
+            "tokens_per_step": args.batch * args.seq,
+            "megatron_vs_torch": differences(lp_megatron, lp_torch),
+            "megatron_vs_fp32": differences(lp_megatron, lp_truth),
+            "torch_vs_fp32": differences(lp_torch, lp_truth),
+        }
+        print(f"logprob |diff| megatron vs torch ({config.dtype}): {result['megatron_vs_torch']}")
+        print(f"logprob |diff| megatron vs fp32 ground truth:   {result['megatron_vs_fp32']}")
+        print(f"logprob |diff| torch vs fp32 ground truth:      {result['torch_vs_fp32']}")
+        result["megatron_step_s"] = timed_steps(megatron, batch, loss, args.steps, synchronize)
+        result["torch_step_s"] = timed_steps(same_precision, batch, loss, args.steps, synchronize)
+        print(f"step time (fwd+bwd+AdamW, median of {args.steps}): megatron {result['megatron_step_s']:.4f} s, "
+              f"torch {result['torch_step_s']:.4f} s")  # fmt: skip
+        allowed = 2 * result["torch_vs_fp32"]["mean"] + 2e-3
+        result["passed"] = result["megatron_vs_fp32"]["mean"] <= allowed
+        verdict = "PASS" if result["passed"] else "FAIL"
+        print(f"{verdict}: megatron mean error {result['megatron_vs_fp32']['mean']:.2e} vs allowed {allowed:.2e}")
+        print("RESULT " + json.dumps(result))
+        return 0 if result["passed"] else 1
+    finally:
+        commander.shutdown()
+        set_commander(None)
+        parallel.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

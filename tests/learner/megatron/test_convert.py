@@ -1,0 +1,103 @@
+"""The HF <-> Megatron converter on its own (no megatron import, no processes): exact round trips at
+several TP sizes, and the fused layouts checked against an index-by-index construction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, Qwen2Config
+
+from learner.backends.megatron import convert
+from protos.errors import FailedPrecondition
+
+
+def llama_config(**overrides) -> LlamaConfig:
+    fields = dict(vocab_size=200, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)  # fmt: skip
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def random_state(model) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {name: torch.randn_like(p) for name, p in model.named_parameters()}
+
+
+@pytest.fixture(params=["llama", "qwen2-tied"])
+def hf(request):
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
+    if request.param == "llama":
+        config = llama_config()
+        return config, random_state(LlamaForCausalLM(config))
+    config = Qwen2Config(vocab_size=130, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    return config, random_state(Qwen2ForCausalLM(config))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_round_trip_is_exact(hf, tp):
+    config, state = hf
+    shape = convert.model_shape(config, tp, vocab_multiple=64)
+    shards = convert.hf_state_to_megatron_shards(state, shape, tp)
+    assert all(set(s) == set(convert.megatron_names(shape)) for s in shards)
+    back = convert.megatron_shards_to_hf_state(shards, shape)
+    expected = {k: v for k, v in state.items() if not (shape.tied and k == "lm_head.weight")}
+    assert set(back) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(back[name], tensor), name
+
+
+def test_tp_shards_hold_whole_query_groups_and_gate_up_halves():
+    config = llama_config()
+    state = random_state(__import__("transformers").LlamaForCausalLM(config))
+    shape = convert.model_shape(config, 2, vocab_multiple=64)
+    shards = convert.hf_state_to_megatron_shards(state, shape, 2)
+    d, per_group = 8, 3  # head_dim, query heads per kv group
+    q, k, v = (state[f"model.layers.1.self_attn.{x}_proj.weight"] for x in "qkv")
+    for rank in range(2):  # one kv group per rank: [its 3 query heads, its k head, its v head]
+        g = rank
+        rows = [q[(g * per_group + h) * d : (g * per_group + h + 1) * d] for h in range(per_group)]
+        expected = torch.cat([*rows, k[g * d : (g + 1) * d], v[g * d : (g + 1) * d]])
+        assert torch.equal(shards[rank]["decoder.layers.1.self_attention.linear_qkv.weight"], expected)
+        gate, up = state["model.layers.1.mlp.gate_proj.weight"], state["model.layers.1.mlp.up_proj.weight"]
+        half = gate.shape[0] // 2
+        fc1 = torch.cat([gate[rank * half : (rank + 1) * half], up[rank * half : (rank + 1) * half]])
+        assert torch.equal(shards[rank]["decoder.layers.1.mlp.linear_fc1.weight"], fc1)
+        proj = state["model.layers.1.self_attn.o_proj.weight"]
+        assert torch.equal(shards[rank]["decoder.layers.1.self_attention.linear_proj.weight"], proj.chunk(2, 1)[rank])
+    embedding = torch.cat([s["embedding.word_embeddings.weight"] for s in shards])
+    assert embedding.shape[0] == 256 and torch.equal(embedding[:200], state["model.embed_tokens.weight"])
+    assert not embedding[200:].any(), "vocabulary padding rows start at zero"
+
+
+def test_te_spec_names_the_fused_norms():
+    shape = convert.model_shape(llama_config(), 1, vocab_multiple=8, te_names=True)
+    names = convert.megatron_names(shape)
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in names
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in names
+    assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in names)
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 1e4,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "tp", "message"),
+    [
+        (llama_config(rope_parameters=LLAMA3_ROPE), 1, "rope scaling"),
+        (llama_config(), 4, "not divisible by tp=4"),
+        (llama_config(hidden_act="gelu"), 1, "hidden_act"),
+        (llama_config(attention_bias=True), 1, "biases"),
+    ],
+    ids=["llama3-rope", "kv-heads-vs-tp", "gelu", "llama-bias"],
+)
+def test_unsupported_models_are_refused_by_name(config, tp, message):
+    with pytest.raises(FailedPrecondition, match=message):
+        convert.model_shape(config, tp, vocab_multiple=128)
