@@ -28,7 +28,9 @@ _STATUS = {InvalidArgument: 400, NotFound: 404, FailedPrecondition: 400, Already
 
 def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
     async def authenticate(request: Request) -> None:
-        if api_keys and request.url.path not in OPEN_PATHS and request.headers.get("x-api-key") not in api_keys:
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        given = {request.headers.get("x-api-key"), bearer}
+        if api_keys and request.url.path not in OPEN_PATHS and not given & set(api_keys):
             raise HTTPException(401, "missing or unknown X-API-Key; set TINKER_API_KEY to a key this server accepts")
 
     app = FastAPI(title="Anvil Tinker gateway", docs_url=None, redoc_url=None, dependencies=[Depends(authenticate)])

@@ -20,6 +20,8 @@ from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.service import TinkerService
 from coordinator.gateway.snapshots import SnapshotRouter
 from coordinator.models import resolve_model
+from coordinator.service_mode.control import ServiceMode
+from coordinator.service_mode.routes import TrainerGateway, control_router
 from protos.rpc import open_channel
 
 
@@ -36,10 +38,12 @@ class RunningGateway:
     address: str
     service: TinkerService
     server: uvicorn.Server
+    control: ServiceMode
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     async def stop(self) -> None:
         self.server.should_exit = True
+        await self.control.stop()
         for task in self.tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -70,7 +74,12 @@ async def start_gateway(
         router,
     )
     app = create_app(service, config.resolved_api_keys())
-    server = _QuietServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
+    control = ServiceMode(config, services_api_key)
+    app.include_router(control_router(control))
+    control.restore()
+    server = _QuietServer(
+        uvicorn.Config(TrainerGateway(app, control), host=config.host, port=config.port, log_level="warning")
+    )
     serving = asyncio.get_running_loop().create_task(server.serve())
     while not server.started:
         if serving.done():
@@ -79,7 +88,7 @@ async def start_gateway(
         await asyncio.sleep(0.02)
     host, port = server.servers[0].sockets[0].getsockname()[:2]
     expiry = asyncio.get_running_loop().create_task(service.expire_sessions_forever())
-    return RunningGateway(f"{host}:{port}", service, server, [expiry, serving])
+    return RunningGateway(f"{host}:{port}", service, server, control, [expiry, serving])
 
 
 async def serve(config: GatewayConfig) -> None:

@@ -1,0 +1,68 @@
+"""RLOR trainer jobs in service mode: each job is a learner process of its own, reached through the
+gateway prefix `/training/v1/rlorTrainerJobs/{account}/{job}/api/v1/...`, where it speaks the Tinker REST
+API (the same TinkerService as `anvil serve`'s own, bound to this job's learner, with sampler snapshots
+going to the shared snapshot store so a deployment can hot-load them)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from coordinator.gateway.app import create_app
+from coordinator.gateway.config import GatewayConfig
+from coordinator.gateway.service import TinkerService
+from coordinator.launcher import ServiceProcess, start_service, toml_value
+from coordinator.service_mode.snapshots import SnapshotStore
+from protos.rpc import open_channel
+
+
+@dataclass
+class TrainerJobRuntime:
+    job_id: str
+    process: ServiceProcess
+    service: TinkerService
+    app: FastAPI
+    expiry: asyncio.Task
+
+    @classmethod
+    async def start(
+        cls,
+        job_id: str,
+        model_name: str,
+        model_dir: Path,
+        job_dir: Path,
+        gateway: GatewayConfig,
+        snapshots: SnapshotStore,
+        env: dict[str, str],
+        api_key: str | None,
+    ) -> TrainerJobRuntime:
+        overrides = [
+            f"checkpoint_dir={toml_value(job_dir / 'learner')}",
+            'backend.type="torch"',
+            f"backend.device={toml_value(gateway.services.learner_device)}",
+            f"max_sessions={gateway.learner_max_sessions}",
+        ]
+        process = await start_service(
+            f"trainer-{job_id}", "learner", overrides, job_dir / "logs", env, gateway.services.startup_timeout_s
+        )
+        config = gateway.model_copy(update={"model": model_name, "state_dir": job_dir / "gateway"})
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        channel = open_channel(process.address, api_key=api_key)
+        service = TinkerService(config, channel, str(model_dir), model_dir, router=None, snapshots=snapshots)
+        app = create_app(service, gateway.resolved_api_keys())
+        expiry = asyncio.get_running_loop().create_task(service.expire_sessions_forever())
+        return cls(job_id, process, service, app, expiry)
+
+    async def stop(self) -> None:
+        self.expiry.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.expiry
+        for session in list(self.service.sessions.sessions.values()):
+            if not session.finished:
+                await self.service.finish_session(session, "the trainer job stopped")
+        await self.service.learner_channel.close()
+        await asyncio.to_thread(self.process.stop)

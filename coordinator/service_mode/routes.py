@@ -1,0 +1,191 @@
+"""Fireworks' control-plane, hot-load and inference routes on the `anvil serve` port, and the trainer
+gateway prefix that leads to each job's Tinker API.
+
+Control-plane JSON is camelCase and errors are `{"error": {"code", "message"}}` (the SDK displays the
+message); a create that already exists is a 409, which the SDK answers by fetching the resource.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from coordinator.service_mode.completions import complete, sse_events
+from coordinator.service_mode.control import ACCOUNT, ServiceMode
+from protos.errors import AnvilError, FailedPrecondition, InvalidArgument, NotFound
+
+TRAINER_PREFIX = "/training/v1/rlorTrainerJobs/"
+_CODES = {InvalidArgument: 400, NotFound: 404, FailedPrecondition: 409}
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": status, "message": message}}, status)
+
+
+async def answer(work: Callable[[], Awaitable[Any]]) -> Response:
+    try:
+        result = await work()
+    except AnvilError as exc:
+        return error(_CODES.get(type(exc), 500), str(exc))
+    return result if isinstance(result, Response) else JSONResponse(result)
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"the body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidArgument("the body must be a JSON object")
+    return body
+
+
+def _check_account(account: str) -> None:
+    if account != ACCOUNT:
+        raise NotFound(f"account {account!r} not found; this server's account is {ACCOUNT!r}")
+
+
+def _deployment_of(request: Request, body: dict[str, Any] | None = None) -> str:
+    name = request.headers.get("fireworks-deployment") or (body or {}).get("model") or ""
+    if "/deployments/" not in name:
+        raise InvalidArgument("name the deployment: header fireworks-deployment: accounts/<a>/deployments/<id>")
+    return name.rsplit("/", 1)[-1]
+
+
+def control_router(control: ServiceMode) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v1/accounts")
+    async def accounts() -> dict[str, Any]:
+        return {"accounts": [{"name": f"accounts/{ACCOUNT}", "displayName": "Anvil"}], "totalSize": 1}
+
+    @router.post("/v1/accounts/{account}/deployments")
+    async def create_deployment(account: str, request: Request, deploymentId: str = "") -> Response:
+        async def work():
+            _check_account(account)
+            control.create_deployment(deploymentId, await _json(request))
+            await control.settle()
+            return control.get_deployment(deploymentId)
+
+        return await answer(work)
+
+    @router.get("/v1/accounts/{account}/deployments/{deployment_id}")
+    async def get_deployment(account: str, deployment_id: str) -> Response:
+        async def work():
+            _check_account(account)
+            return control.get_deployment(deployment_id)
+
+        return await answer(work)
+
+    @router.delete("/v1/accounts/{account}/deployments/{deployment_id}")
+    async def delete_deployment(account: str, deployment_id: str) -> Response:
+        async def work():
+            _check_account(account)
+            await control.delete_deployment(deployment_id)
+            return {}
+
+        return await answer(work)
+
+    @router.post("/v1/accounts/{account}/rlorTrainerJobs")
+    async def create_job(
+        account: str,
+        request: Request,
+        rlorTrainerJobId: str = "",
+        deploymentId: str | None = None,
+    ) -> Response:
+        async def work():
+            _check_account(account)
+            control.create_job(rlorTrainerJobId, await _json(request), deploymentId)
+            await control.settle()
+            return control.get_job(rlorTrainerJobId)
+
+        return await answer(work)
+
+    @router.get("/v1/accounts/{account}/rlorTrainerJobs/{job_ref}")
+    async def get_job(account: str, job_ref: str) -> Response:
+        async def work():
+            _check_account(account)
+            return control.get_job(job_ref)
+
+        return await answer(work)
+
+    @router.post("/v1/accounts/{account}/rlorTrainerJobs/{job_ref}")
+    async def job_action(account: str, job_ref: str) -> Response:
+        async def work():
+            _check_account(account)
+            job_id, _, action = job_ref.partition(":")
+            if action != "resume":
+                raise NotFound(f"no action {action!r} on trainer jobs (only :resume)")
+            return await control.resume_job(job_id)
+
+        return await answer(work)
+
+    @router.delete("/v1/accounts/{account}/rlorTrainerJobs/{job_id}")
+    async def delete_job(account: str, job_id: str) -> Response:
+        async def work():
+            _check_account(account)
+            await control.delete_job(job_id)
+            return {}
+
+        return await answer(work)
+
+    @router.post("/hot_load/v1/models/hot_load")
+    async def hot_load(request: Request) -> Response:
+        async def work():
+            body = await _json(request)
+            identity = body.get("identity")
+            if not identity:
+                raise InvalidArgument("the body needs the snapshot 'identity' to load")
+            await control.hot_load(_deployment_of(request), str(identity), body.get("incremental_snapshot_metadata"))
+            return {}
+
+        return await answer(work)
+
+    @router.get("/hot_load/v1/models/hot_load")
+    async def hot_load_status(request: Request) -> Response:
+        async def work():
+            return control.ready_deployment(_deployment_of(request)).status()
+
+        return await answer(work)
+
+    async def completions(request: Request) -> Response:
+        async def work():
+            body = await _json(request)
+            runtime = control.ready_deployment(_deployment_of(request, body))
+            result = await complete(runtime, body)
+            if body.get("stream"):
+                return StreamingResponse(sse_events(result), media_type="text/event-stream")
+            return result
+
+        return await answer(work)
+
+    router.add_api_route("/inference/v1/completions", completions, methods=["POST"])
+    router.add_api_route("/v1/completions", completions, methods=["POST"])
+    return router
+
+
+class TrainerGateway:
+    """ASGI wrapper: `/training/v1/rlorTrainerJobs/{account}/{job}/<path>` goes to that job's Tinker app
+    with `<path>` as its path (what Fireworks' gateway does); everything else to the main app."""
+
+    def __init__(self, app, control: ServiceMode) -> None:
+        self.app = app
+        self.control = control
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(TRAINER_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        parts = scope["path"][len(TRAINER_PREFIX) :].split("/", 2)
+        job = self.control.jobs.get(parts[1]) if len(parts) == 3 else None
+        if job is None:
+            state = (self.control.store.get("trainer_jobs", parts[1]) or {}).get("state") if len(parts) > 1 else None
+            message = f"trainer job {parts[1] if len(parts) > 1 else ''!r} is {state or 'not found'}"
+            await error(404 if state is None else 503, message)(scope, receive, send)
+            return
+        path = "/" + parts[2]
+        await job.app(dict(scope, path=path, raw_path=path.encode(), root_path=""), receive, send)
