@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from learner.losses import PER_TOKEN_INPUTS
 from protos.arrow_schemas import decode_batch, validate_batch
@@ -43,18 +45,36 @@ class TrainingBatch:
 
 
 def batch_from_arrow(payload: bytes, vocab_size: int) -> TrainingBatch:
-    """Decode and validate a DataBatch payload (InvalidArgument on any problem) into a TrainingBatch."""
+    """Decode and validate a DataBatch payload (InvalidArgument on any problem) into a TrainingBatch.
+
+    Each list column is converted once, as a whole, from its Arrow buffer to a numpy array of the
+    backend's dtype, and split into per-datum views of it: no Python object per token.
+    """
     table = validate_batch(decode_batch(payload), vocab_size=vocab_size)
-    columns = table.to_pydict()
-    input_names = frozenset(PER_TOKEN_INPUTS & set(columns))
-    k_column = columns.get("targets_per_position", [1] * table.num_rows)
+    input_names = frozenset(PER_TOKEN_INPUTS & set(table.column_names))
+    model_input = _rows(table, "model_input", np.int64)
+    target_tokens = _rows(table, "target_tokens", np.int64)
+    loss_inputs = {name: _rows(table, name, np.float32) for name in input_names}
+    if "targets_per_position" in table.column_names:
+        k_column = table["targets_per_position"].to_numpy(zero_copy_only=False).astype(np.int64)
+    else:
+        k_column = np.ones(table.num_rows, dtype=np.int64)
     data = [
         Datum(
-            model_input=np.asarray(columns["model_input"][row], dtype=np.int64),
-            target_tokens=np.asarray(columns["target_tokens"][row], dtype=np.int64),
+            model_input=model_input[row],
+            target_tokens=target_tokens[row],
             targets_per_position=int(k_column[row]),
-            loss_inputs={name: np.asarray(columns[name][row], dtype=np.float32) for name in input_names},
+            loss_inputs={name: loss_inputs[name][row] for name in input_names},
         )
         for row in range(table.num_rows)
     ]
     return TrainingBatch(data=data, input_names=input_names)
+
+
+def _rows(table: pa.Table, name: str, dtype: type[np.generic]) -> list[np.ndarray]:
+    """A validated list column as one writable numpy array of `dtype`, split into per-row views."""
+    column = table[name]
+    array = column.chunk(0) if column.num_chunks == 1 else pa.concat_arrays(column.chunks)
+    flat = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(dtype)  # astype copies: writable
+    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+    return np.split(flat, np.cumsum(lengths)[:-1])

@@ -72,12 +72,35 @@ def make_batch(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     arrays = []
     for name in names:
         field = BATCH_SCHEMA.field(name)
-        values = [_to_python(row.get(name)) for row in rows]
-        try:
-            arrays.append(pa.array(values, type=field.type))
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
-            raise InvalidArgument(f"column {name!r} cannot be stored as {field.type}: {exc}") from exc
+        column = [row.get(name) for row in rows]
+        array = _list_array_from_numpy(column, field.type) if pa.types.is_list(field.type) else None
+        if array is None:
+            try:
+                array = pa.array([_to_python(value) for value in column], type=field.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+                raise InvalidArgument(f"column {name!r} cannot be stored as {field.type}: {exc}") from exc
+        arrays.append(array)
     return pa.Table.from_arrays(arrays, schema=pa.schema([BATCH_SCHEMA.field(n) for n in names]))
+
+
+def _list_array_from_numpy(column: list[Any], list_type: pa.ListType) -> pa.ListArray | None:
+    """A list column built straight from 1-D numpy rows (one concatenation, no Python per element).
+
+    Returns None, for the general path to handle (and to word any error), unless every row is a 1-D
+    numeric numpy array whose values convert to the column's type safely.
+    """
+    if not all(isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iuf" for value in column):
+        return None
+    lengths = np.fromiter((len(value) for value in column), dtype=np.int64, count=len(column))
+    offsets = np.zeros(len(column) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:
+        return None
+    try:
+        values = pa.array(np.concatenate(column), type=list_type.value_type)  # safe cast: no silent overflow
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values, type=list_type)
 
 
 def _to_python(value: Any) -> Any:
@@ -165,13 +188,13 @@ def _same_type(actual: pa.DataType, expected: pa.DataType) -> bool:
 
 def _check_no_nulls(table: pa.Table, name: str) -> None:
     column = table[name]
-    nulls = column.is_null().to_numpy(zero_copy_only=False)
-    if nulls.any():
+    if column.null_count:  # null counts are metadata: the masks are built only to name the row
+        nulls = column.is_null().to_numpy(zero_copy_only=False)
         raise InvalidArgument(f"row {int(np.flatnonzero(nulls)[0])}: column {name!r} is null")
     if pa.types.is_list(column.type):
         flat = pc.list_flatten(column)
-        null_values = flat.is_null().to_numpy(zero_copy_only=False)
-        if null_values.any():
+        if flat.null_count:
+            null_values = flat.is_null().to_numpy(zero_copy_only=False)
             row = _row_of_flat_index(column, int(np.flatnonzero(null_values)[0]))
             raise InvalidArgument(f"row {row}: column {name!r} contains a null value")
 

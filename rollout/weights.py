@@ -129,9 +129,10 @@ class WeightUpdater:
             async for request in requests:
                 version = request.version
                 assembler = self._require_open(version)
+                staged_before = assembler.num_bytes
                 assembler.add(request.chunk)
                 chunks += 1
-                bytes_ += len(request.chunk.data)
+                bytes_ += assembler.num_bytes - staged_before  # not len(chunk.data): each read copies the bytes
         except FailedPrecondition:
             raise
         except BaseException as exc:  # a bad chunk, or the client cut the stream (CancelledError)

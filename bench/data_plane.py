@@ -1,0 +1,195 @@
+"""A ForwardBackward-sized trajectory batch from coordinator to learner, against raw gRPC of the same bytes.
+
+The Anvil path, timed end to end: build the Arrow batch from per-datum numpy arrays
+(`protos.arrow_schemas.make_batch`), encode it as IPC bytes, wrap it in a ForwardBackwardRequest, send
+it over gRPC to another process, which parses the request and runs the learner's own ingestion
+(`learner.batch.batch_from_arrow`: decode, `validate_batch`, per-datum arrays) and answers. The baseline
+sends the same number of bytes as one raw gRPC bytes message to the same server process. The ratio
+anvil / raw is the framing cost (target ≤ 1.15).
+
+Each step is also timed on its own, in this process, so the table shows where the time goes. The
+coordinator's Tinker `Datum` -> Arrow conversion (`coordinator.client.convert.data_to_arrow`, which
+starts from Python lists by Tinker's design) and the REST gateway path are reported beside it.
+
+    python -m bench.data_plane             # 256 sequences x 2048 tokens
+    python -m bench.data_plane --quick     # 16 x 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench.baselines import raw_grpc_unary
+from bench.common import (
+    Ratio,
+    Timing,
+    base_parser,
+    console,
+    run_main,
+    time_async,
+    time_sync,
+    timing_table,
+    write_results,
+)
+from bench.raw_grpc_server import INGEST_METHOD, VOCAB_ENV
+from coordinator.launcher import start_service
+from learner.batch import batch_from_arrow
+from protos.anvil.v1 import learner_pb2
+from protos.arrow_schemas import decode_batch, encode_batch, make_batch, validate_batch
+from protos.rpc import open_channel
+
+VOCAB = 32000
+
+
+def trajectory_rows(sequences: int, tokens: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """RL rows as the coordinator makes them: tokens, sampler logprobs, advantages, sampler version."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(sequences):
+        ids = rng.integers(0, VOCAB, tokens + 1, dtype=np.int32)
+        rows.append(
+            {
+                "model_input": ids[:-1],
+                "target_tokens": ids[1:],
+                "logprobs": -rng.random(tokens, dtype=np.float32) * 5,
+                "advantages": np.full(tokens, rng.standard_normal(), dtype=np.float32),
+                "sampler_version": index // 16,
+                "group_id": index // 8,
+            }
+        )
+    return rows
+
+
+def forward_backward_request(payload: bytes) -> learner_pb2.ForwardBackwardRequest:
+    # The batch as a dict, built in place: a DataBatch message passed to the constructor is copied.
+    return learner_pb2.ForwardBackwardRequest(
+        session_id="bench", seq_id=1, batch={"arrow_ipc_stream": payload}, loss_fn="ppo"
+    )
+
+
+def anvil_encode(rows: list[dict[str, np.ndarray]]) -> bytes:
+    """Coordinator side: rows -> Arrow table -> IPC bytes -> serialized ForwardBackwardRequest."""
+    return forward_backward_request(encode_batch(make_batch(rows))).SerializeToString()
+
+
+def local_phases(rows: list[dict[str, np.ndarray]], repeats: int, num_bytes: int) -> list[Timing]:
+    """Every step of the Anvil path on its own, in this process."""
+    table = make_batch(rows)
+    payload = encode_batch(table)
+    request = forward_backward_request(payload)
+    wire = request.SerializeToString()
+    steps = [
+        ("make_batch (numpy rows -> Arrow)", lambda: make_batch(rows)),
+        ("encode_batch (Arrow -> IPC bytes)", lambda: encode_batch(table)),
+        ("request.SerializeToString", lambda: forward_backward_request(payload).SerializeToString()),
+        ("ForwardBackwardRequest.FromString", lambda: learner_pb2.ForwardBackwardRequest.FromString(wire)),
+        ("decode_batch (IPC -> Arrow)", lambda: decode_batch(payload)),
+        ("validate_batch", lambda: validate_batch(decode_batch(payload), VOCAB)),
+        ("batch_from_arrow (decode+validate+arrays)", lambda: batch_from_arrow(payload, VOCAB)),
+    ]
+    return [time_sync(f"phase: {name}", fn, repeats, num_bytes=num_bytes) for name, fn in steps]
+
+
+def datum_conversion(rows: list[dict[str, np.ndarray]], repeats: int, num_bytes: int) -> Timing:
+    """The Tinker-typed client's conversion (Datum objects hold Python lists by Tinker's API)."""
+    from coordinator.client.convert import data_to_arrow
+    from coordinator.client.types import Datum, ModelInput, TensorData
+
+    data = [
+        Datum(
+            model_input=ModelInput.from_ints(row["model_input"].tolist()),
+            loss_fn_inputs={
+                "target_tokens": TensorData.from_numpy(row["target_tokens"].astype(np.int64)),
+                "logprobs": TensorData.from_numpy(row["logprobs"]),
+                "advantages": TensorData.from_numpy(row["advantages"]),
+            },
+        )
+        for row in rows
+    ]
+    return time_sync(
+        "context: coordinator Datum list -> Arrow IPC (data_to_arrow)",
+        lambda: data_to_arrow(data),
+        repeats,
+        1,
+        num_bytes,
+    )
+
+
+async def rest_gateway(repeats: int) -> tuple[list[Timing], list[str]]:
+    """The REST gateway row, when the gateway exists in this checkout."""
+    if importlib.util.find_spec("coordinator.gateway") is None:
+        return [], ["REST gateway path not measured: coordinator.gateway is not available in this checkout"]
+    return [], ["REST gateway path not measured: its benchmark is not wired yet"]
+
+
+async def main(args: argparse.Namespace) -> None:
+    sequences, tokens = (16, 256) if args.quick else (args.sequences, args.tokens)
+    repeats = args.repeats or (3 if args.quick else 7)
+    rows = trajectory_rows(sequences, tokens)
+    wire = anvil_encode(rows)
+    num_bytes = len(wire)
+    console.print(f"batch: {sequences} sequences x {tokens} tokens, {num_bytes / 2**20:.1f} MiB on the wire")
+
+    with tempfile.TemporaryDirectory(prefix="anvil-bench-logs-") as logs:
+        server = await start_service("raw-grpc", "bench.raw_grpc_server", [], Path(logs), {VOCAB_ENV: str(VOCAB)}, 60)
+        try:
+            raw = await raw_grpc_unary(server.address, b"\x01" * num_bytes, repeats)
+            async with open_channel(server.address) as channel:
+                ingest = channel.unary_unary(INGEST_METHOD, request_serializer=None)
+
+                async def anvil_send() -> None:
+                    reply = await ingest(anvil_encode(rows))
+                    assert int.from_bytes(reply, "little") == sequences
+
+                anvil = await time_async(
+                    "anvil: make_batch+encode+send+decode+validate", anvil_send, repeats, 1, num_bytes
+                )
+            raw_again = await raw_grpc_unary(server.address, b"\x01" * num_bytes, repeats)
+        finally:
+            server.stop()
+    raw = Timing(raw.name, raw.seconds + raw_again.seconds, num_bytes)  # before and after: drift shows in the spread
+    phases = local_phases(rows, repeats, num_bytes)
+    context = [datum_conversion(rows, max(1, repeats // 2), num_bytes)]
+    rest_timings, notes = await rest_gateway(repeats)
+
+    timings = [raw, anvil, *phases, *context, *rest_timings]
+    console.print(timing_table("data plane", timings))
+    ratios = [
+        Ratio(
+            "anvil / raw gRPC (time)",
+            anvil.median / raw.median,
+            "Anvil batch path end to end vs a raw gRPC bytes message of the same size",
+            1.15,
+            higher_is_better=False,
+        ),
+        Ratio(
+            "Datum conversion / anvil path (time)",
+            context[0].median / anvil.median,
+            "context: the Tinker-typed client's list->Arrow conversion vs the whole numpy-row path",
+        ),
+    ]
+    config = {
+        "sequences": sequences,
+        "tokens": tokens,
+        "wire_bytes": num_bytes,
+        "repeats": repeats,
+        "quick": args.quick,
+    }
+    write_results("data_plane", args.out, config, timings, ratios, notes)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = base_parser("data_plane", __doc__.split("\n\n")[0])
+    parser.add_argument("--sequences", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per sequence")
+    parser.add_argument("--repeats", type=int, default=0, help="timed repeats (0: 7, or 3 with --quick)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args())

@@ -1,0 +1,397 @@
+"""Learner -> rollout weight publication, end to end and by phase, against memcpy, TCP and raw gRPC.
+
+Two weight sets: the built-in `anvil-small` (float32, served by real rollout processes with the torch
+and vLLM engines, published by a real learner's PublishWeights) and a synthetic ~0.5 B-parameter bf16
+state dict with Qwen2.5-0.5B's shapes (served by `bench.sink_rollout`: the real RolloutServicer and
+WeightUpdater over an engine that only holds the tensors). Two transports: "stream" (Begin/Push/Commit
+over gRPC, digest-checked) and "checkpoint" (SaveWeights into /dev/shm, then LoadWeights: the
+same-host shared-memory path).
+
+End to end = from the publish call until the replica answers that the new version is serving.
+Phases of the stream (measured by running the same steps one after the other, so they add up to a
+little more than the pipelined end to end): serialize (snapshot + chunk messages + digest), transfer
+(PushWeights), stage (reassembly, digest check, tensors; the commit minus the swap), swap (the engine
+takes the tensors). Checkpoint phases: write (safetensors into tmpfs) and load (LoadWeights).
+
+    python -m bench.weight_sync            # anvil-small + 0.5 B synthetic, torch and vLLM engines
+    python -m bench.weight_sync --quick    # anvil-tiny + a 15 M synthetic set, torch engine, replicas in process
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import importlib.util
+import itertools
+import math
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from bench.baselines import DEFAULT_CHUNK, loopback_tcp, memcpy, raw_grpc_server, raw_grpc_stream
+from bench.common import (
+    MiB,
+    Ratio,
+    Stopwatch,
+    Timing,
+    base_parser,
+    console,
+    run_main,
+    throughput_ratio,
+    time_sync,
+    timing_table,
+    write_results,
+)
+from bench.sink_rollout import PARAMS_ENV, start_sink, synthetic_shapes, synthetic_state_dict
+from coordinator.launcher import start_service, toml_value
+from coordinator.models import resolve_model
+from learner.config import LearnerConfig
+from learner.publisher import tensors_as_bytes
+from learner.server import start_learner
+from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc, rollout_pb2, rollout_pb2_grpc
+from protos.rpc import open_channel
+from protos.weights_codec import digest, framed_push_requests, push_weight_update
+from rollout.config import RolloutConfig, TorchEngineConfig, VllmEngineConfig
+from rollout.server import start_rollout
+
+PUSH_METHOD = "/anvil.v1.RolloutService/PushWeights"
+SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
+def nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Replica:
+    """A rollout replica the benchmark publishes to (a process, or a server in this process for --quick)."""
+
+    def __init__(self, label: str, address: str, stop: Callable[[], Awaitable[None]]) -> None:
+        self.label, self.address, self.stop = label, address, stop
+        self._versions = itertools.count(1)
+
+    def next_version(self) -> int:
+        return next(self._versions)
+
+
+async def stream_phases(replica: Replica, named: list[tuple[str, torch.Tensor]], chunk_bytes: int) -> dict[str, float]:
+    """One stream publication done step by step, each step timed."""
+    watch, version = Stopwatch(), replica.next_version()
+    async with open_channel(replica.address) as channel:
+        stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+        start = time.perf_counter()
+        with watch.phase("serialize"):
+            snapshot = sorted(tensors_as_bytes(named), key=lambda tensor: tensor.name)
+            requests = list(framed_push_requests(version, snapshot, chunk_bytes))
+            expected = digest([(t.name, t.data) for t in snapshot])
+        with watch.phase("transfer"):
+            await stub.BeginWeightUpdate(rollout_pb2.BeginWeightUpdateRequest(version=version))
+            await channel.stream_unary(PUSH_METHOD, request_serializer=None)(iter(requests))
+        commit_start = time.perf_counter()
+        reply = await stub.CommitWeightUpdate(rollout_pb2.CommitWeightUpdateRequest(version=version, digest=expected))
+        commit_s = time.perf_counter() - commit_start
+        watch.phases["swap"] = reply.swap_duration_s
+        watch.phases["stage"] = commit_s - reply.swap_duration_s
+        watch.phases["total"] = time.perf_counter() - start
+    return watch.phases
+
+
+async def repeat_phases(label: str, repeats: int, run, num_bytes: int) -> tuple[Timing, dict[str, Timing]]:
+    """Run a phase-reporting publication `repeats` times (+1 warm-up); Timings of the total and each phase."""
+    await run()
+    samples = [await run() for _ in range(repeats)]
+    phases = {
+        name: Timing(f"{label} · {name}", [sample[name] for sample in samples], num_bytes)
+        for name in samples[0]
+        if name != "total"
+    }
+    return Timing(f"{label} · sum of phases", [s["total"] for s in samples], num_bytes), phases
+
+
+async def e2e_stream_direct(replica: Replica, named: list[tuple[str, torch.Tensor]], chunk_bytes: int) -> None:
+    """What the learner's publisher does for one replica: snapshot, then push_weight_update."""
+    snapshot = await asyncio.to_thread(tensors_as_bytes, named)
+    async with open_channel(replica.address) as channel:
+        await push_weight_update(channel, replica.next_version(), snapshot, chunk_bytes)
+
+
+async def checkpoint_phases(replica: Replica, state: dict[str, torch.Tensor], directory: Path) -> dict[str, float]:
+    """safetensors into tmpfs, then LoadWeights: the checkpoint transport's two steps."""
+    watch = Stopwatch()
+    start = time.perf_counter()
+    with watch.phase("write"):
+        directory.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(save_file, state, directory / "model.safetensors")
+    async with open_channel(replica.address) as channel:
+        stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+        with watch.phase("load"):
+            await stub.LoadWeights(rollout_pb2.LoadWeightsRequest(path=str(directory), version=replica.next_version()))
+    watch.phases["total"] = time.perf_counter() - start
+    return watch.phases
+
+
+async def start_replica(
+    args: argparse.Namespace, label: str, logs: Path, model_dir: Path | None = None, engine: str = "torch"
+) -> Replica:
+    """A rollout replica serving `model_dir` with `engine`, or the synthetic sink when model_dir is None."""
+    if args.in_process:
+        if model_dir is None:
+            running = await start_sink(args.synthetic_params)
+            return Replica(label, running.address, lambda: running.stop(0))
+        config = RolloutConfig(model=model_dir, engine=TorchEngineConfig() if engine == "torch" else VllmEngineConfig())
+        running, servicer = await start_rollout(config)
+
+        async def stop() -> None:
+            await running.stop(0)
+            await servicer.engine.close()
+
+        return Replica(label, running.address, stop)
+    if model_dir is None:
+        module, overrides, env = "bench.sink_rollout", [], {PARAMS_ENV: str(args.synthetic_params)}
+    else:
+        module, overrides, env = "rollout", [f"model={toml_value(model_dir)}", f'engine.type="{engine}"'], {}
+    process = await start_service(label, module, overrides, logs, env, 300)
+
+    async def stop_process() -> None:
+        process.stop()
+
+    return Replica(label, process.address, stop_process)
+
+
+def component_costs(state: dict[str, torch.Tensor], size: int, repeats: int) -> list[Timing]:
+    """Single-core throughput of the work every streamed byte needs beyond the raw transfer (the profile)."""
+    views = [memoryview(t.view(torch.uint8).numpy()) for t in state.values()]
+
+    def sha256_all() -> None:
+        hasher = hashlib.sha256()
+        for view in views:
+            hasher.update(view)
+
+    def copy_into_fresh_memory() -> None:
+        for view in views:
+            for offset in range(0, len(view), DEFAULT_CHUNK):
+                bytes(view[offset : offset + DEFAULT_CHUNK])
+
+    wire = next(
+        framed_push_requests(1, tensors_as_bytes([max(state.items(), key=lambda kv: kv[1].numel())]), DEFAULT_CHUNK)
+    )
+    parse_repeats = max(1, size // len(wire))
+
+    def parse_chunks() -> None:
+        for _ in range(parse_repeats):
+            rollout_pb2.PushWeightsRequest.FromString(wire).chunk.data  # noqa: B018 - the read is the cost
+
+    return [
+        time_sync("profile: sha256 (one core)", sha256_all, repeats, 0, size),
+        time_sync("profile: copy into fresh 4 MiB buffers", copy_into_fresh_memory, repeats, 0, size),
+        time_sync("profile: protobuf parse + read of chunk data", parse_chunks, repeats, 0, parse_repeats * len(wire)),
+    ]
+
+
+async def bench_synthetic(args, logs: Path, raw_address: str, repeats: int) -> tuple[list[Timing], list[Ratio]]:
+    shapes = synthetic_shapes(args.synthetic_params)
+    state = synthetic_state_dict(shapes)
+    named = list(state.items())
+    size = nbytes(state.values())
+    params = sum(math.prod(s) for s in shapes.values())
+    label = f"synthetic {params / 1e6:.0f}M bf16"
+    console.print(f"[bold]{label}[/]: {size / MiB:.0f} MiB, {len(shapes)} tensors")
+
+    baselines = [memcpy(size, repeats), loopback_tcp(size, repeats)]
+    raw = await raw_grpc_stream(raw_address, size, repeats, args.chunk_bytes)
+    baselines.append(raw)
+    memcpy_timing = baselines[0]
+
+    replica = await start_replica(args, "sink", logs)
+    try:
+        phased_total, phases = await repeat_phases(
+            f"{label} stream", repeats, lambda: stream_phases(replica, named, args.chunk_bytes), size
+        )
+        e2e = await _time(
+            f"{label} stream · end to end", repeats, size, lambda: e2e_stream_direct(replica, named, args.chunk_bytes)
+        )
+        with tempfile.TemporaryDirectory(prefix="anvil-bench-ckpt-", dir=SHM) as shm:
+            counter = itertools.count()
+            ckpt_total, ckpt_phases = await repeat_phases(
+                f"{label} checkpoint (tmpfs)",
+                repeats,
+                lambda: checkpoint_phases(replica, state, Path(shm) / f"v{next(counter)}"),
+                size,
+            )
+    finally:
+        await replica.stop()
+
+    transport = Timing(
+        f"{label} stream · transport (serialize+transfer+stage)",
+        [
+            s + t + g
+            for s, t, g in zip(
+                phases["serialize"].seconds, phases["transfer"].seconds, phases["stage"].seconds, strict=True
+            )
+        ],
+        size,
+    )
+    profile = component_costs(state, size, repeats)
+    timings = [*baselines, e2e, phased_total, *phases.values(), transport, ckpt_total, *ckpt_phases.values(), *profile]
+    ratios = [
+        throughput_ratio(
+            "synthetic stream e2e / raw gRPC", e2e, raw, "stream publication end to end vs raw gRPC bytes stream", 0.8
+        ),
+        throughput_ratio(
+            "synthetic stream transport / raw gRPC",
+            transport,
+            raw,
+            "serialize+transfer+stage (no engine swap) vs raw gRPC bytes stream",
+            None,
+        ),
+        throughput_ratio(
+            "synthetic checkpoint(tmpfs) e2e / memcpy",
+            ckpt_total,
+            memcpy_timing,
+            "same-host path (SaveWeights->tmpfs->LoadWeights) vs one memcpy",
+            0.5,
+        ),
+        throughput_ratio("raw gRPC / memcpy", raw, memcpy_timing, "context: the gRPC floor vs memory", None),
+        throughput_ratio(
+            "sha256 / raw gRPC", profile[0], raw, "profile: the digest alone vs the wire (each side hashes once)", None
+        ),
+        throughput_ratio("loopback TCP / memcpy", baselines[1], memcpy_timing, "context", None),
+    ]
+    return timings, ratios
+
+
+async def _time(name: str, repeats: int, num_bytes: int, fn) -> Timing:
+    await fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        await fn()
+        samples.append(time.perf_counter() - start)
+    return Timing(name, samples, num_bytes)
+
+
+async def bench_model(
+    args, logs: Path, raw_address: str, repeats: int, engines: list[str]
+) -> tuple[list[Timing], list[Ratio]]:
+    model_dir = resolve_model(args.model)
+    with tempfile.TemporaryDirectory(prefix="anvil-bench-learner-", dir=SHM) as checkpoints:
+        config = LearnerConfig(checkpoint_dir=Path(checkpoints), models={args.model: model_dir})
+        running, servicer = await start_learner(config)
+        try:
+            async with open_channel(running.address) as channel:
+                stub = learner_pb2_grpc.LearnerServiceStub(channel)
+                session_id = (
+                    await stub.CreateSession(learner_pb2.CreateSessionRequest(base_model=args.model))
+                ).session_id
+                backend = servicer.sessions.get(session_id).backend
+                named = list(backend.named_weights())
+                size = nbytes(t for _, t in named)
+                console.print(f"[bold]{args.model}[/]: {size / MiB:.0f} MiB float32, {len(named)} tensors")
+                memcpy_timing = memcpy(size, repeats)
+                raw = await raw_grpc_stream(raw_address, size, repeats, args.chunk_bytes)
+                timings, ratios = [memcpy_timing, raw], []
+                seq = itertools.count(1)
+                for engine in engines:
+                    replica = await start_replica(args, f"rollout-{engine}", logs, model_dir, engine)
+                    label = f"{args.model} → {engine}"
+                    try:
+                        _, phases = await repeat_phases(
+                            f"{label} stream",
+                            repeats,
+                            lambda r=replica: stream_phases(r, named, args.chunk_bytes),
+                            size,
+                        )
+
+                        async def publish(transport: str, r: Replica = replica) -> None:
+                            request = learner_pb2.PublishWeightsRequest(
+                                session_id=session_id,
+                                seq_id=next(seq),
+                                targets=[common_pb2.WeightTarget(address=r.address)],
+                                transport=transport,
+                                version=r.next_version(),
+                            )
+                            await stub.PublishWeights(request)
+
+                        stream = await _time(
+                            f"{label} stream · PublishWeights e2e", repeats, size, lambda: publish("stream")
+                        )
+                        ckpt = await _time(
+                            f"{label} checkpoint(tmpfs) · PublishWeights e2e",
+                            repeats,
+                            size,
+                            lambda: publish("checkpoint"),
+                        )
+                    finally:
+                        await replica.stop()
+                    timings += [stream, *phases.values(), ckpt]
+                    ratios += [
+                        throughput_ratio(
+                            f"{label} stream e2e / raw gRPC", stream, raw, "PublishWeights(stream) vs raw gRPC", None
+                        ),
+                        throughput_ratio(
+                            f"{label} checkpoint e2e / memcpy",
+                            ckpt,
+                            memcpy_timing,
+                            "PublishWeights(checkpoint, tmpfs) vs memcpy",
+                            None,
+                        ),
+                    ]
+        finally:
+            await running.stop(0)
+    return timings, ratios
+
+
+async def main(args: argparse.Namespace) -> None:
+    if args.quick:
+        args.model, args.synthetic_params = "anvil-tiny", min(args.synthetic_params, 16_000_000)
+        args.in_process = True
+    repeats = args.repeats or (2 if args.quick else 3)
+    engines = args.engines or (["torch"] if args.quick else ["torch", "vllm"])
+    if "vllm" in engines and importlib.util.find_spec("vllm") is None:
+        engines.remove("vllm")
+        console.print("[yellow]vllm is not installed: the vLLM engine is left out[/]")
+    timings: list[Timing] = []
+    ratios: list[Ratio] = []
+    with tempfile.TemporaryDirectory(prefix="anvil-bench-logs-") as logs:
+        async with raw_grpc_server() as raw_address:
+            for part in (
+                bench_synthetic(args, Path(logs), raw_address, repeats),
+                bench_model(args, Path(logs), raw_address, repeats, engines),
+            ):
+                more_timings, more_ratios = await part
+                timings += more_timings
+                ratios += more_ratios
+    console.print(timing_table("weight sync", timings))
+    config = {
+        "model": args.model,
+        "synthetic_params": args.synthetic_params,
+        "chunk_bytes": args.chunk_bytes,
+        "repeats": repeats,
+        "engines": engines,
+        "quick": args.quick,
+        "in_process": args.in_process,
+    }
+    write_results("weight_sync", args.out, config, timings, ratios)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = base_parser("weight_sync", __doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="anvil-small", help="built-in model published by the learner")
+    parser.add_argument("--synthetic-params", type=int, default=500_000_000, help="size of the synthetic bf16 set")
+    parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK, help="stream chunk size (and raw baseline's)")
+    parser.add_argument(
+        "--repeats", type=int, default=0, help="timed repeats per measurement (0: 3, or 2 with --quick)"
+    )
+    parser.add_argument(
+        "--in-process", action="store_true", help="replicas in this process, not their own (--quick sets it)"
+    )
+    parser.add_argument("--engines", nargs="*", choices=["torch", "vllm"], help="rollout engines for the model")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args())

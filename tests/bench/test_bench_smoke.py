@@ -1,0 +1,81 @@
+"""Each benchmark runs end to end in its smallest mode (`--quick`) and writes the JSON the README promises.
+
+No timing is asserted (these machines are noisy); only that every script runs on real parts and reports
+its ratios, baselines and machine description.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import data_plane, learner_overhead, loop, rollout, weight_sync
+
+TOP_LEVEL_KEYS = {"benchmark", "date", "git", "machine", "command", "config", "timings", "ratios", "notes"}
+MACHINE_KEYS = {"cpu_model", "cores", "ram_gib", "python", "versions"}
+
+
+def run_quick(module, tmp_path: Path, extra: list[str] | None = None) -> dict:
+    out = tmp_path / f"{module.__name__.rsplit('.', 1)[-1]}.json"
+    args = module.parse_args(["--quick", "--out", str(out), *(extra or [])])
+    asyncio.run(module.main(args))
+    return json.loads(out.read_text())
+
+
+def check_common(result: dict, name: str, ratio_names: set[str]) -> None:
+    assert set(result) >= TOP_LEVEL_KEYS
+    assert result["benchmark"] == name
+    assert set(result["machine"]) >= MACHINE_KEYS
+    assert {"torch", "grpcio"} <= set(result["machine"]["versions"])
+    assert result["timings"] and all(t["samples_s"] for t in result["timings"])
+    ratios = {r["name"]: r for r in result["ratios"]}
+    assert ratio_names <= set(ratios), sorted(ratios)
+    for ratio in ratios.values():
+        assert math.isfinite(ratio["value"])
+        assert {"target", "met", "meaning", "higher_is_better"} <= set(ratio)
+
+
+def test_weight_sync(tmp_path):
+    result = run_quick(weight_sync, tmp_path)
+    check_common(
+        result,
+        "weight_sync",
+        {
+            "synthetic stream e2e / raw gRPC",
+            "synthetic checkpoint(tmpfs) e2e / memcpy",
+            "anvil-tiny → torch stream e2e / raw gRPC",
+        },
+    )
+    names = {t["name"] for t in result["timings"]}
+    assert any(name.endswith("· serialize") for name in names)
+    assert any(name.endswith("· swap") for name in names)
+    assert {"baseline: memcpy", "baseline: loopback TCP"} <= names
+
+
+def test_data_plane(tmp_path):
+    result = run_quick(data_plane, tmp_path)
+    check_common(result, "data_plane", {"anvil / raw gRPC (time)"})
+    assert any("gateway" in note for note in result["notes"]) or any("REST" in t["name"] for t in result["timings"])
+
+
+def test_learner_overhead(tmp_path):
+    result = run_quick(learner_overhead, tmp_path)
+    check_common(result, "learner_overhead", {"service / in-process (time)"})
+
+
+def test_rollout(tmp_path):
+    result = run_quick(rollout, tmp_path)
+    check_common(result, "rollout", {"torch: service / direct (tokens/s)"})
+    assert all(t["tokens_per_s"] > 0 for t in result["timings"])
+
+
+@pytest.mark.timeout(300)
+def test_loop(tmp_path):
+    result = run_quick(loop, tmp_path)
+    check_common(result, "loop", {"async / sync (steps per minute)"})
+    assert set(result["modes"]) == {"sync", "async"}
+    assert 0 <= result["modes"]["sync"]["learner_idle_fraction"] <= 1
