@@ -57,18 +57,26 @@ def main() -> None:
     deployments.create_or_get(DeploymentConfig(deployment_id=deployment_id, base_model=args.base_model))
     deployments.wait_for_ready(deployment_id)
 
+    try:
+        run_job(args, deployments, deployment_id, suffix)
+    finally:
+        if not args.keep:
+            deployments.delete(deployment_id)
+
+
+def run_job(args: argparse.Namespace, deployments: DeploymentManager, deployment_id: str, suffix: str) -> None:
     trainers = TrainerJobManager(api_key=args.api_key, base_url=args.base_url)
     endpoint = trainers.create_and_wait(
         TrainerJobConfig(
             base_model=args.base_model, lora_rank=args.lora_rank, learning_rate=1e-3, display_name="anvil-rl-trainer"
-        )  # fmt: skip
+        )
     )
     try:
         service = FiretitanServiceClient(base_url=endpoint.base_url, api_key=args.api_key)
         policy = service.create_training_client(base_model=args.base_model, lora_rank=0)
 
         prompt = [4, 40, 405, 226, 28]
-        data = [datum(prompt + [7, 9], [0.0] * 4 + [1.0, 1.0]), datum(prompt + [11], [0.0] * 4 + [1.0])]
+        data = [datum([*prompt, 7, 9], [0.0] * 4 + [1.0, 1.0]), datum([*prompt, 11], [0.0] * 4 + [1.0])]
         before = policy.forward(data, "cross_entropy").result()
 
         def policy_gradient(batch, logprobs_list):  # REINFORCE on the completion tokens, advantage +1 / -1
@@ -121,7 +129,6 @@ def main() -> None:
     finally:
         if not args.keep:
             trainers.delete(endpoint.job_id)
-            deployments.delete(deployment_id)
 
 
 if __name__ == "__main__":
