@@ -35,7 +35,8 @@ class MegatronBackendConfig(BaseModel):
     tp: int = Field(default=1, ge=1)
     """Tensor-parallel size: attention heads, MLP and vocabulary are split over this many ranks."""
     pp: int = Field(default=1, ge=1)
-    """Pipeline-parallel size. Only 1 is implemented: larger values are refused at start-up."""
+    """Pipeline-parallel size: the layers are split into this many consecutive stages (num_layers % pp == 0).
+    One micro-batch per request, so stages run one after another: PP divides memory, not time."""
     dp: int | None = Field(default=None, ge=1)
     """Data-parallel size; None derives it as world_size / (tp * pp). Datums are split over DP replicas."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -55,8 +56,6 @@ class MegatronBackendConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_layout(self) -> MegatronBackendConfig:
-        if self.pp != 1:
-            raise ValueError("backend.pp > 1: pipeline parallelism is not implemented yet; use tp and dp")
         if self.vocab_multiple % self.tp:
             raise ValueError(f"backend.vocab_multiple={self.vocab_multiple} must be a multiple of tp={self.tp}")
         return self

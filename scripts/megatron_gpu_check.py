@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per backend (after one warm-up)")
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     from learner.config import MegatronBackendConfig, TorchBackendConfig
     from learner.losses import LOSSES
 
-    config = MegatronBackendConfig(tp=args.tp, device=args.device, dtype=args.dtype)
+    config = MegatronBackendConfig(tp=args.tp, pp=args.pp, device=args.device, dtype=args.dtype)
     layout = parallel.initialize(config)
     host = EngineHost(config, layout)
     if layout.rank != 0:
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
             "device": torch.cuda.get_device_name() if layout.device.type == "cuda" else "cpu",
             "dtype": config.dtype,
             "tp": layout.tp,
+            "pp": layout.pp,
             "tokens_per_step": args.batch * args.seq,
             "megatron_vs_torch": differences(lp_megatron, lp_torch),
             "megatron_vs_fp32": differences(lp_megatron, lp_truth),

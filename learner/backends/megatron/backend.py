@@ -100,7 +100,7 @@ class MegatronBackend(LearnerBackend):
             num_parameters=created["num_parameters"],
             vocab_size=created["vocab_size"],
             max_context_length=int(getattr(hf_config, "max_position_embeddings", 0) or 0),
-            backend=f"megatron(tp={layout.tp},dp={layout.dp})",
+            backend=f"megatron(tp={layout.tp},pp={layout.pp},dp={layout.dp})",
         )
         self._step = 0
 

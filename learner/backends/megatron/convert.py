@@ -105,6 +105,31 @@ def megatron_names(shape: ModelShape) -> list[str]:
     return names if shape.tied else [*names, "output_layer.weight"]
 
 
+def stage_names(shape: ModelShape, pp_rank: int, pp: int) -> dict[str, str]:
+    """Pipeline stage `pp_rank`'s parameter names (layers numbered locally, as in named_parameters) ->
+    their whole-model names. With tied embeddings and pp > 1 the last stage holds its own copy of the
+    embedding as `output_layer.weight` (Megatron keeps the two in sync through their gradients)."""
+    if shape.num_layers % pp:
+        raise FailedPrecondition(f"{shape.num_layers} layers cannot be split into pp={pp} equal stages")
+    per_stage = shape.num_layers // pp
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    names: dict[str, str] = {}
+    for name in megatron_names(shape):
+        if name.startswith("decoder.layers."):
+            index, rest = name.removeprefix("decoder.layers.").split(".", 1)
+            local = int(index) - pp_rank * per_stage
+            if 0 <= local < per_stage:
+                names[f"decoder.layers.{local}.{rest}"] = name
+        elif name == "embedding.word_embeddings.weight":
+            if first:
+                names[name] = name
+            if last and shape.tied and pp > 1:
+                names["output_layer.weight"] = name
+        elif last:
+            names[name] = name
+    return names
+
+
 def partition_dim(name: str) -> int | None:
     """The dimension a Megatron parameter is split along over TP ranks; None when it is replicated."""
     if name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_fc1.weight")):

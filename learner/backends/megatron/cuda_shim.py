@@ -12,6 +12,9 @@ optimizer/DDP stack, which want `Tensor.type() == 'torch.cuda.FloatTensor'`).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 _installed = False
@@ -44,3 +47,18 @@ def install_if_needed() -> bool:
     torch.cuda.synchronize = lambda *args, **kwargs: None  # dist_checkpointing's preload
     _installed = True
     return True
+
+
+@contextlib.contextmanager
+def tensor_cuda_is_identity() -> Iterator[None]:
+    """While active (and only without a GPU), `Tensor.cuda()` returns the tensor itself: GPTModel's
+    constructor moves the tied output-layer copy of a pipeline's last stage with `.cuda()`."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original

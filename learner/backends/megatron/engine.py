@@ -4,12 +4,14 @@ Every rank runs the same method with the same arguments (the lockstep module see
 return what rank 0 needs and something harmless elsewhere. The semantics are the torch backend's:
 
 * forward: right-padded batch, causal mask, per-token target logprobs from vocab-parallel logits, the
-  learner.losses function on them, backward into accumulating .grad. With DP > 1 each replica takes a
-  contiguous slice of the datums (the built-in losses are per-token sums, so gradients add up); rank 0
-  gathers every datum's logprobs and recomputes the metrics on the whole batch.
-* optim_step: gradients summed over DP and scaled by grad_scale, global norm over TP (replicated norms
-  counted once), torch's clip_grads_with_norm_, then torch.optim.AdamW on the local shard - AdamW is
-  elementwise, so the sharded update is the unsharded one.
+  learner.losses function on them, backward into accumulating .grad. With PP > 1 the hidden states go
+  stage to stage (one micro-batch) and the loss lives on the last stage. With DP > 1 each replica takes
+  a contiguous slice of the datums (the built-in losses are per-token sums, so gradients add up). Rank 0
+  collects every datum's logprobs and, unless it computed them all itself, recomputes the metrics.
+* optim_step: gradients summed over DP (and over the tied embedding's two pipeline copies), scaled by
+  grad_scale, global norm over TP x PP (replicated norms and the tied copy counted once), torch's
+  clip_grads_with_norm_, then torch.optim.AdamW on the local shard - AdamW is elementwise, so the
+  sharded update is the unsharded one.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.distributed as dist
 from learner.backends.base import AdamParams, ForwardResult
 from learner.backends.megatron import convert
 from learner.backends.megatron.logprobs import vocab_parallel_target_logprobs
-from learner.backends.megatron.model import build_model
+from learner.backends.megatron.model import build_model, hf_tensor_shapes
 from learner.backends.megatron.parallel import ParallelLayout
 from learner.batch import TrainingBatch
 from learner.config import MegatronBackendConfig
@@ -38,6 +40,8 @@ class MegatronEngine:
         self.config = config
         self.layout = layout
         self.model, self.shape, self.hf_config = build_model(model_path, config, layout)
+        self.base_shapes = hf_tensor_shapes(model_path)
+        self.stage_names = convert.stage_names(self.shape, layout.pp_rank, layout.pp)
         self.optimizer = self.new_optimizer()
         self.step = 0
         bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and layout.device.type == "cuda")
@@ -61,20 +65,17 @@ class MegatronEngine:
             }
         return optimizer
 
+    def hf_shapes(self) -> dict[str, list[int]]:
+        """Every HF parameter's shape (the whole model's, whatever this rank holds)."""
+        shapes = {}
+        for name in convert.megatron_names(self.shape):
+            full = convert.hf_to_megatron(name, self.shape, lambda hf_name: _meta(self.base_shapes[hf_name]))
+            shapes.update({n: list(t.shape) for n, t in convert.megatron_to_hf(name, full, self.shape)})
+        return shapes
+
     def num_parameters(self) -> int:
         """Unpadded, unsharded count (what the HF model has)."""
-        return sum(t.numel() for _, t in self.hf_shapes_and_dummies())
-
-    def hf_shapes(self) -> dict[str, list[int]]:
-        return {name: list(t.shape) for name, t in self.hf_shapes_and_dummies()}
-
-    def hf_shapes_and_dummies(self):
-        for name, parameter in self.model.named_parameters():
-            full_shape = list(parameter.shape)
-            dim = convert.partition_dim(name)
-            if dim is not None:
-                full_shape[dim] *= self.layout.tp
-            yield from convert.megatron_to_hf(name, torch.empty(full_shape, device="meta"), self.shape)
+        return sum(int(np.prod(shape)) for shape in self.hf_shapes().values())
 
     # --- compute ------------------------------------------------------------------------------------
 
@@ -87,8 +88,11 @@ class MegatronEngine:
         bounds = np.linspace(0, count, self.layout.dp + 1).round().astype(int)
         return range(bounds[self.layout.dp_rank], bounds[self.layout.dp_rank + 1])
 
-    def _logprobs(self, data) -> list[torch.Tensor]:
-        device = self.layout.device
+    def _logprobs(self, data) -> list[torch.Tensor] | None:
+        """This stage's part of the forward; per-datum target logprobs on the last stage, None elsewhere.
+        One micro-batch: stages run one after another (activations sent as fp32 with send/recv)."""
+        layout = self.layout
+        device = layout.device
         lengths = [len(d.model_input) for d in data]
         widths = [d.targets_per_position for d in data]
         batch, length, k = len(data), max(lengths), max(widths)
@@ -101,38 +105,71 @@ class MegatronEngine:
             )
         position_ids_BL = torch.arange(length).unsqueeze(0).expand(batch, -1)
         causal_mask = torch.ones(length, length, dtype=torch.bool).triu(1).view(1, 1, length, length)  # True = hidden
+        inputs = (input_ids_BL.to(device), position_ids_BL.to(device), causal_mask.to(device))
+        received = None
+        if not layout.first_stage:  # hidden states [L, B, H] from the previous stage
+            received = torch.empty(length, batch, self.hf_config.hidden_size, dtype=torch.float32, device=device)
+            dist.recv(received, src=layout.prev_rank)
+            received.requires_grad_(torch.is_grad_enabled())
+            self.model.set_input_tensor(received)
         with self._autocast():
-            logits_BLv = self.model(input_ids_BL.to(device), position_ids_BL.to(device), causal_mask.to(device))
+            output = self.model(*inputs)
+        self._stage_io = (received, output)
+        if not layout.last_stage:
+            dist.send(output.detach().float().contiguous(), dst=layout.next_rank)
+            return None
         logprobs_BLK = vocab_parallel_target_logprobs(
-            logits_BLv, targets_BLK.to(device), self.shape.vocab_size, self.layout.tp_rank, self.layout.tp_group
+            output, targets_BLK.to(device), self.shape.vocab_size, layout.tp_rank, layout.tp_group
         )
         return [logprobs_BLK[row, : lengths[row], : widths[row]].reshape(-1) for row in range(batch)]
+
+    def _pipeline_backward(self, loss_value: torch.Tensor | None) -> None:
+        """Backward through this stage: from the loss on the last stage, else from the next stage's
+        gradient of our output; then pass the gradient of our input to the previous stage."""
+        layout = self.layout
+        received, output = self._stage_io
+        if layout.last_stage:
+            loss_value.backward()
+        else:
+            grad = torch.empty(output.shape, dtype=torch.float32, device=output.device)
+            dist.recv(grad, src=layout.next_rank)
+            output.backward(grad.to(output.dtype))
+        if not layout.first_stage:
+            dist.send(received.grad.float().contiguous(), dst=layout.prev_rank)
 
     def forward(
         self, batch: TrainingBatch, loss: LossSpec, loss_config: Mapping[str, float], backward: bool
     ) -> ForwardResult | None:
-        rows = self._my_rows(len(batch.data))
-        mine = [batch.data[i] for i in rows]
+        mine = [batch.data[i] for i in self._my_rows(len(batch.data))]
         local: list[np.ndarray] = []
         metrics: dict[str, float] = {}
         if mine:
             with torch.enable_grad() if backward else torch.no_grad():
                 per_datum = self._logprobs(mine)
-                inputs_T = {
-                    name: torch.from_numpy(np.concatenate([d.loss_inputs[name] for d in mine])).to(self.layout.device)
-                    for name in batch.input_names
-                }
-                loss_value, metrics = loss.fn(torch.cat(per_datum), inputs_T, loss_config)
+                loss_value = None
+                if per_datum is not None:
+                    inputs_T = {
+                        name: torch.from_numpy(np.concatenate([d.loss_inputs[name] for d in mine])).to(
+                            self.layout.device
+                        )
+                        for name in batch.input_names
+                    }
+                    loss_value, metrics = loss.fn(torch.cat(per_datum), inputs_T, loss_config)
+                    local = [lp.detach().float().cpu().numpy() for lp in per_datum]
                 if backward:
-                    loss_value.backward()
-            local = [lp.detach().float().cpu().numpy() for lp in per_datum]
-        if self.layout.dp == 1:
-            return ForwardResult(local, metrics) if self.layout.rank == 0 else None
-        gathered: list = [None] * self.layout.dp
-        dist.all_gather_object(gathered, local, group=self.layout.dp_group)
+                    self._pipeline_backward(loss_value)
+            self._stage_io = None
+        if self.layout.world_size == 1:
+            return ForwardResult(local, metrics)
+        # Rank 0 needs every DP replica's logprobs, held by their last stage's TP rank 0.
+        payload = local if self.layout.holds_results else None
+        gathered: list = [None] * self.layout.world_size
+        dist.all_gather_object(gathered, payload, group=self.layout.control_group)
         if self.layout.rank != 0:
             return None
-        logprobs = [lp for part in gathered for lp in part]
+        logprobs = [lp for part in gathered if part is not None for lp in part]
+        if self.layout.dp == 1 and self.layout.pp == 1:
+            return ForwardResult(logprobs, metrics)
         inputs_T = {
             name: torch.from_numpy(np.concatenate([d.loss_inputs[name] for d in batch.data]))
             for name in batch.input_names
@@ -150,16 +187,19 @@ class MegatronEngine:
                     if parameter.grad is None:
                         parameter.grad = torch.zeros_like(parameter)
                     dist.all_reduce(parameter.grad, group=self.layout.dp_group)
+        self._sync_tied_embedding_grads()
         named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
         if params.grad_scale != 1.0:  # before clipping, as the torch backend
             for _, parameter in named:
                 parameter.grad.mul_(params.grad_scale)
         sum_squares = torch.zeros((), dtype=torch.float32, device=self.layout.device)
         for name, parameter in named:
-            if convert.partition_dim(name) is not None or self.layout.tp_rank == 0:  # replicated: count once
+            replicated = convert.partition_dim(name) is None
+            tied_copy = self._is_tied_copy(name)
+            if not tied_copy and (not replicated or self.layout.tp_rank == 0):  # count each element once
                 sum_squares += parameter.grad.float().square().sum()
-        if self.layout.tp > 1:
-            dist.all_reduce(sum_squares, group=self.layout.tp_group)
+        if self.layout.tp * self.layout.pp > 1:
+            dist.all_reduce(sum_squares, group=self.layout.model_parallel_group)
         grad_norm = sum_squares.sqrt()
         with_grads = [p for _, p in named]
         if params.grad_clip_norm > 0 and with_grads:
@@ -176,18 +216,47 @@ class MegatronEngine:
         self.step += 1
         return {"grad_norm:mean": float(grad_norm), "learning_rate:mean": params.learning_rate}
 
+    def _is_tied_copy(self, name: str) -> bool:
+        """The last pipeline stage's copy of a tied embedding (counted and exported once, on stage 0)."""
+        return name == "output_layer.weight" and self.stage_names[name] == "embedding.word_embeddings.weight"
+
+    def _sync_tied_embedding_grads(self) -> None:
+        """Tied embeddings over pipeline stages: the first stage's embedding and the last stage's output
+        copy are one HF tensor, so both take the sum of their gradients (as Megatron's finalize does)."""
+        layout = self.layout
+        if not (self.shape.tied and layout.pp > 1 and layout.embedding_group is not None):
+            return
+        model = self.model
+        weight = model.embedding.word_embeddings.weight if layout.first_stage else model.output_layer.weight
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        dist.all_reduce(weight.grad, group=layout.embedding_group)
+
     # --- weights --------------------------------------------------------------------------------------
 
     def gather_hf_weights(self) -> dict[str, torch.Tensor] | None:
-        """Every weight by HF name on rank 0 (CPU, float32); TP shards all-gathered, DP replica 0's."""
+        """Every weight by HF name on rank 0 (CPU, float32): TP shards all-gathered, pipeline stages sent
+        to rank 0, DP replica 0's copy."""
+        layout = self.layout
         out: dict[str, torch.Tensor] = {}
+        keep = layout.tp_rank == 0 and layout.dp_rank == 0
         for name, parameter in self.model.named_parameters():
             tensor = parameter.detach()
-            if convert.partition_dim(name) is not None and self.layout.tp > 1:
-                parts = [torch.empty_like(tensor) for _ in range(self.layout.tp)]
-                dist.all_gather(parts, tensor.contiguous(), group=self.layout.tp_group)
+            if convert.partition_dim(name) is not None and layout.tp > 1:
+                parts = [torch.empty_like(tensor) for _ in range(layout.tp)]
+                dist.all_gather(parts, tensor.contiguous(), group=layout.tp_group)
                 tensor = convert.unshard(name, parts)
-            if self.layout.rank == 0:
-                for hf_name, hf_tensor in convert.megatron_to_hf(name, tensor, self.shape):
+            whole_name = self.stage_names[name]
+            if keep and not self._is_tied_copy(name):
+                for hf_name, hf_tensor in convert.megatron_to_hf(whole_name, tensor, self.shape):
                     out[hf_name] = hf_tensor.to("cpu", torch.float32).clone()  # own storage: no views
-        return out if self.layout.rank == 0 else None
+        if layout.pp > 1:
+            stages: list | None = [None] * layout.world_size if layout.rank == 0 else None
+            dist.gather_object(out if keep else None, stages, dst=0, group=layout.control_group)
+            if layout.rank == 0:
+                out = {k: v for stage in stages if stage for k, v in stage.items()}
+        return out if layout.rank == 0 else None
+
+
+def _meta(shape) -> torch.Tensor:
+    return torch.empty(shape, device="meta")

@@ -3,7 +3,8 @@
 The TransformerConfig is derived from config.json (Llama / Qwen2: RMSNorm, SwiGLU, RoPE, GQA, Qwen2's qkv
 bias, tied embeddings). Parameters are created uninitialised (`perform_initialization=False`) and then
 filled from the safetensors, one HF tensor at a time, converted to Megatron layout and cut to this TP
-rank's slice - no rank ever holds more than one full layer tensor beyond its own shard.
+rank's slice of this pipeline stage's layers - no rank ever holds more than one full layer tensor beyond
+its own shard.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from learner.backends.megatron import convert
+from learner.backends.megatron import convert, cuda_shim
 from learner.backends.megatron.parallel import ParallelLayout
 from learner.config import MegatronBackendConfig
 from protos.errors import FailedPrecondition
@@ -53,6 +54,15 @@ def hf_tensor_reader(model_path: Path) -> Callable[[str], torch.Tensor]:
     return read
 
 
+def hf_tensor_shapes(model_path: Path) -> dict[str, list[int]]:
+    """Shapes of every tensor in the model directory's safetensors, read from the headers only."""
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(model_path.glob("*.safetensors")):
+        with safe_open(file, "pt") as handle:
+            shapes.update({name: list(handle.get_slice(name).get_shape()) for name in handle.keys()})  # noqa: SIM118
+    return shapes
+
+
 def build_model(model_path: Path, config: MegatronBackendConfig, layout: ParallelLayout):
     """(GPTModel holding this rank's shard of the HF weights, its ModelShape, the HF config)."""
     from megatron.core.models.gpt import GPTModel, gpt_layer_specs
@@ -79,6 +89,8 @@ def build_model(model_path: Path, config: MegatronBackendConfig, layout: Paralle
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        pipeline_dtype=torch.float32,  # activations between stages travel as fp32 (see engine._pipeline)
         params_dtype=torch.float32,  # fp32 master weights, as the torch backend; bf16 is autocast compute
         use_cpu_initialization=layout.device.type == "cpu",
         perform_initialization=False,  # every parameter is overwritten from the safetensors below
@@ -90,23 +102,30 @@ def build_model(model_path: Path, config: MegatronBackendConfig, layout: Paralle
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    model = GPTModel(
-        config=transformer_config,
-        transformer_layer_spec=spec,
-        vocab_size=shape.padded_vocab_size,
-        max_sequence_length=int(getattr(hf_config, "max_position_embeddings", 4096)),
-        share_embeddings_and_output_weights=shape.tied,
-        position_embedding_type="rope",
-        rotary_base=int(convert.rope_theta(hf_config)),
-    ).to(layout.device)
-    load_hf_weights(model, shape, hf_tensor_reader(model_path), layout)
+    names = convert.stage_names(shape, layout.pp_rank, layout.pp)  # checks num_layers % pp
+    with cuda_shim.tensor_cuda_is_identity():
+        model = GPTModel(
+            config=transformer_config,
+            transformer_layer_spec=spec,
+            vocab_size=shape.padded_vocab_size,
+            max_sequence_length=int(getattr(hf_config, "max_position_embeddings", 4096)),
+            pre_process=layout.first_stage,
+            post_process=layout.last_stage,
+            share_embeddings_and_output_weights=shape.tied,
+            position_embedding_type="rope",
+            rotary_base=int(convert.rope_theta(hf_config)),
+        ).to(layout.device)
+    load_hf_weights(model, shape, names, hf_tensor_reader(model_path), layout)
     return model, shape, hf_config
 
 
-def load_hf_weights(model, shape: convert.ModelShape, read: Callable[[str], torch.Tensor], layout) -> None:
-    """Overwrite every parameter with its shard of the HF weights; any name left over is an error."""
+def load_hf_weights(
+    model, shape: convert.ModelShape, names: dict[str, str], read: Callable[[str], torch.Tensor], layout
+) -> None:
+    """Overwrite every parameter with its shard of the HF weights; any name left over is an error.
+    `names` maps this stage's parameter names to whole-model ones (convert.stage_names)."""
     parameters = dict(model.named_parameters())
-    expected = set(convert.megatron_names(shape))
+    expected = set(names)
     if set(parameters) != expected:
         raise FailedPrecondition(
             "megatron model and converter disagree on parameters: "
@@ -114,7 +133,7 @@ def load_hf_weights(model, shape: convert.ModelShape, read: Callable[[str], torc
         )
     with torch.no_grad():
         for name, parameter in parameters.items():
-            full = convert.hf_to_megatron(name, shape, read)
+            full = convert.hf_to_megatron(names[name], shape, read)
             part = convert.shard(name, full, layout.tp_rank, layout.tp)
             if part.shape != parameter.shape:
                 raise FailedPrecondition(f"{name}: converted shape {tuple(part.shape)} != {tuple(parameter.shape)}")

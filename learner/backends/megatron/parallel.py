@@ -1,5 +1,5 @@
 """Process groups for the Megatron learner: torch.distributed from torchrun's environment, then Megatron's
-parallel_state (TP x DP; PP = 1), plus a gloo *control* group that carries commands from rank 0.
+parallel_state (TP x DP x PP), plus a gloo *control* group that carries commands from rank 0.
 
 The control group has a very long timeout because worker ranks idle in it between requests; compute
 collectives (the default group and Megatron's groups) use `collective_timeout_s`, so a rank that never
@@ -28,12 +28,33 @@ class ParallelLayout:
     world_size: int
     tp: int
     dp: int
+    pp: int
     tp_rank: int
     dp_rank: int
+    pp_rank: int
     device: torch.device
     control_group: object
     tp_group: object
     dp_group: object
+    model_parallel_group: object
+    """tp x pp: where a global gradient norm is summed."""
+    embedding_group: object | None
+    """First and last pipeline stage (tied embeddings with pp > 1), None on other ranks."""
+    prev_rank: int
+    next_rank: int
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def holds_results(self) -> bool:
+        """The rank whose values stand for its DP replica: last stage, TP rank 0."""
+        return self.last_stage and self.tp_rank == 0
 
 
 def free_port() -> int:
@@ -89,17 +110,25 @@ def initialize(config: MegatronBackendConfig, seed: int = 1234) -> ParallelLayou
         distributed_timeout_minutes=max(1, round(config.collective_timeout_s / 60)),
     )
     megatron_random.model_parallel_cuda_manual_seed(seed)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    in_embedding_group = config.pp > 1 and pp_rank in (0, config.pp - 1)
     _layout = ParallelLayout(
         rank=dist.get_rank(),
         world_size=world,
         tp=config.tp,
         dp=dp,
+        pp=config.pp,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
+        pp_rank=pp_rank,
         device=device,
         control_group=control_group,
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         dp_group=parallel_state.get_data_parallel_group(),
+        model_parallel_group=parallel_state.get_model_parallel_group(),
+        embedding_group=parallel_state.get_embedding_group() if in_embedding_group else None,
+        prev_rank=parallel_state.get_pipeline_model_parallel_prev_rank(),
+        next_rank=parallel_state.get_pipeline_model_parallel_next_rank(),
     )
     return _layout
 

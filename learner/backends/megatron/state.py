@@ -2,7 +2,8 @@
 
 Layout inside the checkpoint directory: `dist/` (dist_checkpointing: TP-agnostic global tensors for the
 parameters and for AdamW's exp_avg / exp_avg_sq, sharded exactly like their parameters) and
-`state.json` (format, step, HF shapes, padded vocabulary, each parameter's AdamW step count).
+`state.json` (format, step, HF shapes, padded vocabulary, AdamW's step count - the same for every
+parameter, since all of them step together).
 Because the saved tensors are global, a state saved at one tp loads at another.
 
 Loading builds the target structure from *clones* of the live tensors, lets dist_checkpointing fill
@@ -51,7 +52,9 @@ def save_state(engine: MegatronEngine, directory: Path) -> None:
     layout = engine.layout
     (directory / DIST_DIR).mkdir(parents=True, exist_ok=True)
     optimizer_state = engine.optimizer.state_dict()
-    adam_steps = [float(optimizer_state["state"][i]["step"]) for i in sorted(optimizer_state["state"])]
+    adam_steps = {float(state["step"]) for state in optimizer_state["state"].values()}
+    if len(adam_steps) != 1:  # every parameter steps together (see engine.optim_step)
+        raise RuntimeError(f"AdamW step counts differ between parameters: {sorted(adam_steps)}")
     dist_checkpointing.save(_sharded_state(engine, optimizer_state), str(directory / DIST_DIR))
     if layout.rank == 0:
         state = {
@@ -61,8 +64,8 @@ def save_state(engine: MegatronEngine, directory: Path) -> None:
             "model_path": str(engine.model_path),
             "parameter_shapes": engine.hf_shapes(),
             "padded_vocab_size": engine.shape.padded_vocab_size,
-            "saved_tp": layout.tp,
-            "adam_steps": adam_steps,
+            "saved_layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+            "adam_step": adam_steps.pop(),
         }
         (directory / "state.json").write_text(json.dumps(state, indent=1))
 
@@ -111,8 +114,8 @@ def load_state(engine: MegatronEngine, directory: Path, with_optimizer: bool) ->
         raise FailedPrecondition(f"{directory} lacks parameters {missing[:4]}")
     if with_optimizer:  # into the new optimizer, which is not live yet
         optimizer_loaded = loaded["optimizer"]
-        for index, step in zip(sorted(optimizer_loaded["state"]), state["adam_steps"], strict=True):
-            optimizer_loaded["state"][index]["step"] = torch.tensor(step)
+        for parameter_state in optimizer_loaded["state"].values():
+            parameter_state["step"] = torch.tensor(float(state["adam_step"]))
         # Hyperparameters come with every OptimStep request; only the moments and step counts matter.
         restored = {"state": optimizer_loaded["state"], "param_groups": optimizer.state_dict()["param_groups"]}
         with torch.no_grad():

@@ -25,12 +25,13 @@ STARTUP_TIMEOUT_S = 240
 class MegatronLearner:
     """One torchrun'd learner; `address` is rank 0's gRPC endpoint."""
 
-    def __init__(self, tp: int, world: int, model_dir: Path, checkpoint_dir: Path, log_path: Path) -> None:
-        command = [  # the one-node launcher users run; it derives the rank count (tp * dp) from the config
+    def __init__(self, tp: int, pp: int, world: int, model_dir: Path, checkpoint_dir: Path, log_path: Path) -> None:
+        command = [  # the one-node launcher users run; it derives the rank count (tp * pp * dp) from the config
             "bash", "scripts/megatron_learner.sh",
             "--set", "server.port=0",
             "--set", f"backend.tp={tp}",
-            "--set", f"backend.dp={world // tp}",
+            "--set", f"backend.pp={pp}",
+            "--set", f"backend.dp={world // (tp * pp)}",
             "--set", "backend.collective_timeout_s=120",
             "--set", "max_sessions=8",
             "--set", f'checkpoint_dir="{checkpoint_dir}"',
@@ -56,9 +57,13 @@ class MegatronLearner:
         self.stop()
         raise RuntimeError(f"megatron learner did not start; log:\n{self.log_path.read_text()[-4000:]}")
 
-    def stop(self) -> None:
+    def signal_stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.signal_stop()
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -68,20 +73,22 @@ class MegatronLearner:
 
 @pytest.fixture(scope="session")
 def megatron_learners(tiny_model_dir: Path, tmp_path_factory) -> Iterator:
-    """get(tp, world) -> a running MegatronLearner of that layout (started once per test session)."""
+    """get(tp, world, pp=1) -> a running MegatronLearner of that layout (started once per test session)."""
     from tests.learner.megatron.needs import require_megatron
 
     require_megatron()
-    started: dict[tuple[int, int], MegatronLearner] = {}
+    started: dict[tuple[int, int, int], MegatronLearner] = {}
     root = tmp_path_factory.mktemp("megatron")
 
-    def get(tp: int, world: int) -> MegatronLearner:
-        if (tp, world) not in started:
-            name = f"tp{tp}-w{world}"
-            started[tp, world] = MegatronLearner(tp, world, tiny_model_dir, root / name, root / f"{name}.log")
-        return started[tp, world]
+    def get(tp: int, world: int, pp: int = 1) -> MegatronLearner:
+        if (tp, pp, world) not in started:
+            name = f"tp{tp}-pp{pp}-w{world}"
+            started[tp, pp, world] = MegatronLearner(tp, pp, world, tiny_model_dir, root / name, root / f"{name}.log")
+        return started[tp, pp, world]
 
     yield get
+    for learner in started.values():  # all at once: each takes a few seconds to wind down
+        learner.signal_stop()
     for learner in started.values():
         learner.stop()
 

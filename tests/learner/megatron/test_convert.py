@@ -101,3 +101,16 @@ LLAMA3_ROPE = {
 def test_unsupported_models_are_refused_by_name(config, tp, message):
     with pytest.raises(FailedPrecondition, match=message):
         convert.model_shape(config, tp, vocab_multiple=128)
+
+
+def test_pipeline_stages_split_layers_and_keep_a_tied_copy_on_the_last_stage():
+    shape = convert.model_shape(llama_config(num_hidden_layers=4, tie_word_embeddings=True), 1, vocab_multiple=64)
+    first, last = convert.stage_names(shape, 0, 2), convert.stage_names(shape, 1, 2)
+    assert first["embedding.word_embeddings.weight"] == "embedding.word_embeddings.weight"
+    assert first["decoder.layers.1.mlp.linear_fc2.weight"] == "decoder.layers.1.mlp.linear_fc2.weight"
+    assert last["decoder.layers.0.mlp.linear_fc2.weight"] == "decoder.layers.2.mlp.linear_fc2.weight"
+    assert last["output_layer.weight"] == "embedding.word_embeddings.weight"  # tied: the last stage's copy
+    assert "decoder.final_layernorm.weight" in last and "decoder.final_layernorm.weight" not in first
+    assert sorted({*first.values(), *last.values()}) == sorted(convert.megatron_names(shape))
+    with pytest.raises(FailedPrecondition, match="pp=3"):
+        convert.stage_names(shape, 0, 3)

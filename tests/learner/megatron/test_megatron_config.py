@@ -22,7 +22,7 @@ def test_megatron_backend_from_overrides():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["backend.pp=2"], "pipeline parallelism is not implemented"),
+        (["backend.pp=0"], "greater than or equal to 1"),
         (["backend.tp=3"], "vocab_multiple=128 must be a multiple of tp=3"),
         (["backend.tp=0"], "greater than or equal to 1"),
         (['backend.dtype="float16"'], "dtype"),

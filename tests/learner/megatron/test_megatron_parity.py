@@ -41,7 +41,7 @@ PARAM_MAX_DIFF = 1e-4
 PARAM_CLOSE = 1e-5
 PARAM_OUTLIER_FRACTION = 1e-4
 ADAM = AdamParams(learning_rate=1e-3, weight_decay=0.01, grad_clip_norm=1.0, eps=1e-8)
-LAYOUTS = {"tp1": (1, 1), "tp2": (2, 2), "tp1-dp2": (1, 2)}
+LAYOUTS = {"tp1": (1, 1), "tp2": (2, 2), "tp1-dp2": (1, 2), "pp2": (1, 2, 2)}  # (tp, world[, pp])
 
 pytestmark = pytest.mark.integration
 require_megatron()
@@ -91,7 +91,9 @@ def saved_tensors(path: str) -> dict[str, torch.Tensor]:
     return load_file(f"{path}/model.safetensors")
 
 
-@pytest.mark.parametrize(("model", "layout"), [*(("llama", layout) for layout in LAYOUTS), ("qwen2", "tp2")])
+@pytest.mark.parametrize(
+    ("model", "layout"), [*(("llama", layout) for layout in LAYOUTS), ("qwen2", "tp2"), ("qwen2", "pp2")]
+)
 async def test_logprobs_match_the_torch_backend(megatron_learners, models, model, layout):
     learner = megatron_learners(*LAYOUTS[layout])
     model_dir, hf = models[model]
@@ -119,7 +121,7 @@ async def test_logprobs_match_the_torch_backend(megatron_learners, models, model
     ("loss_fn", "layout", "model", "grad_scale"),
     [(loss, "tp2", "llama", 1.0) for loss in ("cross_entropy", "importance_sampling", "ppo", "cispo")]
     + [("dro", "tp2", "llama", 0.05), ("ppo", "tp1", "llama", 1.0), ("importance_sampling", "tp1-dp2", "llama", 0.1)]
-    + [("cispo", "tp2", "qwen2", 1.0)],
+    + [("cispo", "tp2", "qwen2", 1.0), ("cross_entropy", "pp2", "llama", 1.0), ("ppo", "pp2", "qwen2", 1.0)],
 )
 async def test_three_adamw_steps_match_the_torch_backend(megatron_learners, models, loss_fn, layout, model, grad_scale):
     adam = dataclasses.replace(ADAM, grad_scale=grad_scale)  # grad_scale: OptimStep's normalisation factor
@@ -169,7 +171,9 @@ def close_request(client):
     return learner_pb2.CloseSessionRequest(session_id=client.session_id)
 
 
-@pytest.mark.parametrize(("model", "layout"), [("llama", "tp1"), ("llama", "tp2"), ("qwen2", "tp2")])
+@pytest.mark.parametrize(
+    ("model", "layout"), [("llama", "tp1"), ("llama", "tp2"), ("qwen2", "tp2"), ("llama", "pp2"), ("qwen2", "pp2")]
+)
 async def test_hf_to_megatron_to_hf_round_trip_is_exact(megatron_learners, models, model, layout, tmp_path):
     """Load HF weights into the shards, gather them back through SaveWeights: bit-identical, same files."""
     learner = megatron_learners(*LAYOUTS[layout])
@@ -197,13 +201,19 @@ def _file_names(path) -> set[str]:
     return {p.name for p in Path(path).iterdir()}
 
 
-async def test_state_saved_at_tp2_continues_identically_at_tp1(megatron_learners, hf_model):
-    """dist_checkpointing resharding: model and AdamW moments saved by 2 ranks, loaded by 1."""
-    tp2, tp1 = megatron_learners(2, 2), megatron_learners(1, 1)
+@pytest.mark.parametrize(
+    ("model", "saved_at", "loaded_at"),
+    [("llama", "tp2", "tp1"), ("qwen2", "pp2", "tp2")],
+    ids=["tp2-to-tp1", "pp2-to-tp2"],
+)
+async def test_state_continues_identically_at_another_layout(megatron_learners, models, model, saved_at, loaded_at):
+    """dist_checkpointing resharding: model and AdamW moments saved at one layout, loaded at another."""
+    tp2, tp1 = megatron_learners(*LAYOUTS[saved_at]), megatron_learners(*LAYOUTS[loaded_at])
+    model_dir, hf_model = models[model]
     adam = {"learning_rate": 1e-3, "weight_decay": 0.01, "grad_clip_norm": 1.0, "eps": 1e-8}
     steps = [rows_for("ppo", hf_model, seed=10 + i) for i in range(3)]
     async with open_channel(tp2.address) as channel:
-        client = await megatron_client(channel)
+        client = await megatron_client(channel, model_dir)
         for rows in steps[:2]:
             await client.forward_backward(rows, "ppo")
             await client.optim_step(**adam)
@@ -213,13 +223,13 @@ async def test_state_saved_at_tp2_continues_identically_at_tp1(megatron_learners
         weights_tp2 = saved_tensors((await client.save_weights("tp2-step-3")).path)
         await client.stub.CloseSession(close_request(client))
     async with open_channel(tp1.address) as channel:
-        client = await megatron_client(channel)
+        client = await megatron_client(channel, model_dir)
         loaded = await client.load_state(state.path)
         assert (loaded.step, loaded.client_state) == (2, b"cursor")
         _, metrics_tp1 = await client.forward_backward(steps[2], "ppo")
         stepped_tp1 = await client.optim_step(**adam)
         weights_tp1 = saved_tensors((await client.save_weights("tp1-step-3")).path)
-        fresh = await megatron_client(channel)  # without the optimizer: moments start again from zero
+        fresh = await megatron_client(channel, model_dir)  # without the optimizer: moments start again from zero
         await fresh.load_state(state.path, with_optimizer=False)
         await fresh.forward_backward(steps[2], "ppo")
         await fresh.optim_step(**adam)
