@@ -137,9 +137,24 @@ def test_corrupted_hot_load_is_refused_and_jobs_survive_a_restart(tmp_path, anvi
         )
         assert sampler.compute_logprobs(fw.ModelInput.from_ints(PROMPT)).result() == served_before
         sampler.close()
+        check_stainless_completions(serve, "accounts/anvil/deployments/serving")
         with_job = serve.children()
         trainers.delete(endpoint.job_id)
         deployments.delete("serving")
         assert len(serve.children()) == len(with_job) - 2  # the job's learner and the deployment's replica
     finally:
         assert serve.stop() == 0
+
+
+def check_stainless_completions(serve, model: str) -> None:
+    """`Fireworks().completions.create`, streaming and not, goes to /v1/completions with token ids."""
+    from fireworks import Fireworks
+
+    client = Fireworks(api_key=KEY, base_url=serve.base_url, account_id="anvil")
+    plain = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, logprobs=True, raw_output=True)
+    choice = plain.to_dict()["choices"][0]
+    tokens = choice["raw_output"]["completion_token_ids"]
+    assert 0 < len(tokens) <= 3 and len(choice["logprobs"]["content"]) == len(tokens)
+    assert choice["finish_reason"] in ("stop", "length")
+    streamed = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=3, stream=True, raw_output=True))
+    assert any(chunk.to_dict()["choices"] and chunk.to_dict()["choices"][0].get("finish_reason") for chunk in streamed)
