@@ -11,8 +11,7 @@ import contextlib
 import socket
 import tempfile
 import threading
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -88,19 +87,27 @@ def bytes_chunks(num_bytes: int, chunk: int = DEFAULT_CHUNK) -> list[bytes]:
     return [block if size == chunk else block[:size] for size in sizes]
 
 
+def raw_stream_sender(channel, num_bytes: int, chunk: int = DEFAULT_CHUNK) -> Callable[[], Awaitable[None]]:
+    """One client stream of `num_bytes` as raw `chunk`-sized bytes messages to the raw server, per call."""
+    messages = bytes_chunks(num_bytes, chunk)
+    call = channel.stream_unary(STREAM_METHOD)
+
+    async def send() -> None:
+        reply = await call(iter(messages))
+        assert int.from_bytes(reply, "little") == num_bytes
+
+    return send
+
+
+def raw_stream_name(chunk: int) -> str:
+    return f"baseline: raw gRPC stream ({chunk // MiB} MiB msgs)"
+
+
 async def raw_grpc_stream(address: str, num_bytes: int, repeats: int, chunk: int = DEFAULT_CHUNK) -> Timing:
     """A client stream of raw bytes messages of `chunk` bytes to the raw server, until it acknowledges."""
-    messages = bytes_chunks(num_bytes, chunk)
     async with open_channel(address) as channel:
-        call = channel.stream_unary(STREAM_METHOD)
-
-        async def send() -> None:
-            reply = await call(iter(messages))
-            assert int.from_bytes(reply, "little") == num_bytes
-
-        return await time_async(
-            f"baseline: raw gRPC stream ({chunk // MiB} MiB msgs)", send, repeats, num_bytes=num_bytes
-        )
+        send = raw_stream_sender(channel, num_bytes, chunk)
+        return await time_async(raw_stream_name(chunk), send, repeats, num_bytes=num_bytes)
 
 
 async def raw_grpc_unary(address: str, payload: bytes, repeats: int) -> Timing:
@@ -112,7 +119,3 @@ async def raw_grpc_unary(address: str, payload: bytes, repeats: int) -> Timing:
             await call(payload)
 
         return await time_async("baseline: raw gRPC unary", send, repeats, num_bytes=len(payload))
-
-
-def now() -> float:
-    return time.perf_counter()

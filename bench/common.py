@@ -153,6 +153,23 @@ async def time_async(
     return Timing(name, samples, num_bytes)
 
 
+async def time_interleaved(
+    cases: list[tuple[str, Callable[[], Awaitable[Any]], int]], repeats: int, warmup: int = 1
+) -> list[Timing]:
+    """Time several operations round-robin (a, b, a, b, ...) so drift in the machine's load hits each
+    alike: how a measurement and its baseline are taken in one run. Cases are (name, fn, num_bytes)."""
+    for _ in range(warmup):
+        for _, fn, _ in cases:
+            await fn()
+    samples: list[list[float]] = [[] for _ in cases]
+    for _ in range(repeats):
+        for index, (_, fn, _) in enumerate(cases):
+            start = time.perf_counter()
+            await fn()
+            samples[index].append(time.perf_counter() - start)
+    return [Timing(name, seconds, num_bytes) for (name, _, num_bytes), seconds in zip(cases, samples, strict=True)]
+
+
 class Stopwatch:
     """Named phase durations of one run (`with watch.phase("transfer"): ...`)."""
 

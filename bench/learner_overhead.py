@@ -71,7 +71,7 @@ async def main(args: argparse.Namespace) -> None:
                 seq_ids = iter(range(1, 1_000_000))
 
                 async def through_service() -> None:
-                    batch = common_pb2.DataBatch(arrow_ipc_stream=encode_batch(make_batch(rows)))
+                    batch = {"arrow_ipc_stream": encode_batch(make_batch(rows))}  # as LearnerSession builds it
                     reply = await stub.ForwardBackward(
                         learner_pb2.ForwardBackwardRequest(
                             session_id=session_id, seq_id=next(seq_ids), batch=batch, loss_fn=LOSS

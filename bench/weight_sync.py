@@ -33,7 +33,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bench.baselines import DEFAULT_CHUNK, loopback_tcp, memcpy, raw_grpc_server, raw_grpc_stream
+from bench.baselines import (
+    DEFAULT_CHUNK,
+    loopback_tcp,
+    memcpy,
+    raw_grpc_server,
+    raw_stream_name,
+    raw_stream_sender,
+)
 from bench.common import (
     MiB,
     Ratio,
@@ -43,6 +50,7 @@ from bench.common import (
     console,
     run_main,
     throughput_ratio,
+    time_interleaved,
     time_sync,
     timing_table,
     write_results,
@@ -202,8 +210,6 @@ async def bench_synthetic(args, logs: Path, raw_address: str, repeats: int) -> t
     console.print(f"[bold]{label}[/]: {size / MiB:.0f} MiB, {len(shapes)} tensors")
 
     baselines = [memcpy(size, repeats), loopback_tcp(size, repeats)]
-    raw = await raw_grpc_stream(raw_address, size, repeats, args.chunk_bytes)
-    baselines.append(raw)
     memcpy_timing = baselines[0]
 
     replica = await start_replica(args, "sink", logs)
@@ -211,9 +217,19 @@ async def bench_synthetic(args, logs: Path, raw_address: str, repeats: int) -> t
         phased_total, phases = await repeat_phases(
             f"{label} stream", repeats, lambda: stream_phases(replica, named, args.chunk_bytes), size
         )
-        e2e = await _time(
-            f"{label} stream · end to end", repeats, size, lambda: e2e_stream_direct(replica, named, args.chunk_bytes)
-        )
+        async with open_channel(raw_address) as raw_channel:
+            raw, e2e = await time_interleaved(
+                [
+                    (raw_stream_name(args.chunk_bytes), raw_stream_sender(raw_channel, size, args.chunk_bytes), size),
+                    (
+                        f"{label} stream · end to end",
+                        lambda: e2e_stream_direct(replica, named, args.chunk_bytes),
+                        size,
+                    ),
+                ],
+                repeats,
+            )
+        baselines.append(raw)
         with tempfile.TemporaryDirectory(prefix="anvil-bench-ckpt-", dir=SHM) as shm:
             counter = itertools.count()
             ckpt_total, ckpt_phases = await repeat_phases(
@@ -292,8 +308,7 @@ async def bench_model(
                 size = nbytes(t for _, t in named)
                 console.print(f"[bold]{args.model}[/]: {size / MiB:.0f} MiB float32, {len(named)} tensors")
                 memcpy_timing = memcpy(size, repeats)
-                raw = await raw_grpc_stream(raw_address, size, repeats, args.chunk_bytes)
-                timings, ratios = [memcpy_timing, raw], []
+                timings, ratios = [memcpy_timing], []
                 seq = itertools.count(1)
                 for engine in engines:
                     replica = await start_replica(args, f"rollout-{engine}", logs, model_dir, engine)
@@ -316,9 +331,18 @@ async def bench_model(
                             )
                             await stub.PublishWeights(request)
 
-                        stream = await _time(
-                            f"{label} stream · PublishWeights e2e", repeats, size, lambda: publish("stream")
-                        )
+                        async with open_channel(raw_address) as raw_channel:
+                            raw, stream = await time_interleaved(
+                                [
+                                    (
+                                        f"{label} · {raw_stream_name(args.chunk_bytes)}",
+                                        raw_stream_sender(raw_channel, size, args.chunk_bytes),
+                                        size,
+                                    ),
+                                    (f"{label} stream · PublishWeights e2e", lambda: publish("stream"), size),
+                                ],
+                                repeats,
+                            )
                         ckpt = await _time(
                             f"{label} checkpoint(tmpfs) · PublishWeights e2e",
                             repeats,
@@ -327,7 +351,7 @@ async def bench_model(
                         )
                     finally:
                         await replica.stop()
-                    timings += [stream, *phases.values(), ckpt]
+                    timings += [raw, stream, *phases.values(), ckpt]
                     ratios += [
                         throughput_ratio(
                             f"{label} stream e2e / raw gRPC", stream, raw, "PublishWeights(stream) vs raw gRPC", None

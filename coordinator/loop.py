@@ -129,7 +129,9 @@ class RLLoop:
             start = time.perf_counter()
             response = await self.rollout.sample(prompt, config.group_size, params)
             sample_s = time.perf_counter() - start
-            scores = [await env.score(sequence.tokens) for sequence in response.sequences]
+            # A group's completions are scored concurrently: a verifier that waits (a sandbox, a judge)
+            # costs its latency once per group, not once per sample.
+            scores = await asyncio.gather(*(env.score(sequence.tokens) for sequence in response.sequences))
             await scored.put(
                 ScoredGroup(
                     batch=batch,

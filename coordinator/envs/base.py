@@ -2,7 +2,8 @@
 
 A `ProblemSource` yields problems by index (deterministically: problem i is always the same, which is
 what makes resume exact). An `Env` is one problem turned into a prompt and a verifier; the loop calls
-`prompt_tokens()` once, samples completions, and calls `score()` once per completion. Rewards are in
+`prompt_tokens()` once, samples completions, and calls `score()` once per completion (a group's
+completions concurrently, so a verifier that waits costs its latency once per group). Rewards are in
 [0, 1]. Envs are async so a verifier may call out (a sandbox, a judge) without blocking the loop.
 """
 
