@@ -180,7 +180,9 @@ class MegatronEngine:
     def optim_step(self, params: AdamParams) -> dict[str, float]:
         parameters = list(self.model.parameters())
         if self.layout.dp > 1:
-            has_grad = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32)
+            has_grad = torch.tensor(  # on the compute device: NCCL groups reduce CUDA tensors only
+                [p.grad is not None for p in parameters], dtype=torch.float32, device=self.layout.device
+            )
             dist.all_reduce(has_grad, op=dist.ReduceOp.MAX, group=self.layout.dp_group)
             for parameter, flag in zip(parameters, has_grad.tolist(), strict=True):
                 if flag:

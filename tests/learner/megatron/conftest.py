@@ -1,7 +1,7 @@
 """Megatron learners as real torchrun process groups (gloo, CPU, fp32) on loopback, and a Qwen2 model.
 
 Each layout (tp, world size) is one `scripts/megatron_learner.sh` (torchrun --standalone of
-`python -m learner` with the megatron backend), started on first use and shared by the test session.
+`python -m learner` with the megatron backend), started on first use and shared by this test package.
 It is stopped with SIGTERM to its process group (SIGKILL after a grace period), so no rank outlives
 the tests. OMP_NUM_THREADS=1: the CI machine has two cores for two ranks.
 """
@@ -71,9 +71,9 @@ class MegatronLearner:
                 self.process.wait()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped when this directory's tests are done, not at the end of the run
 def megatron_learners(tiny_model_dir: Path, tmp_path_factory) -> Iterator:
-    """get(tp, world, pp=1) -> a running MegatronLearner of that layout (started once per test session)."""
+    """get(tp, world, pp=1) -> a running MegatronLearner of that layout (started once per test package)."""
     from tests.learner.megatron.needs import require_megatron
 
     require_megatron()
