@@ -26,6 +26,17 @@ OPEN_PATHS = {"/api/v1/healthz"}
 _STATUS = {InvalidArgument: 400, NotFound: 404, FailedPrecondition: 400, AlreadyExists: 400}
 
 
+async def body_json(request: Request) -> dict[str, Any]:
+    """The request's JSON object body ({} when empty); InvalidArgument otherwise."""
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"the body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidArgument("the body must be a JSON object")
+    return body
+
+
 def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
     async def authenticate(request: Request) -> None:
         bearer = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -39,15 +50,6 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
     @app.exception_handler(AnvilError)
     async def anvil_error(request: Request, exc: AnvilError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, _STATUS.get(type(exc), 500))
-
-    async def body_json(request: Request) -> dict[str, Any]:
-        try:
-            body = json.loads(await request.body() or b"{}")
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument(f"the body is not JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise InvalidArgument("the body must be a JSON object")
-        return body
 
     def field(body: dict[str, Any], name: str) -> Any:
         if body.get(name) is None:

@@ -34,7 +34,7 @@ def parse_tinker_path(path: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat()
 
 
@@ -79,7 +79,7 @@ class CheckpointStore:
     def add(self, run_id: str, kind: str, name: str, local_path: str, base_model: str) -> CheckpointRecord:
         size = sum(p.stat().st_size for p in Path(local_path).rglob("*") if p.is_file())
         record = CheckpointRecord(
-            tinker_path(run_id, kind, name), run_id, kind, name, local_path, base_model, _now(), size
+            tinker_path(run_id, kind, name), run_id, kind, name, local_path, base_model, utc_now(), size
         )
         self._records[record.path] = record
         self._append(asdict(record))

@@ -110,12 +110,17 @@ class TinkerService:
 
     # --- training models -----------------------------------------------------------------------------
 
-    def create_model(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _create_model_once(self, body: dict[str, Any], kind: str, make_work) -> dict[str, Any]:
+        """Start `make_work(session, model_id)` once per (session, model_seq_id); retries get its request id."""
         session = self.sessions.get(body["session_id"])
         model_id = f"{session.session_id}:train:{int(body['model_seq_id'])}"
         key = f"model:{body['model_seq_id']}"
         if key not in session.requests:
+            session.requests[key] = self.futures.run(kind, make_work(session, model_id))
+        return {"request_id": session.requests[key], "model_id": model_id}
 
+    def create_model(self, body: dict[str, Any]) -> dict[str, Any]:
+        def make_work(session: Session, model_id: str):
             async def work() -> dict[str, Any]:
                 rank = (body.get("lora_config") or {}).get("rank", 0)
                 if rank:
@@ -129,8 +134,9 @@ class TinkerService:
                 await self._open_model(session, model_id, base_model, seed, body.get("user_metadata"))
                 return {"model_id": model_id, "type": "create_model"}
 
-            session.requests[key] = self.futures.run("create_model", work)
-        return {"request_id": session.requests[key], "model_id": model_id}
+            return work
+
+        return self._create_model_once(body, "create_model", make_work)
 
     @staticmethod
     def _check_optimizer(optimizer: dict | None) -> None:
@@ -282,11 +288,8 @@ class TinkerService:
 
     def create_from_state(self, body: dict[str, Any]) -> dict[str, Any]:
         """load_weights with session_id + model_seq_id: a new training model initialised from a state."""
-        session = self.sessions.get(body["session_id"])
-        model_id = f"{session.session_id}:train:{int(body['model_seq_id'])}"
-        key = f"model:{body['model_seq_id']}"
-        if key not in session.requests:
 
+        def make_work(session: Session, model_id: str):
             async def work() -> dict[str, Any]:
                 record = self.checkpoints.get(self.resolve_state_path(None, str(body.get("path", ""))))
                 self._check_optimizer(body.get("optimizer_config"))
@@ -301,8 +304,9 @@ class TinkerService:
                         await model.learner.close()
                     raise
 
-            session.requests[key] = self.futures.run("load_weights", work)
-        return {"request_id": session.requests[key], "model_id": model_id}
+            return work
+
+        return self._create_model_once(body, "load_weights", make_work)
 
     # --- sampling ------------------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ heartbeats with 410, which stops the SDK's heartbeat loop.
 
 from __future__ import annotations
 
-import datetime
 import secrets
 import time
 from collections import deque
@@ -16,12 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.client.learner_api import LearnerSession
+from coordinator.gateway.checkpoints import utc_now
 from coordinator.gateway.sequencer import OrderedExecutor
 from protos.errors import NotFound
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat()
 
 
 @dataclass

@@ -7,13 +7,14 @@ message); a create that already exists is a 409, which the SDK answers by fetchi
 
 from __future__ import annotations
 
-import json
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from coordinator.gateway.app import body_json
 from coordinator.service_mode.completions import complete, sse_events
 from coordinator.service_mode.control import ACCOUNT, ServiceMode
 from protos.errors import AnvilError, FailedPrecondition, InvalidArgument, NotFound
@@ -26,22 +27,18 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": status, "message": message}}, status)
 
 
-async def answer(work: Callable[[], Awaitable[Any]]) -> Response:
-    try:
-        result = await work()
-    except AnvilError as exc:
-        return error(_CODES.get(type(exc), 500), str(exc))
-    return result if isinstance(result, Response) else JSONResponse(result)
+def fireworks_errors(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Response]]:
+    """Route decorator: a domain error becomes Fireworks' error body; a dict becomes JSON."""
 
+    @functools.wraps(handler)
+    async def wrapped(*args: Any, **kwargs: Any) -> Response:
+        try:
+            result = await handler(*args, **kwargs)
+        except AnvilError as exc:
+            return error(_CODES.get(type(exc), 500), str(exc))
+        return result if isinstance(result, Response) else JSONResponse(result)
 
-async def _json(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body() or b"{}")
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"the body is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise InvalidArgument("the body must be a JSON object")
-    return body
+    return wrapped
 
 
 def _check_account(account: str) -> None:
@@ -64,104 +61,84 @@ def control_router(control: ServiceMode) -> APIRouter:
         return {"accounts": [{"name": f"accounts/{ACCOUNT}", "displayName": "Anvil"}], "totalSize": 1}
 
     @router.post("/v1/accounts/{account}/deployments")
-    async def create_deployment(account: str, request: Request, deploymentId: str = "") -> Response:
-        async def work():
-            _check_account(account)
-            control.create_deployment(deploymentId, await _json(request))
-            await control.settle()
-            return control.get_deployment(deploymentId)
-
-        return await answer(work)
+    @fireworks_errors
+    async def create_deployment(account: str, request: Request, deploymentId: str = ""):
+        _check_account(account)
+        control.create_deployment(deploymentId, await body_json(request))
+        await control.settle()
+        return control.get_deployment(deploymentId)
 
     @router.get("/v1/accounts/{account}/deployments/{deployment_id}")
-    async def get_deployment(account: str, deployment_id: str) -> Response:
-        async def work():
-            _check_account(account)
-            return control.get_deployment(deployment_id)
-
-        return await answer(work)
+    @fireworks_errors
+    async def get_deployment(account: str, deployment_id: str):
+        _check_account(account)
+        return control.get_deployment(deployment_id)
 
     @router.delete("/v1/accounts/{account}/deployments/{deployment_id}")
-    async def delete_deployment(account: str, deployment_id: str) -> Response:
-        async def work():
-            _check_account(account)
-            await control.delete_deployment(deployment_id)
-            return {}
-
-        return await answer(work)
+    @fireworks_errors
+    async def delete_deployment(account: str, deployment_id: str):
+        _check_account(account)
+        await control.delete_deployment(deployment_id)
+        return {}
 
     @router.post("/v1/accounts/{account}/rlorTrainerJobs")
+    @fireworks_errors
     async def create_job(
         account: str,
         request: Request,
         rlorTrainerJobId: str = "",
         deploymentId: str | None = None,
-    ) -> Response:
-        async def work():
-            _check_account(account)
-            control.create_job(rlorTrainerJobId, await _json(request), deploymentId)
-            await control.settle()
-            return control.get_job(rlorTrainerJobId)
-
-        return await answer(work)
+    ):
+        _check_account(account)
+        control.create_job(rlorTrainerJobId, await body_json(request), deploymentId)
+        await control.settle()
+        return control.get_job(rlorTrainerJobId)
 
     @router.get("/v1/accounts/{account}/rlorTrainerJobs/{job_ref}")
-    async def get_job(account: str, job_ref: str) -> Response:
-        async def work():
-            _check_account(account)
-            return control.get_job(job_ref)
-
-        return await answer(work)
+    @fireworks_errors
+    async def get_job(account: str, job_ref: str):
+        _check_account(account)
+        return control.get_job(job_ref)
 
     @router.post("/v1/accounts/{account}/rlorTrainerJobs/{job_ref}")
-    async def job_action(account: str, job_ref: str) -> Response:
-        async def work():
-            _check_account(account)
-            job_id, _, action = job_ref.partition(":")
-            if action != "resume":
-                raise NotFound(f"no action {action!r} on trainer jobs (only :resume)")
-            return await control.resume_job(job_id)
-
-        return await answer(work)
+    @fireworks_errors
+    async def job_action(account: str, job_ref: str):
+        _check_account(account)
+        job_id, _, action = job_ref.partition(":")
+        if action != "resume":
+            raise NotFound(f"no action {action!r} on trainer jobs (only :resume)")
+        return await control.resume_job(job_id)
 
     @router.delete("/v1/accounts/{account}/rlorTrainerJobs/{job_id}")
-    async def delete_job(account: str, job_id: str) -> Response:
-        async def work():
-            _check_account(account)
-            await control.delete_job(job_id)
-            return {}
-
-        return await answer(work)
+    @fireworks_errors
+    async def delete_job(account: str, job_id: str):
+        _check_account(account)
+        await control.delete_job(job_id)
+        return {}
 
     @router.post("/hot_load/v1/models/hot_load")
-    async def hot_load(request: Request) -> Response:
-        async def work():
-            body = await _json(request)
-            identity = body.get("identity")
-            if not identity:
-                raise InvalidArgument("the body needs the snapshot 'identity' to load")
-            await control.hot_load(_deployment_of(request), str(identity), body.get("incremental_snapshot_metadata"))
-            return {}
-
-        return await answer(work)
+    @fireworks_errors
+    async def hot_load(request: Request):
+        body = await body_json(request)
+        identity = body.get("identity")
+        if not identity:
+            raise InvalidArgument("the body needs the snapshot 'identity' to load")
+        await control.hot_load(_deployment_of(request), str(identity), body.get("incremental_snapshot_metadata"))
+        return {}
 
     @router.get("/hot_load/v1/models/hot_load")
-    async def hot_load_status(request: Request) -> Response:
-        async def work():
-            return control.ready_deployment(_deployment_of(request)).status()
+    @fireworks_errors
+    async def hot_load_status(request: Request):
+        return control.ready_deployment(_deployment_of(request)).status()
 
-        return await answer(work)
-
-    async def completions(request: Request) -> Response:
-        async def work():
-            body = await _json(request)
-            runtime = control.ready_deployment(_deployment_of(request, body))
-            result = await complete(runtime, body)
-            if body.get("stream"):
-                return StreamingResponse(sse_events(result), media_type="text/event-stream")
-            return result
-
-        return await answer(work)
+    @fireworks_errors
+    async def completions(request: Request):
+        body = await body_json(request)
+        runtime = control.ready_deployment(_deployment_of(request, body))
+        result = await complete(runtime, body)
+        if body.get("stream"):
+            return StreamingResponse(sse_events(result), media_type="text/event-stream")
+        return result
 
     router.add_api_route("/inference/v1/completions", completions, methods=["POST"])
     router.add_api_route("/v1/completions", completions, methods=["POST"])
