@@ -25,9 +25,11 @@ or extra per-token inputs, and unknown or out-of-range config keys are InvalidAr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
 from protos.errors import InvalidArgument
@@ -41,6 +43,18 @@ PER_TOKEN_INPUTS = frozenset({"weights", "logprobs", "advantages", "sequence_rat
 DATUM_INDEX = "datum_index"
 """Not a column: backends add this int64 `_T` tensor (the datum each token belongs to) to every loss's
 inputs, for losses with a per-sequence term (gspo)."""
+
+
+def loss_inputs_T(
+    data: Sequence[Any], input_names: frozenset[str], device: torch.device | str = "cpu"
+) -> dict[str, Tensor]:
+    """The `_T` loss inputs of a batch's datums (each a learner.batch.Datum), concatenated in datum order,
+    plus DATUM_INDEX; what every backend hands to `LossSpec.fn` next to its concatenated logprobs."""
+    inputs = {name: torch.from_numpy(np.concatenate([d.loss_inputs[name] for d in data])) for name in input_names}
+    inputs[DATUM_INDEX] = torch.cat(
+        [torch.full((len(d.target_tokens),), row, dtype=torch.long) for row, d in enumerate(data)]
+    )
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
 @dataclass(frozen=True)

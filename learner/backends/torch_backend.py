@@ -18,7 +18,6 @@ import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -26,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from learner.backends.base import AdamParams, ForwardResult, LearnerBackend, ModelDescription
 from learner.batch import TrainingBatch
 from learner.config import TorchBackendConfig
-from learner.losses import DATUM_INDEX, LossSpec
+from learner.losses import LossSpec, loss_inputs_T
 from protos.errors import FailedPrecondition
 
 STATE_FORMAT = "anvil-learner-state/1"
@@ -99,13 +98,7 @@ class TorchBackend(LearnerBackend):
                 targets_NK = torch.from_numpy(datum.target_tokens).to(self._device).view(lengths[row], -1)
                 per_datum.append(logprobs_NV.gather(1, targets_NK).reshape(-1))
             logprobs_T = torch.cat(per_datum)
-            inputs_T = {
-                name: torch.from_numpy(np.concatenate([d.loss_inputs[name] for d in batch.data])).to(self._device)
-                for name in batch.input_names
-            }
-            inputs_T[DATUM_INDEX] = torch.cat(
-                [torch.full((len(lp),), row, dtype=torch.long) for row, lp in enumerate(per_datum)]
-            ).to(self._device)
+            inputs_T = loss_inputs_T(batch.data, batch.input_names, self._device)
             loss_value, metrics = loss.fn(logprobs_T, inputs_T, loss_config)
             if backward:
                 loss_value.backward()

@@ -31,7 +31,7 @@ from learner.backends.megatron.model import build_model, hf_tensor_shapes
 from learner.backends.megatron.parallel import ParallelLayout
 from learner.batch import TrainingBatch
 from learner.config import MegatronBackendConfig
-from learner.losses import LossSpec
+from learner.losses import LossSpec, loss_inputs_T
 
 
 class MegatronEngine:
@@ -148,12 +148,7 @@ class MegatronEngine:
                 per_datum = self._logprobs(mine)
                 loss_value = None
                 if per_datum is not None:
-                    inputs_T = {
-                        name: torch.from_numpy(np.concatenate([d.loss_inputs[name] for d in mine])).to(
-                            self.layout.device
-                        )
-                        for name in batch.input_names
-                    }
+                    inputs_T = loss_inputs_T(mine, batch.input_names, self.layout.device)
                     loss_value, metrics = loss.fn(torch.cat(per_datum), inputs_T, loss_config)
                     local = [lp.detach().float().cpu().numpy() for lp in per_datum]
                 if backward:
@@ -170,10 +165,7 @@ class MegatronEngine:
         logprobs = [lp for part in gathered if part is not None for lp in part]
         if self.layout.dp == 1 and self.layout.pp == 1:
             return ForwardResult(logprobs, metrics)
-        inputs_T = {
-            name: torch.from_numpy(np.concatenate([d.loss_inputs[name] for d in batch.data]))
-            for name in batch.input_names
-        }
+        inputs_T = loss_inputs_T(batch.data, batch.input_names)
         _, metrics = loss.fn(torch.from_numpy(np.concatenate(logprobs)), inputs_T, loss_config)
         return ForwardResult(logprobs, metrics)
 

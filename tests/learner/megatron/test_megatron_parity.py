@@ -121,7 +121,8 @@ async def test_logprobs_match_the_torch_backend(megatron_learners, models, model
     ("loss_fn", "layout", "model", "grad_scale"),
     [(loss, "tp2", "llama", 1.0) for loss in ("cross_entropy", "importance_sampling", "ppo", "cispo")]
     + [("dro", "tp2", "llama", 0.05), ("ppo", "tp1", "llama", 1.0), ("importance_sampling", "tp1-dp2", "llama", 0.1)]
-    + [("cispo", "tp2", "qwen2", 1.0), ("cross_entropy", "pp2", "llama", 1.0), ("ppo", "pp2", "qwen2", 1.0)],
+    + [("cispo", "tp2", "qwen2", 1.0), ("cross_entropy", "pp2", "llama", 1.0), ("ppo", "pp2", "qwen2", 1.0)]
+    + [("gspo", "tp1-dp2", "llama", 1.0)],  # a per-sequence ratio over datums split between DP replicas
 )
 async def test_three_adamw_steps_match_the_torch_backend(megatron_learners, models, loss_fn, layout, model, grad_scale):
     adam = dataclasses.replace(ADAM, grad_scale=grad_scale)  # grad_scale: OptimStep's normalisation factor
