@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_cmd_run)
 
     serve = commands.add_parser(
-        "serve", help="serve the Tinker REST API (the official tinker SDK, unmodified) on learner + rollout"
+        "serve",
+        help="serve the Tinker REST API and Fireworks-style service mode (trainer jobs, deployments, hot-load)",
     )
     add_config_arguments(serve)
     serve.set_defaults(handler=_cmd_serve)
