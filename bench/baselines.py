@@ -70,12 +70,12 @@ def loopback_tcp(num_bytes: int, repeats: int, chunk: int = DEFAULT_CHUNK) -> Ti
 
 
 @contextlib.asynccontextmanager
-async def raw_grpc_server() -> AsyncIterator[str]:
-    """`bench.raw_grpc_server` in its own process; yields its address."""
+async def raw_grpc_server() -> AsyncIterator[ServiceProcess]:
+    """`bench.raw_grpc_server` in its own process (its `address` and `pid`)."""
     with tempfile.TemporaryDirectory(prefix="anvil-bench-") as logs:
         process: ServiceProcess = await start_service("raw-grpc", "bench.raw_grpc_server", [], Path(logs), {}, 60)
         try:
-            yield process.address
+            yield process
         finally:
             process.stop()
 

