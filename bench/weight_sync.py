@@ -20,20 +20,11 @@ takes the tensors). Checkpoint phases: write (safetensors into tmpfs) and load (
 from __future__ import annotations
 
 import argparse
-import asyncio
-import hashlib
 import importlib.util
 import itertools
 import math
-import statistics
 import tempfile
-import time
-from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-
-import torch
-from rich.table import Table
-from safetensors.torch import save_file
 
 from bench.baselines import (
     DEFAULT_CHUNK,
@@ -46,162 +37,35 @@ from bench.baselines import (
 from bench.common import (
     MiB,
     Ratio,
-    Stopwatch,
     Timing,
     base_parser,
     console,
     run_main,
     throughput_ratio,
+    time_async,
     time_interleaved,
-    time_sync,
     timing_table,
     with_cpu_accounting,
     write_results,
 )
-from bench.sink_rollout import PARAMS_ENV, start_sink, synthetic_shapes, synthetic_state_dict
-from coordinator.launcher import ServiceProcess, start_service, toml_value
+from bench.publication import (
+    SHM,
+    Replica,
+    checkpoint_phases,
+    e2e_stream_direct,
+    nbytes,
+    repeat_phases,
+    start_replica,
+    stream_phases,
+)
+from bench.publication_profile import component_costs, cpu_table
+from bench.sink_rollout import synthetic_shapes, synthetic_state_dict
+from coordinator.launcher import ServiceProcess
 from coordinator.models import resolve_model
 from learner.config import LearnerConfig
-from learner.publisher import tensors_as_bytes
 from learner.server import start_learner
-from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc, rollout_pb2, rollout_pb2_grpc
+from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
 from protos.rpc import open_channel
-from protos.weights_codec import digest, framed_push_requests, push_weight_update
-from rollout.config import RolloutConfig, TorchEngineConfig, VllmEngineConfig
-from rollout.server import start_rollout
-
-PUSH_METHOD = "/anvil.v1.RolloutService/PushWeights"
-SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-
-
-def nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-class Replica:
-    """A rollout replica the benchmark publishes to (a process, or a server in this process for --quick)."""
-
-    def __init__(self, label: str, address: str, stop: Callable[[], Awaitable[None]], pid: int | None = None) -> None:
-        self.label, self.address, self.stop, self.pid = label, address, stop, pid
-        """`pid` is None when the replica runs in this process."""
-        self._versions = itertools.count(1)
-
-    def next_version(self) -> int:
-        return next(self._versions)
-
-
-async def stream_phases(replica: Replica, named: list[tuple[str, torch.Tensor]], chunk_bytes: int) -> dict[str, float]:
-    """One stream publication done step by step, each step timed."""
-    watch, version = Stopwatch(), replica.next_version()
-    async with open_channel(replica.address) as channel:
-        stub = rollout_pb2_grpc.RolloutServiceStub(channel)
-        start = time.perf_counter()
-        with watch.phase("serialize"):
-            snapshot = sorted(tensors_as_bytes(named), key=lambda tensor: tensor.name)
-            requests = list(framed_push_requests(version, snapshot, chunk_bytes))
-            expected = digest([(t.name, t.data) for t in snapshot])
-        with watch.phase("transfer"):
-            await stub.BeginWeightUpdate(rollout_pb2.BeginWeightUpdateRequest(version=version))
-            await channel.stream_unary(PUSH_METHOD, request_serializer=None)(iter(requests))
-        commit_start = time.perf_counter()
-        reply = await stub.CommitWeightUpdate(rollout_pb2.CommitWeightUpdateRequest(version=version, digest=expected))
-        commit_s = time.perf_counter() - commit_start
-        watch.phases["swap"] = reply.swap_duration_s
-        watch.phases["stage"] = commit_s - reply.swap_duration_s
-        watch.phases["total"] = time.perf_counter() - start
-    return watch.phases
-
-
-async def repeat_phases(label: str, repeats: int, run, num_bytes: int) -> tuple[Timing, dict[str, Timing]]:
-    """Run a phase-reporting publication `repeats` times (+1 warm-up); Timings of the total and each phase."""
-    await run()
-    samples = [await run() for _ in range(repeats)]
-    phases = {
-        name: Timing(f"{label} · {name}", [sample[name] for sample in samples], num_bytes)
-        for name in samples[0]
-        if name != "total"
-    }
-    return Timing(f"{label} · sum of phases", [s["total"] for s in samples], num_bytes), phases
-
-
-async def e2e_stream_direct(replica: Replica, named: list[tuple[str, torch.Tensor]], chunk_bytes: int) -> None:
-    """What the learner's publisher does for one replica: snapshot, then push_weight_update."""
-    snapshot = await asyncio.to_thread(tensors_as_bytes, named)
-    async with open_channel(replica.address) as channel:
-        await push_weight_update(channel, replica.next_version(), snapshot, chunk_bytes)
-
-
-async def checkpoint_phases(replica: Replica, state: dict[str, torch.Tensor], directory: Path) -> dict[str, float]:
-    """safetensors into tmpfs, then LoadWeights: the checkpoint transport's two steps."""
-    watch = Stopwatch()
-    start = time.perf_counter()
-    with watch.phase("write"):
-        directory.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(save_file, state, directory / "model.safetensors")
-    async with open_channel(replica.address) as channel:
-        stub = rollout_pb2_grpc.RolloutServiceStub(channel)
-        with watch.phase("load"):
-            await stub.LoadWeights(rollout_pb2.LoadWeightsRequest(path=str(directory), version=replica.next_version()))
-    watch.phases["total"] = time.perf_counter() - start
-    return watch.phases
-
-
-async def start_replica(
-    args: argparse.Namespace, label: str, logs: Path, model_dir: Path | None = None, engine: str = "torch"
-) -> Replica:
-    """A rollout replica serving `model_dir` with `engine`, or the synthetic sink when model_dir is None."""
-    if args.in_process:
-        if model_dir is None:
-            running = await start_sink(args.synthetic_params)
-            return Replica(label, running.address, lambda: running.stop(0))
-        config = RolloutConfig(model=model_dir, engine=TorchEngineConfig() if engine == "torch" else VllmEngineConfig())
-        running, servicer = await start_rollout(config)
-
-        async def stop() -> None:
-            await running.stop(0)
-            await servicer.engine.close()
-
-        return Replica(label, running.address, stop)
-    if model_dir is None:
-        module, overrides, env = "bench.sink_rollout", [], {PARAMS_ENV: str(args.synthetic_params)}
-    else:
-        module, overrides, env = "rollout", [f"model={toml_value(model_dir)}", f'engine.type="{engine}"'], {}
-    process = await start_service(label, module, overrides, logs, env, 300)
-
-    async def stop_process() -> None:
-        process.stop()
-
-    return Replica(label, process.address, stop_process, process.pid)
-
-
-def component_costs(state: dict[str, torch.Tensor], size: int, repeats: int) -> list[Timing]:
-    """Single-core throughput of the work every streamed byte needs beyond the raw transfer (the profile)."""
-    views = [memoryview(t.view(torch.uint8).numpy()) for t in state.values()]
-
-    def sha256_all() -> None:
-        hasher = hashlib.sha256()
-        for view in views:
-            hasher.update(view)
-
-    def copy_into_fresh_memory() -> None:
-        for view in views:
-            for offset in range(0, len(view), DEFAULT_CHUNK):
-                bytes(view[offset : offset + DEFAULT_CHUNK])
-
-    wire = next(
-        framed_push_requests(1, tensors_as_bytes([max(state.items(), key=lambda kv: kv[1].numel())]), DEFAULT_CHUNK)
-    )
-    parse_repeats = max(1, size // len(wire))
-
-    def parse_chunks() -> None:
-        for _ in range(parse_repeats):
-            rollout_pb2.PushWeightsRequest.FromString(wire).chunk.data  # noqa: B018 - the read is the cost
-
-    return [
-        time_sync("profile: sha256 (one core)", sha256_all, repeats, 0, size),
-        time_sync("profile: copy into fresh 4 MiB buffers", copy_into_fresh_memory, repeats, 0, size),
-        time_sync("profile: protobuf parse + read of chunk data", parse_chunks, repeats, 0, parse_repeats * len(wire)),
-    ]
 
 
 async def bench_synthetic(
@@ -305,42 +169,6 @@ async def bench_synthetic(
     return timings, ratios
 
 
-def cpu_table(
-    raw_cpu: dict[str, list[float]], e2e_cpu: dict[str, list[float]], raw: Timing, e2e: Timing, separate: bool
-) -> dict[str, dict[str, float]]:
-    """Median CPU seconds of sender and receiver per publication: the profile that says what bounds it."""
-    if not separate:
-        return {}
-    profile = {}
-    table = Table(title="CPU seconds per publication (sender = this process, receiver = the server process)")
-    for column in ("path", "wall", "sender CPU", "receiver CPU", "total CPU", "cores busy"):
-        table.add_column(column, justify="left" if column == "path" else "right")
-    for name, cpu, timing in (("raw", raw_cpu, raw), ("anvil", e2e_cpu, e2e)):
-        sender, receiver = statistics.median(cpu["sender"]), statistics.median(cpu["receiver"])
-        profile[name] = {"sender_s": sender, "receiver_s": receiver, "wall_s": timing.median}
-        total = sender + receiver
-        table.add_row(
-            name,
-            f"{timing.median:.3f}",
-            f"{sender:.3f}",
-            f"{receiver:.3f}",
-            f"{total:.3f}",
-            f"{total / timing.median:.2f}",
-        )
-    console.print(table)
-    return profile
-
-
-async def _time(name: str, repeats: int, num_bytes: int, fn) -> Timing:
-    await fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        await fn()
-        samples.append(time.perf_counter() - start)
-    return Timing(name, samples, num_bytes)
-
-
 async def bench_model(
     args, logs: Path, raw_address: str, repeats: int, engines: list[str]
 ) -> tuple[list[Timing], list[Ratio]]:
@@ -395,11 +223,11 @@ async def bench_model(
                                 ],
                                 repeats,
                             )
-                        ckpt = await _time(
+                        ckpt = await time_async(
                             f"{label} checkpoint(tmpfs) · PublishWeights e2e",
-                            repeats,
-                            size,
                             lambda: publish("checkpoint"),
+                            repeats,
+                            num_bytes=size,
                         )
                     finally:
                         await replica.stop()
