@@ -9,7 +9,9 @@ anvil / raw is the framing cost (target ≤ 1.15).
 
 Each step is also timed on its own, in this process, so the table shows where the time goes. The
 coordinator's Tinker `Datum` -> Arrow conversion (`coordinator.client.convert.data_to_arrow`, which
-starts from Python lists by Tinker's design) and the REST gateway path are reported beside it.
+starts from Python lists by Tinker's design) and the REST gateway path (the official SDK's protobuf
+request over HTTP, through the gateway's own decoder to the learner's ingestion; `bench.rest_ingest_server`
+stands in for a learner so the model is not timed) are reported beside it.
 
     python -m bench.data_plane             # 256 sequences x 2048 tokens
     python -m bench.data_plane --quick     # 16 x 256
@@ -18,7 +20,6 @@ starts from Python lists by Tinker's design) and the REST gateway path are repor
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import tempfile
 import time
 from pathlib import Path
@@ -141,14 +142,52 @@ def datum_conversion(rows: list[dict[str, np.ndarray]], repeats: int, num_bytes:
     )
 
 
-async def rest_gateway(repeats: int) -> tuple[list[Timing], list[str]]:
-    """The REST gateway row, when the gateway exists in this checkout."""
-    if importlib.util.find_spec("coordinator.gateway") is None:
-        return [], ["REST gateway path not measured: coordinator.gateway is not available in this checkout"]
-    return [], [
-        "REST gateway path not measured: coordinator.gateway exists, but its forward_backward always runs the "
-        "learner's model, so a framing-only row needs a learner stand-in behind the gateway (not wired yet)"
-    ]
+def tinker_request(rows: list[dict[str, np.ndarray]]) -> bytes:
+    """The same batch as the official tinker SDK sends it: a protobuf ForwardBackwardRequest."""
+    from protos.anvil.tinker.v1 import tinker_public_pb2 as tpb
+
+    request = tpb.ForwardBackwardRequest(model_id="bench:train:0", seq_id=1, loss_fn="ppo")
+    for row in rows:
+        datum = request.data.add()
+        datum.model_input.add().encoded_text.tokens = row["model_input"].astype(np.int32).tobytes()
+        for key, values, code in (
+            ("target_tokens", row["target_tokens"].astype(np.int64), tpb.DTYPE_INT64),
+            ("logprobs", row["logprobs"], tpb.DTYPE_FLOAT32),
+            ("advantages", row["advantages"], tpb.DTYPE_FLOAT32),
+        ):
+            tensor = datum.loss_fn_inputs[key]
+            tensor.dense, tensor.dtype = values.tobytes(), code
+            tensor.shape.append(len(values))
+    return request.SerializeToString()
+
+
+async def rest_gateway(rows, repeats: int, raw_send, num_bytes: int, logs: Path) -> list[Timing]:
+    """Tinker protobuf over HTTP through the gateway's decoder to the learner's ingestion (no model),
+    interleaved with the raw gRPC baseline so the two see the same machine load."""
+    import httpx
+
+    server = await start_service("rest-ingest", "bench.rest_ingest_server", [], logs, {VOCAB_ENV: str(VOCAB)}, 60)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://{server.address}", timeout=120) as client:
+
+            async def rest_send() -> None:
+                reply = await client.post(
+                    "/api/v1/forward_backward",
+                    content=tinker_request(rows),
+                    headers={"Content-Type": "application/x-protobuf"},
+                )
+                assert reply.json()["datums"] == len(rows)
+
+            raw, rest = await time_interleaved(
+                [
+                    ("baseline (REST pairing): raw gRPC unary", raw_send, num_bytes),
+                    ("rest: tinker proto encode+HTTP+gateway decode+Arrow+ingest", rest_send, num_bytes),
+                ],
+                repeats,
+            )
+    finally:
+        server.stop()
+    return [raw, rest]
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -185,11 +224,12 @@ async def main(args: argparse.Namespace) -> None:
                     ],
                     repeats,
                 )
+                rest_timings = await rest_gateway(rows, repeats, raw_send, num_bytes, Path(logs))
         finally:
             server.stop()
     phases = local_phases(rows, repeats, num_bytes)
     context = [datum_conversion(rows, max(1, repeats // 2), num_bytes)]
-    rest_timings, notes = await rest_gateway(repeats)
+    notes: list[str] = []
 
     timings = [raw, anvil, prebuilt, *phases, *context, *rest_timings]
     console.print(timing_table("data plane", timings))
@@ -210,6 +250,17 @@ async def main(args: argparse.Namespace) -> None:
             "profile: server ingestion / raw gRPC (time)",
             prebuilt.median / raw.median,
             "the prebuilt request (parse + batch_from_arrow on the server) vs raw bytes of the same size",
+        ),
+        Ratio(
+            "rest gateway / raw gRPC (time)",
+            rest_timings[1].median / rest_timings[0].median,
+            "the official SDK's protobuf request over HTTP through the gateway's decoder to the learner's "
+            "ingestion (no model), vs raw gRPC bytes of the same size measured alongside it",
+        ),
+        Ratio(
+            "rest gateway / anvil gRPC path (time)",
+            rest_timings[1].median / anvil.median,
+            "what the REST gateway adds on top of Anvil's own gRPC batch path",
         ),
         Ratio(
             "Datum conversion / anvil path (time)",
