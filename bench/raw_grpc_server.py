@@ -20,6 +20,7 @@ import os
 import grpc
 
 from protos.anvil.v1 import learner_pb2
+from protos.config import die_with_parent
 from protos.rpc import DEFAULT_MAX_MESSAGE_BYTES
 
 STREAM_METHOD = "/bench.Raw/Stream"
@@ -68,4 +69,5 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
+    die_with_parent()  # started by coordinator.launcher: never outlive the benchmark
     asyncio.run(serve())

@@ -20,6 +20,7 @@ from bench.raw_grpc_server import VOCAB_ENV
 from coordinator.gateway.wire import forward_call_from_proto
 from learner.batch import batch_from_arrow
 from protos.arrow_schemas import encode_batch, make_batch
+from protos.config import die_with_parent
 
 app = FastAPI()
 
@@ -41,4 +42,5 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
+    die_with_parent()  # started by coordinator.launcher: never outlive the benchmark
     asyncio.run(serve())

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from protos.anvil.v1 import rollout_pb2_grpc
+from protos.config import die_with_parent
 from protos.rpc import RunningServer, ServerConfig, ServiceSpec, serve_until_signal, start_server
 from rollout.engines.base import EngineDescription, RolloutEngine, SampleResult, SamplingSpec
 from rollout.service import RolloutServicer
@@ -122,4 +123,5 @@ async def serve(params: int) -> None:
 
 
 if __name__ == "__main__":
+    die_with_parent()  # started by coordinator.launcher: never outlive the benchmark
     asyncio.run(serve(int(os.environ[PARAMS_ENV])))

@@ -2,15 +2,14 @@
 
 Each service is `python -m learner|rollout` with `--set` overrides, bound to port 0; its output goes to
 <run_dir>/logs/<name>.log, where the launcher waits for the `LISTENING host:port` line. Children get
-SIGTERM if the coordinator dies (Linux PR_SET_PDEATHSIG), so even a killed coordinator leaves no
+SIGTERM if the coordinator dies (Linux PR_SET_PDEATHSIG, which the child sets on itself at start when
+$ANVIL_PARENT_PID is set: see protos.config.die_with_parent), so even a killed coordinator leaves no
 service behind; a normal stop sends SIGTERM and waits for a graceful exit.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -20,14 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from protos.config import PARENT_PID_ENV
 from protos.errors import Unavailable
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def toml_value(value: object) -> str:
@@ -75,8 +68,9 @@ async def start_service(
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-            preexec_fn=_die_with_parent,
+            # No preexec_fn: forking a process with running gRPC threads through Python's fork path
+            # (needed for preexec_fn) occasionally aborted the child; the child sets PDEATHSIG itself.
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())},
         )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -9,6 +9,11 @@ with the field named.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import os
+import signal
+import sys
 import tomllib
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -77,6 +82,22 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     node[leaf] = value
 
 
+PARENT_PID_ENV = "ANVIL_PARENT_PID"
+"""Set by coordinator.launcher for the services it starts: they must not outlive that process."""
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when the launching process dies (PR_SET_PDEATHSIG), if one is
+    named in $ANVIL_PARENT_PID; exit at once if it already died before we got here."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def serve_from_arguments(
     name: str,
     model: type[ConfigT],
@@ -89,6 +110,7 @@ def serve_from_arguments(
     import logging
     import sys
 
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(model, args.config, [*extra_overrides, *args.overrides])
