@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from protos.anvil.v1 import rollout_pb2_grpc
 from protos.config import die_with_parent
@@ -96,12 +95,6 @@ class BufferEngine(RolloutEngine):
     def _copy_in(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, buffer in self.buffers.items():
             buffer.copy_(tensors[name])
-
-    async def load_weights_from_directory(self, directory: Path) -> None:
-        tensors: dict[str, torch.Tensor] = {}
-        for file in sorted(directory.glob("*.safetensors")):
-            tensors.update(load_file(file))
-        await self.load_weights(tensors)
 
     async def close(self) -> None:
         self.buffers = {}

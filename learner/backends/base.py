@@ -51,6 +51,25 @@ class ForwardResult:
     metrics: dict[str, float]
 
 
+def clip_and_step(
+    optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor], grad_norm: torch.Tensor, params: AdamParams
+) -> dict[str, float]:
+    """The tail of every backend's optim_step, once the (scaled) gradients' global norm is known: clip to
+    `grad_clip_norm`, set this step's AdamParams on every group, step, zero the gradients; the metrics."""
+    if params.grad_clip_norm > 0 and parameters:
+        torch.nn.utils.clip_grads_with_norm_(parameters, params.grad_clip_norm, grad_norm)
+    for group in optimizer.param_groups:
+        group.update(
+            lr=params.learning_rate,
+            betas=(params.beta1, params.beta2),
+            eps=params.eps,
+            weight_decay=params.weight_decay,
+        )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"grad_norm:mean": float(grad_norm), "learning_rate:mean": params.learning_rate}
+
+
 class LearnerBackend(ABC):
     """A full-parameter model plus AdamW state, addressed by Hugging Face parameter names."""
 

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from learner.backends.base import AdamParams, ForwardResult, LearnerBackend, ModelDescription
+from learner.backends.base import AdamParams, ForwardResult, LearnerBackend, ModelDescription, clip_and_step
 from learner.batch import TrainingBatch
 from learner.config import TorchBackendConfig
 from learner.losses import LossSpec, loss_inputs_T
@@ -120,19 +120,9 @@ class TorchBackend(LearnerBackend):
             for parameter in parameters:
                 parameter.grad.mul_(params.grad_scale)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters]) if parameters else torch.zeros(())
-        if params.grad_clip_norm > 0 and parameters:
-            torch.nn.utils.clip_grads_with_norm_(parameters, params.grad_clip_norm, grad_norm)
-        for group in self.optimizer.param_groups:
-            group.update(
-                lr=params.learning_rate,
-                betas=(params.beta1, params.beta2),
-                eps=params.eps,
-                weight_decay=params.weight_decay,
-            )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        metrics = clip_and_step(self.optimizer, parameters, grad_norm, params)
         self._step += 1
-        return {"grad_norm:mean": float(grad_norm), "learning_rate:mean": params.learning_rate}
+        return metrics
 
     # --- state --------------------------------------------------------------------------------------
 

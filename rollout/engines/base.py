@@ -75,9 +75,15 @@ class RolloutEngine(ABC):
     async def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the served weights with a full, already verified set (HF names)."""
 
-    @abstractmethod
     async def load_weights_from_directory(self, directory: Path) -> None:
-        """Replace the served weights with a verified Hugging Face checkpoint directory's."""
+        """Replace the served weights with a verified Hugging Face checkpoint directory's (by default: read
+        its safetensors files and `load_weights`; engines that read files themselves override this)."""
+        from safetensors.torch import load_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for file in sorted(directory.glob("*.safetensors")):
+            tensors.update(load_file(file))
+        await self.load_weights(tensors)
 
     @abstractmethod
     async def close(self) -> None:

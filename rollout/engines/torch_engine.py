@@ -14,7 +14,6 @@ import random
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from rollout.config import TorchEngineConfig
 from rollout.engines.base import EngineDescription, GeneratedSequence, RolloutEngine, SampleResult, SamplingSpec
@@ -132,12 +131,6 @@ class TorchEngine(RolloutEngine):
     def _copy_in(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, parameter in self.model.named_parameters():
             parameter.copy_(tensors[name].to(device=parameter.device, dtype=parameter.dtype))
-
-    async def load_weights_from_directory(self, directory: Path) -> None:
-        tensors: dict[str, torch.Tensor] = {}
-        for file in sorted(directory.glob("*.safetensors")):
-            tensors.update(load_file(file))
-        await self.load_weights(tensors)
 
     async def close(self) -> None:
         async with self._lock:

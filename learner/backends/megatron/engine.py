@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from learner.backends.base import AdamParams, ForwardResult
+from learner.backends.base import AdamParams, ForwardResult, clip_and_step
 from learner.backends.megatron import convert
 from learner.backends.megatron.logprobs import vocab_parallel_target_logprobs
 from learner.backends.megatron.model import build_model, hf_tensor_shapes
@@ -195,20 +195,9 @@ class MegatronEngine:
         if self.layout.tp * self.layout.pp > 1:
             dist.all_reduce(sum_squares, group=self.layout.model_parallel_group)
         grad_norm = sum_squares.sqrt()
-        with_grads = [p for _, p in named]
-        if params.grad_clip_norm > 0 and with_grads:
-            torch.nn.utils.clip_grads_with_norm_(with_grads, params.grad_clip_norm, grad_norm)
-        for group in self.optimizer.param_groups:
-            group.update(
-                lr=params.learning_rate,
-                betas=(params.beta1, params.beta2),
-                eps=params.eps,
-                weight_decay=params.weight_decay,
-            )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        metrics = clip_and_step(self.optimizer, [p for _, p in named], grad_norm, params)
         self.step += 1
-        return {"grad_norm:mean": float(grad_norm), "learning_rate:mean": params.learning_rate}
+        return metrics
 
     def _is_tied_copy(self, name: str) -> bool:
         """The last pipeline stage's copy of a tied embedding (counted and exported once, on stage 0)."""
