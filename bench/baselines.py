@@ -19,7 +19,7 @@ import numpy as np
 from bench.common import MiB, Timing, time_async, time_sync
 from bench.raw_grpc_server import STREAM_METHOD, UNARY_METHOD
 from coordinator.launcher import ServiceProcess, start_service
-from protos.rpc import open_channel
+from protos.channels import open_channel
 
 DEFAULT_CHUNK = 4 * MiB
 

@@ -42,7 +42,7 @@ from coordinator.launcher import start_service
 from learner.batch import batch_from_arrow
 from protos.anvil.v1 import learner_pb2
 from protos.arrow_schemas import decode_batch, encode_batch, make_batch, validate_batch
-from protos.rpc import open_channel
+from protos.channels import open_channel
 
 VOCAB = 32000
 

@@ -31,7 +31,7 @@ from learner.losses import resolve_loss
 from learner.server import start_learner
 from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
 from protos.arrow_schemas import decode_outputs, encode_batch, make_batch
-from protos.rpc import open_channel
+from protos.channels import open_channel
 
 LOSS = "importance_sampling"
 LEARNING_RATE = 1e-5

@@ -41,7 +41,7 @@ from coordinator.models import resolve_model
 from coordinator.run import start_services
 from learner.config import LearnerConfig
 from learner.server import start_learner
-from protos.rpc import open_channel
+from protos.channels import open_channel
 from rollout.config import RolloutConfig, TorchEngineConfig, VllmEngineConfig
 from rollout.server import start_rollout
 

@@ -19,7 +19,7 @@ from bench.sink_rollout import PARAMS_ENV, start_sink
 from coordinator.launcher import start_service, toml_value
 from learner.publisher import tensors_as_bytes
 from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
-from protos.rpc import open_channel
+from protos.channels import open_channel
 from protos.weights_codec import digest, framed_push_requests, push_weight_update
 from rollout.config import RolloutConfig, TorchEngineConfig, VllmEngineConfig
 from rollout.server import start_rollout

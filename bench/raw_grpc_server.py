@@ -20,8 +20,8 @@ import os
 import grpc
 
 from protos.anvil.v1 import learner_pb2
-from protos.config import die_with_parent
-from protos.rpc import DEFAULT_MAX_MESSAGE_BYTES
+from protos.channels import DEFAULT_MAX_MESSAGE_BYTES
+from servicekit.process import die_with_parent
 
 STREAM_METHOD = "/bench.Raw/Stream"
 UNARY_METHOD = "/bench.Raw/Unary"

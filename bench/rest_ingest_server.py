@@ -20,7 +20,7 @@ from bench.raw_grpc_server import VOCAB_ENV
 from coordinator.gateway.wire import forward_call_from_proto
 from learner.batch import batch_from_arrow
 from protos.arrow_schemas import encode_batch, make_batch
-from protos.config import die_with_parent
+from servicekit.process import die_with_parent
 
 app = FastAPI()
 

@@ -23,7 +23,8 @@ import time
 from bench.common import Ratio, Timing, base_parser, console, run_main, timing_table, write_results
 from coordinator.models import resolve_model
 from protos.anvil.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
-from protos.rpc import ServerConfig, ServiceSpec, open_channel, start_server
+from protos.channels import open_channel
+from protos.rpc import ServerConfig, ServiceSpec, start_server
 from rollout.config import TorchEngineConfig, VllmEngineConfig
 from rollout.engines import build_engine
 from rollout.engines.base import SamplingSpec

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from protos.anvil.v1 import rollout_pb2_grpc
-from protos.config import die_with_parent
 from protos.rpc import RunningServer, ServerConfig, ServiceSpec, serve_until_signal, start_server
 from rollout.engines.base import EngineDescription, RolloutEngine, SampleResult, SamplingSpec
 from rollout.service import RolloutServicer
 from rollout.weights import WeightUpdater
+from servicekit.process import die_with_parent
 
 PARAMS_ENV = "ANVIL_BENCH_SINK_PARAMS"
 QWEN_05B = {"vocab": 151936, "hidden": 896, "intermediate": 4864, "layers": 24, "heads": 14, "kv_heads": 2}

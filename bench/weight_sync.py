@@ -65,7 +65,7 @@ from coordinator.models import resolve_model
 from learner.config import LearnerConfig
 from learner.server import start_learner
 from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
-from protos.rpc import open_channel
+from protos.channels import open_channel
 
 
 async def bench_synthetic(

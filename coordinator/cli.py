@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from protos.config import add_config_arguments, add_override_argument
+from servicekit.config import add_config_arguments, add_override_argument
 
 
 def _cmd_models_list(args: argparse.Namespace) -> int:
@@ -73,8 +73,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from coordinator.config import RunConfig
     from coordinator.run import CONFIG_FILE, run
-    from protos.config import load_config
     from protos.errors import AnvilError
+    from servicekit.config import load_config
 
     try:
         if args.resume is not None:
@@ -101,7 +101,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from coordinator.gateway.config import GatewayConfig
     from coordinator.gateway.server import serve
-    from protos.config import serve_from_arguments
+    from servicekit.config import serve_from_arguments
 
     return serve_from_arguments("anvil serve", GatewayConfig, args, [], serve)
 

@@ -3,7 +3,7 @@
 Each service is `python -m learner|rollout` with `--set` overrides, bound to port 0; its output goes to
 <run_dir>/logs/<name>.log, where the launcher waits for the `LISTENING host:port` line. Children get
 SIGTERM if the coordinator dies (Linux PR_SET_PDEATHSIG, which the child sets on itself at start when
-$ANVIL_PARENT_PID is set: see protos.config.die_with_parent), so even a killed coordinator leaves no
+$ANVIL_PARENT_PID is set: see servicekit.process.die_with_parent), so even a killed coordinator leaves no
 service behind; a normal stop sends SIGTERM and waits for a graceful exit.
 """
 
@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from protos.config import PARENT_PID_ENV
 from protos.errors import Unavailable
+from servicekit.process import PARENT_PID_ENV
 
 
 def toml_value(value: object) -> str:

@@ -31,8 +31,8 @@ from coordinator.launcher import ServiceProcess, start_service, toml_value
 from coordinator.loop import RLLoop
 from coordinator.models import resolve_model
 from coordinator.recorder import CONSUMED_FILE, METRICS_FILE, Recorder, read_jsonl, truncate_to_step
+from protos.channels import open_channel
 from protos.errors import NotFound
-from protos.rpc import open_channel
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS_FILE = "checkpoints.jsonl"

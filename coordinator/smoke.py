@@ -54,7 +54,8 @@ async def run_smoke(model: str = "anvil-tiny", steps: int = 80, learning_rate: f
     from learner.server import start_learner
     from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
     from protos.arrow_schemas import encode_batch, make_batch
-    from protos.rpc import ServerConfig, open_channel
+    from protos.channels import open_channel
+    from protos.rpc import ServerConfig
 
     console = Console()
     started = time.perf_counter()

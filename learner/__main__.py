@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from protos.config import add_config_arguments
+    from servicekit.config import add_config_arguments
 
     parser = argparse.ArgumentParser(prog="learner", description="Serve anvil.v1.LearnerService.")
     add_config_arguments(parser)
@@ -19,7 +19,7 @@ def run(args: argparse.Namespace, models: dict[str, str] | None = None) -> int:
     """Serve; `models` (name -> directory) is filled in by `anvil learner --model NAME`."""
     from learner.config import LearnerConfig
     from learner.server import serve
-    from protos.config import serve_from_arguments
+    from servicekit.config import serve_from_arguments
 
     overrides = [f'models.{name}="{path}"' for name, path in (models or {}).items()]
     return serve_from_arguments("learner", LearnerConfig, args, overrides, serve)

@@ -16,8 +16,9 @@ import grpc
 import torch
 
 from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
+from protos.channels import open_channel
 from protos.errors import InvalidArgument, Unavailable
-from protos.rpc import error_from_rpc, open_channel
+from protos.status import error_from_rpc
 from protos.weights_codec import TensorBytes, push_weight_update
 
 TRANSPORTS = ("stream", "checkpoint")

@@ -1,4 +1,4 @@
-"""The one way Anvil starts gRPC servers and opens channels, and the one map of errors to statuses.
+"""The one way Anvil starts gRPC servers: health, reflection, API-key auth, error -> status, graceful stop.
 
 Every service (learner, rollout, coordinator) boots through `start_server`, which binds the address
 (`127.0.0.1:0` picks a free port and reports it), registers grpc.health.v1 and server reflection, caps
@@ -24,25 +24,13 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ConfigDict, Field
 
 from protos import errors
+from protos.channels import DEFAULT_MAX_MESSAGE_BYTES
+from protos.status import status_for
 
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "ANVIL_API_KEY"
 """Environment variable that turns auth on when a config leaves `api_key` unset."""
-
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-
-STATUS_BY_ERROR: dict[type[errors.AnvilError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.AnvilError]] = {v: k for k, v in STATUS_BY_ERROR.items()}
 
 _OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -65,20 +53,6 @@ class ServerConfig(BaseModel):
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get(API_KEY_ENV) or None
-
-
-def status_for(exc: BaseException) -> grpc.StatusCode:
-    """The gRPC status a raised exception maps to (INTERNAL for anything not an AnvilError)."""
-    for cls in type(exc).__mro__:
-        if cls in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[cls]
-    return grpc.StatusCode.INTERNAL
-
-
-def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError) -> errors.AnvilError | grpc.RpcError:
-    """Turn a client-side RpcError back into the domain error it came from, when there is one."""
-    cls = ERROR_BY_STATUS.get(exc.code())
-    return cls(exc.details()) if cls else exc
 
 
 # --- server side -------------------------------------------------------------------------------------
@@ -246,62 +220,3 @@ async def serve_until_signal(running: RunningServer, on_stop: Callable[[], Await
     await running.stop()
     waiter.cancel()
     signalled.cancel()
-
-
-# --- client side -------------------------------------------------------------------------------------
-
-
-def _with_auth(details: grpc.aio.ClientCallDetails, header: tuple[str, str]) -> grpc.aio.ClientCallDetails:
-    metadata = grpc.aio.Metadata(*(details.metadata or ()))
-    metadata.add(*header)
-    return grpc.aio.ClientCallDetails(
-        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-    )
-
-
-class _AuthHeader:
-    """Adds `authorization: Bearer <key>` to a call's metadata."""
-
-    def __init__(self, api_key: str) -> None:
-        self._header = ("authorization", f"Bearer {api_key}")
-
-    def details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        return _with_auth(details, self._header)
-
-
-# grpc.aio files each interceptor under one call kind only (an if/elif on its base classes), so every
-# kind needs its own class.
-class _UnaryUnaryAuth(_AuthHeader, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
-        return await continuation(self.details(client_call_details), request)
-
-
-class _UnaryStreamAuth(_AuthHeader, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
-        return await continuation(self.details(client_call_details), request)
-
-
-class _StreamUnaryAuth(_AuthHeader, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
-        return await continuation(self.details(client_call_details), request_iterator)
-
-
-class _StreamStreamAuth(_AuthHeader, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
-        return await continuation(self.details(client_call_details), request_iterator)
-
-
-def open_channel(
-    address: str, api_key: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-) -> grpc.aio.Channel:
-    """An insecure grpc.aio channel to `address` that sends the API key (if any) on every call."""
-    options = [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-    ]
-    interceptors = (
-        [kind(api_key) for kind in (_UnaryUnaryAuth, _UnaryStreamAuth, _StreamUnaryAuth, _StreamStreamAuth)]
-        if api_key
-        else None
-    )
-    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)

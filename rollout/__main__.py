@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from protos.config import add_config_arguments
+    from servicekit.config import add_config_arguments
 
     parser = argparse.ArgumentParser(prog="rollout", description="Serve anvil.v1.RolloutService.")
     add_config_arguments(parser)
@@ -17,9 +17,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, model: tuple[str, str] | None = None) -> int:
     """Serve; `model` = (name, directory) is filled in by `anvil rollout --model NAME`."""
-    from protos.config import serve_from_arguments
     from rollout.config import RolloutConfig
     from rollout.server import serve
+    from servicekit.config import serve_from_arguments
 
     overrides = [f'model="{model[1]}"', f'model_name="{model[0]}"'] if model else []
     return serve_from_arguments("rollout", RolloutConfig, args, overrides, serve)

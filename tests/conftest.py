@@ -66,7 +66,7 @@ async def learner(learner_config: LearnerConfig):
 @pytest.fixture
 async def client(learner):
     """A client with a fresh anvil-tiny session on the running learner."""
-    from protos.rpc import open_channel
+    from protos.channels import open_channel
     from tests.learner.client import LearnerTestClient
 
     servicer, address = learner

@@ -1,12 +1,12 @@
-"""Typed configs from TOML with dotted overrides (protos.config), as every entry point loads them."""
+"""Typed configs from TOML with dotted overrides (servicekit.config), as every entry point loads them."""
 
 from __future__ import annotations
 
 import pytest
 
 from coordinator.config import RunConfig
-from protos.config import load_config
 from protos.errors import InvalidArgument
+from servicekit.config import load_config
 
 
 def test_overrides_are_parsed_as_toml_and_nested(tmp_path):

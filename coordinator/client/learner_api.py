@@ -8,7 +8,6 @@ learner; a transport retry of the same call reuses its seq_id and is answered fr
 from __future__ import annotations
 
 import itertools
-from collections.abc import Awaitable
 
 import grpc
 import numpy as np
@@ -17,17 +16,7 @@ from coordinator.client.convert import datum_row, output_from_logprobs
 from coordinator.client.types import AdamParams, Datum, ForwardBackwardOutput
 from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
 from protos.arrow_schemas import decode_outputs, encode_batch, make_batch
-from protos.rpc import error_from_rpc
-
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
-
-
-async def call(awaitable: Awaitable):
-    """Await a stub call, raising the domain error a status stands for."""
-    try:
-        return await awaitable
-    except grpc.aio.AioRpcError as exc:
-        raise error_from_rpc(exc) from exc
+from protos.status import call
 
 
 class LearnerSession:

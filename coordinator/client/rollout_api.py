@@ -7,10 +7,10 @@ import itertools
 import grpc
 
 from coordinator.client.convert import sample_response_from_proto, sampling_params_to_proto
-from coordinator.client.learner_api import call
 from coordinator.client.types import SampleResponse, SamplingParams
 from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
-from protos.rpc import open_channel
+from protos.channels import open_channel
+from protos.status import call
 
 
 class RolloutPool:

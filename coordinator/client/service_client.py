@@ -21,8 +21,8 @@ from coordinator.client.rollout_api import RolloutPool
 from coordinator.client.runtime import Runtime
 from coordinator.client.sampling_client import SamplingClient
 from coordinator.client.training_client import TrainingClient
+from protos.channels import open_channel
 from protos.errors import FailedPrecondition, InvalidArgument
-from protos.rpc import open_channel
 
 
 class ServiceClient:

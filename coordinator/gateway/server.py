@@ -22,7 +22,7 @@ from coordinator.gateway.snapshots import SnapshotRouter
 from coordinator.models import resolve_model
 from coordinator.service_mode.control import ServiceMode
 from coordinator.service_mode.routes import TrainerGateway, control_router
-from protos.rpc import open_channel
+from protos.channels import open_channel
 
 
 class _QuietServer(uvicorn.Server):

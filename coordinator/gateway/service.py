@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from coordinator.client.learner_api import LearnerSession, call
+from coordinator.client.learner_api import LearnerSession
 from coordinator.client.types import AdamParams
 from coordinator.gateway.checkpoints import CheckpointStore, parse_tinker_path
 from coordinator.gateway.config import GatewayConfig
@@ -32,6 +32,7 @@ from coordinator.gateway.wire import ForwardCall, numeric_loss_config, prompt_lo
 from coordinator.service_mode.snapshots import SnapshotStore
 from protos.anvil.v1 import common_pb2, rollout_pb2
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
+from protos.status import call
 
 UNSUPPORTED_LOSSES = {
     "stable_reinforce": "loss_fn 'stable_reinforce' is Tinker's proprietary loss (its maths is unpublished) and "

@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.client.learner_api import call
 from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
+from protos.channels import open_channel
 from protos.errors import NotFound
-from protos.rpc import open_channel
+from protos.status import call
 
 
 @dataclass

@@ -12,10 +12,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from coordinator.client.learner_api import call
 from coordinator.service_mode.deployments import DeploymentRuntime
 from protos.anvil.v1 import common_pb2, rollout_pb2
 from protos.errors import InvalidArgument
+from protos.status import call
 
 _FINISH = {common_pb2.STOP_REASON_STOP: "stop", common_pb2.STOP_REASON_LENGTH: "length"}
 

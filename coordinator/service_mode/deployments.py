@@ -24,12 +24,12 @@ from typing import Any
 
 import grpc
 
-from coordinator.client.learner_api import call
 from coordinator.launcher import ServiceProcess, start_service, toml_value
 from coordinator.service_mode.snapshots import SnapshotStore
 from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
+from protos.channels import open_channel
 from protos.errors import FailedPrecondition
-from protos.rpc import open_channel
+from protos.status import call
 
 log = logging.getLogger(__name__)
 

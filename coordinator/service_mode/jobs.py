@@ -17,7 +17,7 @@ from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.service import TinkerService
 from coordinator.launcher import ServiceProcess, start_service, toml_value
 from coordinator.service_mode.snapshots import SnapshotStore
-from protos.rpc import open_channel
+from protos.channels import open_channel
 
 
 @dataclass

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
 from protos.arrow_schemas import BATCH_SCHEMA, validate_batch
-from protos.rpc import open_channel
+from protos.channels import open_channel
 from tests.clients.conftest import Servers, require_tool
 
 # float32 logprobs computed by two processes (and two code paths) agree to this; the step moves them by

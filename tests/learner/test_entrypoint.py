@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from protos.rpc import open_channel
+from protos.channels import open_channel
 from tests.learner.client import LearnerTestClient, random_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

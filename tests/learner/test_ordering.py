@@ -11,7 +11,7 @@ import torch
 
 from learner.server import start_learner
 from protos.anvil.v1 import learner_pb2
-from protos.rpc import open_channel
+from protos.channels import open_channel
 from tests.learner.client import LearnerTestClient, batch_message, random_rows
 
 

@@ -13,7 +13,8 @@ import torch
 from learner.server import start_learner
 from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
 from protos.arrow_schemas import encode_batch
-from protos.rpc import ServerConfig, open_channel
+from protos.channels import open_channel
+from protos.rpc import ServerConfig
 from tests.learner.client import LearnerTestClient, batch_message, random_rows
 
 VOCAB = 512

@@ -195,7 +195,7 @@ async def test_custom_loss_two_pass_dpo_matches_autograd(client, reference_model
 
 
 async def test_two_accumulated_calls_equal_one_concatenated_call(learner):
-    from protos.rpc import open_channel
+    from protos.channels import open_channel
     from tests.learner.client import LearnerTestClient
 
     servicer, address = learner

@@ -19,7 +19,9 @@ from protos.anvil.v1 import (
     rollout_pb2,
     rollout_pb2_grpc,
 )
-from protos.rpc import ServerConfig, ServiceSpec, error_from_rpc, open_channel, start_server
+from protos.channels import open_channel
+from protos.rpc import ServerConfig, ServiceSpec, start_server
+from protos.status import error_from_rpc
 
 API_KEY = "test-key-123"
 

@@ -12,7 +12,7 @@ import pytest
 
 from learner.server import start_learner
 from protos.anvil.v1 import common_pb2, learner_pb2, rollout_pb2, rollout_pb2_grpc
-from protos.rpc import open_channel
+from protos.channels import open_channel
 from tests.learner.client import LearnerTestClient, random_rows
 from tests.rollout.conftest import start_process, stop_process
 

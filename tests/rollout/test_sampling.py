@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from protos.anvil.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
-from protos.rpc import open_channel
+from protos.channels import open_channel
 from tests.rollout.helpers import teacher_forced_logprobs
 
 PROMPT = [4, 295, 289, 226, 22, 23, 16, 28, 36, 2, 5]  # "<|user|>What is 12+7?<|end|><|assistant|>"

@@ -15,7 +15,7 @@ from learner.checkpoint import write_checkpoint
 from learner.config import TorchBackendConfig
 from learner.publisher import tensors_as_bytes
 from protos.anvil.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
-from protos.rpc import open_channel
+from protos.channels import open_channel
 from protos.weights_codec import digest, encode_chunks, push_weight_update
 from tests.rollout.helpers import perturbed, teacher_forced_logprobs
 

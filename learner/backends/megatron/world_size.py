@@ -29,7 +29,7 @@ def ranks_per_node(tp: int, pp: int, dp: int | None, gpus: int, nodes: int) -> i
 
 def main(argv: list[str] | None = None) -> int:
     from learner.config import LearnerConfig, MegatronBackendConfig
-    from protos.config import add_config_arguments, load_config
+    from servicekit.config import add_config_arguments, load_config
 
     parser = argparse.ArgumentParser(prog="world_size")
     add_config_arguments(parser)

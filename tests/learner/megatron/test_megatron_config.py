@@ -6,8 +6,8 @@ import pytest
 
 from learner.backends.megatron.world_size import ranks_per_node
 from learner.config import LearnerConfig, MegatronBackendConfig, TorchBackendConfig
-from protos.config import load_config
 from protos.errors import InvalidArgument
+from servicekit.config import load_config
 
 
 def test_backend_table_without_type_is_still_the_torch_backend():

@@ -31,7 +31,7 @@ from learner.batch import batch_from_arrow
 from learner.config import TorchBackendConfig
 from learner.losses import resolve_loss
 from protos.arrow_schemas import encode_batch, make_batch
-from protos.rpc import open_channel
+from protos.channels import open_channel
 from tests.learner.client import LearnerTestClient, random_rows
 from tests.learner.megatron.needs import require_megatron
 from tests.learner.test_training_math import reference_logprobs

@@ -19,7 +19,8 @@ from coordinator.envs import build_source
 from coordinator.envs.answer_env import AnswerEnv
 from coordinator.envs.base import Score
 from coordinator.loop import RLLoop, StepResult
-from protos.rpc import ServerConfig, open_channel
+from protos.channels import open_channel
+from protos.rpc import ServerConfig
 from rollout.config import RolloutConfig, TorchEngineConfig
 from rollout.server import start_rollout
 from tests.learner.megatron.needs import require_megatron

@@ -9,11 +9,6 @@ with the field named.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import os
-import signal
-import sys
 import tomllib
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -22,6 +17,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from protos.errors import InvalidArgument
+from servicekit.process import die_with_parent
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -80,22 +76,6 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         if not isinstance(node, dict):
             raise InvalidArgument(f"override {override!r}: {part!r} is not a section")
     node[leaf] = value
-
-
-PARENT_PID_ENV = "ANVIL_PARENT_PID"
-"""Set by coordinator.launcher for the services it starts: they must not outlive that process."""
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when the launching process dies (PR_SET_PDEATHSIG), if one is
-    named in $ANVIL_PARENT_PID; exit at once if it already died before we got here."""
-    parent = os.environ.get(PARENT_PID_ENV)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != int(parent):
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def serve_from_arguments(
