@@ -24,11 +24,11 @@ import numpy as np
 
 from bench.common import Ratio, Timing, base_parser, console, run_main, timing_table, write_results
 from coordinator.models import resolve_model
-from learner.backends.base import AdamParams
 from learner.batch import batch_from_arrow
 from learner.config import LearnerConfig
 from learner.losses import resolve_loss
 from learner.server import start_learner
+from protos.adam import AdamParams
 from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
 from protos.arrow_schemas import decode_outputs, encode_batch, make_batch
 from protos.channels import open_channel

@@ -32,7 +32,7 @@ import numpy as np
 from bench.common import Ratio, Timing, base_parser, console, run_main, timing_table, write_results
 from coordinator.client.learner_api import LearnerSession
 from coordinator.client.rollout_api import RolloutPool
-from coordinator.config import AdamConfig, LoopConfig, RunConfig, ServicesConfig
+from coordinator.config import LoopConfig, RunConfig, ServicesConfig
 from coordinator.envs import build_source
 from coordinator.envs.answer_env import AnswerEnv
 from coordinator.envs.base import Env, Problem, Score
@@ -41,6 +41,7 @@ from coordinator.models import resolve_model
 from coordinator.run import start_services
 from learner.config import LearnerConfig
 from learner.server import start_learner
+from protos.adam import AdamParams
 from protos.channels import open_channel
 from rollout.config import RolloutConfig, TorchEngineConfig, VllmEngineConfig
 from rollout.server import start_rollout
@@ -75,7 +76,7 @@ async def run_mode(args: argparse.Namespace, bound: int, model_dir: Path) -> dic
             max_off_policy_steps=bound,
             sampler_concurrency=args.groups,
             loss="ppo",
-            adam=AdamConfig(learning_rate=3e-4),
+            adam=AdamParams(learning_rate=3e-4, eps=1e-8, grad_clip_norm=1.0),
         ),
         services=ServicesConfig(rollout_engine=engine),
     )

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from protos.adam import AdamParams
 from rollout.config import EngineConfig, default_engine_config
 
 
@@ -23,21 +24,6 @@ class TaskConfig(_Strict):
     """A .jsonl or .parquet file with `prompt` and `answer` columns, instead of a built-in task."""
     seed: int = 0
     """Seed of the generated problems."""
-
-
-class AdamConfig(_Strict):
-    learning_rate: float = Field(default=1e-3, ge=0)
-    """AdamW learning rate."""
-    beta1: float = 0.9
-    """First-moment decay."""
-    beta2: float = 0.95
-    """Second-moment decay."""
-    eps: float = 1e-8
-    """Denominator epsilon."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay."""
-    grad_clip_norm: float = 1.0
-    """Global-norm clipping; 0 disables."""
 
 
 class LoopConfig(_Strict):
@@ -69,8 +55,8 @@ class LoopConfig(_Strict):
     tis_cap: float | None = None
     """Truncated importance sampling: scale advantages by min(p_learner / p_sampler, cap) per token
     (one extra Forward per step). None disables."""
-    adam: AdamConfig = Field(default_factory=AdamConfig)
-    """Optimizer."""
+    adam: AdamParams = Field(default_factory=AdamParams)
+    """Optimizer (Tinker's AdamParams and defaults); the learning rate is scaled by `lr_schedule`."""
     lr_schedule: Literal["constant", "linear"] = "constant"
     """"linear" decays the learning rate from adam.learning_rate at step 1 to 10% of it at the last step."""
     publish_transport: Literal["stream", "checkpoint"] = "stream"

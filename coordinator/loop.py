@@ -17,6 +17,7 @@ metrics and `on_checkpoint` is asked to save after the steps it names.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,7 @@ import numpy as np
 from coordinator.client.custom_loss import forward_backward_custom
 from coordinator.client.learner_api import LearnerSession
 from coordinator.client.rollout_api import RolloutPool
-from coordinator.client.types import AdamParams, Datum, SampledSequence, SamplingParams
+from coordinator.client.types import Datum, SampledSequence, SamplingParams
 from coordinator.config import LoopConfig
 from coordinator.envs.base import Env, Problem, ProblemSource
 from coordinator.objectives import (
@@ -200,7 +201,7 @@ class RLLoop:
         if learner_T is not None and learner_T.size == sampler_T.size:
             metrics["kl_sample_train/v1"], metrics["kl_sample_train/v2"] = sampler_learner_kl(sampler_T, learner_T)
         factor = learning_rate_factor(config.lr_schedule, self.step, config.steps)
-        adam = AdamParams(**{**config.adam.model_dump(), "learning_rate": config.adam.learning_rate * factor})
+        adam = dataclasses.replace(config.adam, learning_rate=config.adam.learning_rate * factor)
         metrics["optim/learning_rate"] = adam.learning_rate
         stepped = await self.session.optim_step(adam)
         self.step = int(stepped.step)

@@ -10,21 +10,19 @@ exception, which protos.rpc maps to a status; a rejected request changes no mode
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
-import math
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from learner.backends.base import AdamParams
 from learner.batch import batch_from_arrow
 from learner.checkpoint import check_name, verify_checkpoint, write_checkpoint
 from learner.config import LearnerConfig
 from learner.losses import resolve_loss
 from learner.publisher import check_publish_request, publish_checkpoint, publish_stream, tensors_as_bytes
 from learner.session import SessionRegistry, TrainingSession
+from protos.adam import adam_params_from_proto
 from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
 from protos.arrow_schemas import encode_outputs
 from protos.errors import FailedPrecondition, InvalidArgument
@@ -86,11 +84,10 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
 
     async def OptimStep(self, request, context):
         async def execute(session: TrainingSession) -> Any:
-            params = adam_params_from_proto(request.adam_params if request.HasField("adam_params") else None)
-            if request.HasField("grad_scale"):
-                if not (math.isfinite(request.grad_scale) and request.grad_scale > 0):
-                    raise InvalidArgument(f"grad_scale={request.grad_scale} must be finite and > 0")
-                params = dataclasses.replace(params, grad_scale=request.grad_scale)
+            params = adam_params_from_proto(
+                request.adam_params if request.HasField("adam_params") else None,
+                request.grad_scale if request.HasField("grad_scale") else None,
+            )
             metrics = await asyncio.to_thread(session.backend.optim_step, params)
             return learner_pb2.OptimStepResponse(step=session.backend.step, metrics=metrics)
 
@@ -173,30 +170,3 @@ def _model_info(session: TrainingSession) -> learner_pb2.ModelInfo:
         backend=description.backend,
         lora_rank=0,
     )
-
-
-def adam_params_from_proto(message: common_pb2.AdamParams | None) -> AdamParams:
-    """Tinker defaults for an absent message; zeros in beta1/beta2/eps mean their defaults (see the proto)."""
-    defaults = AdamParams()
-    if message is None:
-        return defaults
-    params = AdamParams(
-        learning_rate=message.learning_rate,
-        beta1=message.beta1 or defaults.beta1,
-        beta2=message.beta2 or defaults.beta2,
-        eps=message.eps or defaults.eps,
-        weight_decay=message.weight_decay,
-        grad_clip_norm=message.grad_clip_norm,
-    )
-    checks = [
-        ("learning_rate", params.learning_rate, params.learning_rate >= 0),
-        ("beta1", params.beta1, 0 <= params.beta1 < 1),
-        ("beta2", params.beta2, 0 <= params.beta2 < 1),
-        ("eps", params.eps, params.eps > 0),
-        ("weight_decay", params.weight_decay, params.weight_decay >= 0),
-        ("grad_clip_norm", params.grad_clip_norm, params.grad_clip_norm >= 0),
-    ]
-    for name, value, ok in checks:
-        if not ok or not math.isfinite(value):
-            raise InvalidArgument(f"adam_params.{name}={value} is out of range")
-    return params

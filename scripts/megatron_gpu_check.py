@@ -56,7 +56,7 @@ def make_batch(vocab: int, batch: int, seq: int):
 
 
 def timed_steps(backend, batch, loss, steps: int, synchronize) -> float:
-    from learner.backends.base import AdamParams
+    from protos.adam import AdamParams
 
     params = AdamParams(learning_rate=1e-5, grad_clip_norm=1.0)
     durations = []

@@ -14,6 +14,7 @@ import numpy as np
 
 from coordinator.client.convert import datum_row, output_from_logprobs
 from coordinator.client.types import AdamParams, Datum, ForwardBackwardOutput
+from protos.adam import adam_params_to_proto
 from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
 from protos.arrow_schemas import decode_outputs, encode_batch, make_batch
 from protos.status import call
@@ -81,14 +82,7 @@ class LearnerSession:
         request = learner_pb2.OptimStepRequest(
             session_id=self.session_id,
             seq_id=self.next_seq_id(),
-            adam_params=common_pb2.AdamParams(
-                learning_rate=params.learning_rate,
-                beta1=params.beta1,
-                beta2=params.beta2,
-                eps=params.eps,
-                weight_decay=params.weight_decay,
-                grad_clip_norm=params.grad_clip_norm,
-            ),
+            adam_params=adam_params_to_proto(params),
         )
         if params.grad_scale != 1.0:
             request.grad_scale = params.grad_scale

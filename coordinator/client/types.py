@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-# One definition of Tinker's optimizer parameters, shared with the learner; re-exported by name.
-from learner.backends.base import AdamParams as AdamParams
+# One definition of Tinker's optimizer parameters (protos.adam), re-exported by Tinker's name.
+from protos.adam import AdamParams as AdamParams
 
 # Per-key dtypes Tinker uses when loss_fn_inputs arrive as plain lists.
 _INPUT_DTYPES = {"target_tokens": "int64"}

@@ -20,7 +20,6 @@ import grpc
 import numpy as np
 
 from coordinator.client.learner_api import LearnerSession
-from coordinator.client.types import AdamParams
 from coordinator.gateway.checkpoints import CheckpointStore, parse_tinker_path
 from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.futures import FutureStore
@@ -30,6 +29,7 @@ from coordinator.gateway.sessions import SamplingSession, Session, SessionRegist
 from coordinator.gateway.snapshots import SnapshotRouter
 from coordinator.gateway.wire import ForwardCall, numeric_loss_config, prompt_logprobs_of
 from coordinator.service_mode.snapshots import SnapshotStore
+from protos.adam import WIRE_FIELDS, adam_params
 from protos.anvil.v1 import common_pb2, rollout_pb2
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
 from protos.status import call
@@ -40,9 +40,6 @@ UNSUPPORTED_LOSSES = {
     "custom": "server-side custom losses are off on this server; call forward_backward_custom, which runs "
     "your loss on the client",
 }
-
-
-ADAM_FIELDS = {"learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"}
 
 
 def _token_weights(row: dict[str, Any]) -> np.ndarray:
@@ -202,15 +199,15 @@ class TinkerService:
             raise InvalidArgument("only Adam is available; pass adam_params (AdamParams)")
         given = dict(body.get("adam_params") or {})
         given.pop("emit_grad_norm_metrics", None)  # Fireworks: grad_norm:mean is always reported
-        unknown = sorted(set(given) - ADAM_FIELDS)
+        unknown = sorted(set(given) - set(WIRE_FIELDS))
         if unknown:
-            raise InvalidArgument(f"adam_params has unknown field(s) {unknown}; allowed: {sorted(ADAM_FIELDS)}")
+            raise InvalidArgument(f"adam_params has unknown field(s) {unknown}; allowed: {sorted(WIRE_FIELDS)}")
         mode = body.get("grad_accumulation_normalization") or "none"
         counts = {"none": 0, "num_loss_tokens": model.loss_tokens, "num_sequences": model.loss_sequences}
         if mode not in counts:
             raise InvalidArgument(f"grad_accumulation_normalization {mode!r}; choose one of {sorted(counts)}")
         scale = 1.0 / counts[mode] if counts[mode] else 1.0
-        reply = await model.learner.optim_step(AdamParams(**given, grad_scale=scale))
+        reply = await model.learner.optim_step(adam_params(**given, grad_scale=scale))
         model.loss_tokens = model.loss_sequences = 0
         return {"metrics": dict(reply.metrics), "type": "optim_step"}
 

@@ -18,21 +18,7 @@ import torch
 
 from learner.batch import TrainingBatch
 from learner.losses import LossSpec
-
-
-@dataclass(frozen=True)
-class AdamParams:
-    """Tinker's AdamParams: torch AdamW, decoupled weight decay, global-norm clipping when > 0."""
-
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
-    grad_scale: float = 1.0
-    """Anvil extension: the accumulated gradients are multiplied by this before clipping and the update
-    (normalising a summed loss by tokens or sequences, as Fireworks' grad_accumulation_normalization)."""
+from protos.adam import AdamParams
 
 
 @dataclass(frozen=True)

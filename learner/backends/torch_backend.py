@@ -22,10 +22,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from learner.backends.base import AdamParams, ForwardResult, LearnerBackend, ModelDescription, clip_and_step
+from learner.backends.base import ForwardResult, LearnerBackend, ModelDescription, clip_and_step
 from learner.batch import TrainingBatch
 from learner.config import TorchBackendConfig
 from learner.losses import LossSpec, loss_inputs_T
+from protos.adam import AdamParams
 from protos.errors import FailedPrecondition
 
 STATE_FORMAT = "anvil-learner-state/1"

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
-from learner.backends.base import AdamParams, ForwardResult, LearnerBackend, ModelDescription
+from learner.backends.base import ForwardResult, LearnerBackend, ModelDescription
 from learner.backends.megatron import parallel
 from learner.backends.megatron.lockstep import Command, Commander
 from learner.batch import TrainingBatch
 from learner.config import MegatronBackendConfig
 from learner.losses import LossSpec
+from protos.adam import AdamParams
 from protos.errors import FailedPrecondition
 
 

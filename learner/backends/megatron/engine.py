@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from learner.backends.base import AdamParams, ForwardResult, clip_and_step
+from learner.backends.base import ForwardResult, clip_and_step
 from learner.backends.megatron import convert
 from learner.backends.megatron.logprobs import vocab_parallel_target_logprobs
 from learner.backends.megatron.model import build_model, hf_tensor_shapes
@@ -32,6 +32,7 @@ from learner.backends.megatron.parallel import ParallelLayout
 from learner.batch import TrainingBatch
 from learner.config import MegatronBackendConfig
 from learner.losses import LossSpec, loss_inputs_T
+from protos.adam import AdamParams
 
 
 class MegatronEngine:

@@ -25,11 +25,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from learner.backends.base import AdamParams
 from learner.backends.torch_backend import TorchBackend
 from learner.batch import batch_from_arrow
 from learner.config import TorchBackendConfig
 from learner.losses import resolve_loss
+from protos.adam import AdamParams
 from protos.arrow_schemas import encode_batch, make_batch
 from protos.channels import open_channel
 from tests.learner.client import LearnerTestClient, random_rows

@@ -14,11 +14,12 @@ from transformers import AutoTokenizer
 
 from coordinator.client.learner_api import LearnerSession
 from coordinator.client.rollout_api import RolloutPool
-from coordinator.config import AdamConfig, LoopConfig
+from coordinator.config import LoopConfig
 from coordinator.envs import build_source
 from coordinator.envs.answer_env import AnswerEnv
 from coordinator.envs.base import Score
 from coordinator.loop import RLLoop, StepResult
+from protos.adam import AdamParams
 from protos.channels import open_channel
 from protos.rpc import ServerConfig
 from rollout.config import RolloutConfig, TorchEngineConfig
@@ -83,7 +84,7 @@ async def test_rl_steps_with_weight_broadcast_keep_rollout_and_learner_in_step(m
 
             config = LoopConfig(
                 steps=STEPS, groups_per_batch=4, group_size=4, max_tokens=4, max_off_policy_steps=0,
-                sampler_concurrency=4, adam=AdamConfig(learning_rate=3e-3),
+                sampler_concurrency=4, adam=AdamParams(learning_rate=3e-3, eps=1e-8, grad_clip_norm=1.0),
             )  # fmt: skip
             loop = RLLoop(
                 config=config, session=session, rollout=rollout, source=source,
