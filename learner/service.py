@@ -2,9 +2,10 @@
 
 The wire stops here: requests are turned into domain objects (TrainingBatch, AdamParams, paths),
 validated completely, and only then handed to the backend, in a worker thread so the event loop keeps
-answering health checks and queueing requests. Training requests go through the session's
-RequestSequencer (seq_id order, retries answered from cache). Every rejection raises a protos.errors
-exception, which protos.rpc maps to a status; a rejected request changes no model or optimizer state.
+answering health checks and queueing requests. Training requests go through the session's Sequencer
+(servicekit.sequencer: seq_id order, retries answered from cache). Every rejection raises a
+protos.errors exception, which protos.rpc maps to a status; a rejected request changes no model or
+optimizer state.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from pathlib import Path
 from learner.backends import build_backend
 from learner.backends.base import LearnerBackend
 from learner.config import LearnerConfig
-from learner.sequencer import RequestSequencer
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
+from servicekit.sequencer import GapPolicy, Sequencer
 
 _BYTES_PER_PARAMETER = 16
 """float32 weights + gradients + AdamW's two moments."""
@@ -23,7 +23,7 @@ class TrainingSession:
     session_id: str
     base_model: str
     backend: LearnerBackend
-    sequencer: RequestSequencer
+    sequencer: Sequencer
     checkpoint_root: Path
     """<checkpoint_dir>/<session_id>: SaveState writes under state/, SaveWeights under weights/."""
 
@@ -74,7 +74,9 @@ class SessionRegistry:
                 session_id=session_id,
                 base_model=base_model,
                 backend=backend,
-                sequencer=RequestSequencer(self._config.sequence_gap_timeout_s, self._config.dedup_cache_size),
+                sequencer=Sequencer(
+                    self._config.sequence_gap_timeout_s, self._config.dedup_cache_size, GapPolicy.FAIL_WAITING
+                ),
                 checkpoint_root=self._config.checkpoint_dir / session_id,
             )
             self._sessions[session_id] = session
@@ -84,6 +86,7 @@ class SessionRegistry:
         async with self._lock:
             session = self.get(session_id)
             del self._sessions[session_id]
+        await session.sequencer.close(FailedPrecondition(f"session {session_id} was closed"))
         await asyncio.to_thread(session.backend.close)
 
 
