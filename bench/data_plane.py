@@ -8,7 +8,7 @@ sends the same number of bytes as one raw gRPC bytes message to the same server 
 anvil / raw is the framing cost (target ≤ 1.15).
 
 Each step is also timed on its own, in this process, so the table shows where the time goes. The
-coordinator's Tinker `Datum` -> Arrow conversion (`coordinator.client.convert.data_to_arrow`, which
+coordinator's Tinker `Datum` -> Arrow conversion (`coordinator.client.convert.datum_row` + `make_batch`, which
 starts from Python lists by Tinker's design) and the REST gateway path (the official SDK's protobuf
 request over HTTP, through the gateway's own decoder to the learner's ingestion; `bench.rest_ingest_server`
 stands in for a learner so the model is not timed) are reported beside it.
@@ -119,7 +119,7 @@ def local_phases(rows: list[dict[str, np.ndarray]], repeats: int, num_bytes: int
 
 def datum_conversion(rows: list[dict[str, np.ndarray]], repeats: int, num_bytes: int) -> Timing:
     """The Tinker-typed client's conversion (Datum objects hold Python lists by Tinker's API)."""
-    from coordinator.client.convert import data_to_arrow
+    from coordinator.client.convert import datum_row
     from coordinator.client.types import Datum, ModelInput, TensorData
 
     data = [
@@ -134,8 +134,8 @@ def datum_conversion(rows: list[dict[str, np.ndarray]], repeats: int, num_bytes:
         for row in rows
     ]
     return time_sync(
-        "context: coordinator Datum list -> Arrow IPC (data_to_arrow)",
-        lambda: data_to_arrow(data),
+        "context: coordinator Datum list -> Arrow IPC (datum_row + make_batch + encode)",
+        lambda: encode_batch(make_batch([datum_row(datum, index) for index, datum in enumerate(data)])),
         repeats,
         1,
         num_bytes,

@@ -15,28 +15,17 @@ from coordinator.client.types import (
     TensorData,
 )
 from protos.anvil.v1 import common_pb2, rollout_pb2
-from protos.arrow_schemas import encode_batch, make_batch
+from protos.datums import datum_row as protos_datum_row
 from protos.errors import InvalidArgument
 
 _STOP_REASONS = {common_pb2.STOP_REASON_STOP: "stop", common_pb2.STOP_REASON_LENGTH: "length"}
 
 
-def datum_row(datum: Datum) -> dict[str, Any]:
-    """One Arrow row: [N, K] targets and weights are flattened row-major with targets_per_position = K."""
-    inputs = dict(datum.loss_fn_inputs)
-    if "target_tokens" not in inputs:
-        raise InvalidArgument("every Datum needs loss_fn_inputs['target_tokens']")
-    targets = inputs.pop("target_tokens").to_numpy()
-    row: dict[str, Any] = {"model_input": datum.model_input.to_ints(), "target_tokens": targets.reshape(-1)}
-    if targets.ndim == 2:
-        row["targets_per_position"] = int(targets.shape[1])
-    for key, value in inputs.items():
-        row[key] = value.to_numpy().astype(np.float32).reshape(-1)
-    return row
-
-
-def data_to_arrow(data: list[Datum]) -> bytes:
-    return encode_batch(make_batch([datum_row(datum) for datum in data]))
+def datum_row(datum: Datum, index: int = 0) -> dict[str, Any]:
+    """One Arrow row (protos.datums): [N, K] targets and their inputs flattened with targets_per_position."""
+    tokens = np.asarray(datum.model_input.to_ints(), dtype=np.int64)
+    inputs = {key: value.to_numpy() for key, value in datum.loss_fn_inputs.items()}
+    return protos_datum_row(tokens, inputs, f"datum {index}")[0]
 
 
 def output_from_logprobs(

@@ -55,7 +55,7 @@ class LearnerSession:
         return await self._forward(data, loss_fn, loss_fn_config, backward=True)
 
     async def _forward(self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None, backward: bool):
-        rows = [datum_row(datum) for datum in data]
+        rows = [datum_row(datum, index) for index, datum in enumerate(data)]
         logprobs, metrics, output_type = await self.forward_rows(rows, loss_fn, loss_fn_config, backward)
         return output_from_logprobs(data, logprobs, metrics, output_type)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from protos.anvil.tinker.v1 import tinker_public_pb2 as tpb
 from protos.anvil.v1 import common_pb2, rollout_pb2
+from protos.datums import datum_row
 from protos.errors import InvalidArgument
 
 _PROTO_DTYPES = {
@@ -144,7 +145,7 @@ def _proto_datum(index: int, datum: tpb.Datum) -> tuple[dict[str, Any], tuple[in
         key: _proto_tensor(value, f"datum {index} loss_fn_inputs[{key!r}]")
         for key, value in datum.loss_fn_inputs.items()
     }
-    return _row(index, tokens, inputs)
+    return datum_row(tokens, inputs, f"datum {index}")
 
 
 def _json_datum(index: int, datum: Any) -> tuple[dict[str, Any], tuple[int, ...]]:
@@ -165,30 +166,7 @@ def _json_datum(index: int, datum: Any) -> tuple[dict[str, Any], tuple[int, ...]
             inputs[key] = array.reshape(value["shape"]) if value.get("shape") else array
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"{where}: {exc}") from exc
-    return _row(index, np.asarray(tokens, dtype=np.int64), inputs)
-
-
-def _row(index: int, tokens: np.ndarray, inputs: dict[str, np.ndarray]) -> tuple[dict[str, Any], tuple[int, ...]]:
-    if tokens.size == 0:
-        raise InvalidArgument(f"datum {index}: model_input is empty")
-    targets = inputs.pop("target_tokens", None)
-    if targets is None:
-        raise InvalidArgument(f"datum {index}: loss_fn_inputs has no 'target_tokens'")
-    if not np.issubdtype(targets.dtype, np.integer):
-        raise InvalidArgument(f"datum {index}: target_tokens must be int64, got {targets.dtype}")
-    if targets.ndim not in (1, 2) or targets.shape[0] != tokens.size:
-        raise InvalidArgument(
-            f"datum {index}: target_tokens has shape {list(targets.shape)} but model_input has {tokens.size} tokens; "
-            "it must be [N] or [N, K] with N = len(model_input)"
-        )
-    row: dict[str, Any] = {"model_input": tokens, "target_tokens": targets.reshape(-1)}
-    if targets.ndim == 2:
-        row["targets_per_position"] = int(targets.shape[1])
-    for key, value in inputs.items():
-        if not np.issubdtype(value.dtype, np.floating):
-            raise InvalidArgument(f"datum {index}: loss_fn_inputs[{key!r}] must be float32, got {value.dtype}")
-        row[key] = value.astype(np.float32, copy=False).reshape(-1)
-    return row, tuple(targets.shape)
+    return datum_row(np.asarray(tokens, dtype=np.int64), inputs, f"datum {index}")
 
 
 # --- results ------------------------------------------------------------------------------------------
