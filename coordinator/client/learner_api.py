@@ -40,32 +40,32 @@ class LearnerSession:
     def next_seq_id(self) -> int:
         return next(self._seq_ids)
 
-    def skip_to(self, seq_id: int) -> None:
-        """Continue numbering after `seq_id` (a client re-attaching to an existing session)."""
-        self._seq_ids = itertools.count(seq_id + 1)
-
     async def forward(
-        self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None = None
+        self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None = None, seq_id: int | None = None
     ) -> ForwardBackwardOutput:
-        return await self._forward(data, loss_fn, loss_fn_config, backward=False)
+        """`seq_id`: one reserved earlier with next_seq_id() (default: the next one, taken now)."""
+        return await self._forward(data, loss_fn, loss_fn_config, False, seq_id)
 
     async def forward_backward(
-        self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None = None
+        self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None = None, seq_id: int | None = None
     ) -> ForwardBackwardOutput:
-        return await self._forward(data, loss_fn, loss_fn_config, backward=True)
+        return await self._forward(data, loss_fn, loss_fn_config, True, seq_id)
 
-    async def _forward(self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None, backward: bool):
+    async def _forward(
+        self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None, backward: bool, seq_id: int | None
+    ) -> ForwardBackwardOutput:
+        seq_id = seq_id or self.next_seq_id()
         rows = [datum_row(datum, index) for index, datum in enumerate(data)]
-        logprobs, metrics, output_type = await self.forward_rows(rows, loss_fn, loss_fn_config, backward)
+        logprobs, metrics, output_type = await self.forward_rows(rows, loss_fn, loss_fn_config, backward, seq_id)
         return output_from_logprobs(data, logprobs, metrics, output_type)
 
     async def forward_rows(
-        self, rows: list[dict], loss_fn: str, loss_fn_config: dict | None, backward: bool
+        self, rows: list[dict], loss_fn: str, loss_fn_config: dict | None, backward: bool, seq_id: int | None = None
     ) -> tuple[list[np.ndarray], dict[str, float], str]:
         """Forward(Backward) of Arrow batch rows; per-row flat float32 logprobs, metrics, output type."""
         fields = {
             "session_id": self.session_id,
-            "seq_id": self.next_seq_id(),
+            "seq_id": seq_id or self.next_seq_id(),
             # A dict is built in place; a DataBatch message passed here would be copied (~2 ms per MiB).
             "batch": {"arrow_ipc_stream": encode_batch(make_batch(rows))},
             "loss_fn": loss_fn,

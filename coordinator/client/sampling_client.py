@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from coordinator.client.connections import Connections
 from coordinator.client.runtime import APIFuture
 from coordinator.client.types import ModelInput, SampleResponse, SamplingParams
 from protos.errors import FailedPrecondition
 
-if TYPE_CHECKING:
-    from coordinator.client.service_client import ServiceClient
-
 
 class SamplingClient:
-    def __init__(self, service: ServiceClient, base_model: str, min_version: int = 0) -> None:
-        self._service = service
-        self._runtime = service.runtime
+    def __init__(self, connections: Connections, base_model: str, min_version: int = 0) -> None:
+        self._connections = connections
+        self._runtime = connections.runtime
         self.base_model = base_model
         self.min_version = min_version
         """Responses from older weights than this (a lagging replica) are refused, not returned."""
@@ -28,7 +26,7 @@ class SamplingClient:
         include_prompt_logprobs: bool = False,
     ) -> APIFuture[SampleResponse]:
         async def sample() -> SampleResponse:
-            response = await self._service.rollout_pool().sample(
+            response = await self._connections.rollout_pool().sample(
                 prompt.to_ints(), num_samples, sampling_params, include_prompt_logprobs
             )
             if response.weight_version < self.min_version:
@@ -40,7 +38,7 @@ class SamplingClient:
         return self._runtime.submit(sample())
 
     def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
-        return self._runtime.submit(self._service.rollout_pool().compute_logprobs(prompt.to_ints()))
+        return self._runtime.submit(self._connections.rollout_pool().compute_logprobs(prompt.to_ints()))
 
     async def sample_async(self, *args: Any, **kwargs: Any) -> APIFuture[SampleResponse]:
         return self.sample(*args, **kwargs)

@@ -14,15 +14,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import grpc
-
+from coordinator.client.connections import Connections
 from coordinator.client.learner_api import LearnerSession
 from coordinator.client.rollout_api import RolloutPool
-from coordinator.client.runtime import Runtime
 from coordinator.client.sampling_client import SamplingClient
 from coordinator.client.training_client import TrainingClient
-from protos.channels import open_channel
-from protos.errors import FailedPrecondition, InvalidArgument
+from protos.errors import InvalidArgument
 
 
 class ServiceClient:
@@ -38,25 +35,11 @@ class ServiceClient:
         env_rollouts = [a for a in os.environ.get("ANVIL_ROLLOUT_ADDRESSES", "").split(",") if a]
         self.rollout_addresses = list(rollout_addresses or env_rollouts)
         self.api_key = api_key or os.environ.get("ANVIL_API_KEY")
-        self.runtime = Runtime()
-        self._learner_channel: grpc.aio.Channel | None = None
-        self._rollout: RolloutPool | None = None
-
-    # --- connections: created lazily, and only from coroutines on the runtime's loop ----------------
-
-    def _channel(self) -> grpc.aio.Channel:
-        if self.learner_address is None:
-            raise FailedPrecondition("no learner address: pass learner_address= or set ANVIL_LEARNER_ADDRESS")
-        if self._learner_channel is None:
-            self._learner_channel = open_channel(self.learner_address, api_key=self.api_key)
-        return self._learner_channel
+        self.connections = Connections(self.learner_address, self.rollout_addresses, self.api_key)
+        self.runtime = self.connections.runtime
 
     def rollout_pool(self) -> RolloutPool:
-        if not self.rollout_addresses:
-            raise FailedPrecondition("no rollout address: pass rollout_addresses= or set ANVIL_ROLLOUT_ADDRESSES")
-        if self._rollout is None:
-            self._rollout = RolloutPool(self.rollout_addresses, api_key=self.api_key)
-        return self._rollout
+        return self.connections.rollout_pool()
 
     # --- clients -----------------------------------------------------------------------------------------
 
@@ -65,16 +48,16 @@ class ServiceClient:
             raise InvalidArgument(
                 f"lora_rank={lora_rank}: Anvil trains full parameters only; create the client with lora_rank=0"
             )
-        return await LearnerSession.create(self._channel(), base_model, 0, seed or 0)
+        return await LearnerSession.create(self.connections.learner_channel(), base_model, 0, seed or 0)
 
     def create_training_client(self, base_model: str, lora_rank: int = 0, seed: int | None = None) -> TrainingClient:
-        return TrainingClient(self, self.runtime.run(self._create_session(base_model, lora_rank, seed)))
+        return TrainingClient(self.connections, self.runtime.run(self._create_session(base_model, lora_rank, seed)))
 
     async def create_training_client_async(
         self, base_model: str, lora_rank: int = 0, seed: int | None = None
     ) -> TrainingClient:
         session = await self.runtime.submit(self._create_session(base_model, lora_rank, seed))
-        return TrainingClient(self, session)
+        return TrainingClient(self.connections, session)
 
     def create_lora_training_client(
         self, base_model: str, rank: int = 32, seed: int | None = None, **_: Any
@@ -101,7 +84,7 @@ class ServiceClient:
                 return new_version
 
             version = self.runtime.run(hot_load())
-        return SamplingClient(self, base_model or model_path or "", min_version=version)
+        return SamplingClient(self.connections, base_model or model_path or "", min_version=version)
 
     async def create_sampling_client_async(self, *args: Any, **kwargs: Any) -> SamplingClient:
         return self.create_sampling_client(*args, **kwargs)
@@ -109,15 +92,7 @@ class ServiceClient:
     # --- lifecycle -----------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        async def close_channels() -> None:
-            if self._learner_channel is not None:
-                await self._learner_channel.close()
-            if self._rollout is not None:
-                await self._rollout.close()
-
-        if self.runtime.loop.is_running():
-            self.runtime.run(close_channels())
-        self.runtime.close()
+        self.connections.close()
 
     def __enter__(self) -> ServiceClient:
         return self

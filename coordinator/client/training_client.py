@@ -7,11 +7,13 @@ return the same future from a coroutine, as Tinker's do.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from coordinator.client.connections import Connections
 from coordinator.client.custom_loss import CustomLossFn, forward_backward_custom
 from coordinator.client.learner_api import LearnerSession
 from coordinator.client.runtime import APIFuture, Runtime
+from coordinator.client.sampling_client import SamplingClient
 from coordinator.client.types import (
     AdamParams,
     Datum,
@@ -24,15 +26,11 @@ from coordinator.client.types import (
     SaveWeightsResponse,
 )
 
-if TYPE_CHECKING:
-    from coordinator.client.sampling_client import SamplingClient
-    from coordinator.client.service_client import ServiceClient
-
 
 class TrainingClient:
-    def __init__(self, service: ServiceClient, session: LearnerSession) -> None:
-        self._service = service
-        self._runtime: Runtime = service.runtime
+    def __init__(self, connections: Connections, session: LearnerSession) -> None:
+        self._connections = connections
+        self._runtime: Runtime = connections.runtime
         self.session = session
 
     # --- training -----------------------------------------------------------------------------------
@@ -87,7 +85,7 @@ class TrainingClient:
     async def _publish(self) -> int:
         """Publish as the learner's step, or past what the replicas serve when other sessions published
         there first (versions on a replica only increase). Runs on the runtime loop."""
-        pool = self._service.rollout_pool()
+        pool = self._connections.rollout_pool()
         step = int((await self.session.get_info()).step)
         served = max(await pool.versions())
         reply = await self.session.publish_weights(pool.addresses, version=step if step > served else served + 1)
@@ -95,10 +93,8 @@ class TrainingClient:
 
     def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
         """Publish the current weights to every rollout replica and sample from that version."""
-        from coordinator.client.sampling_client import SamplingClient
-
         version = self._runtime.run(self._publish())
-        return SamplingClient(self._service, self.session.info.base_model, min_version=version)
+        return SamplingClient(self._connections, self.session.info.base_model, min_version=version)
 
     # --- description --------------------------------------------------------------------------------
 
@@ -144,7 +140,5 @@ class TrainingClient:
         return self.save_weights_for_sampler(name)
 
     async def save_weights_and_get_sampling_client_async(self, name: str | None = None) -> SamplingClient:
-        from coordinator.client.sampling_client import SamplingClient
-
         version = await self._runtime.submit(self._publish())
-        return SamplingClient(self._service, self.session.info.base_model, min_version=version)
+        return SamplingClient(self._connections, self.session.info.base_model, min_version=version)

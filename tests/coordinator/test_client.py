@@ -155,3 +155,25 @@ def test_forward_backward_custom_dpo_matches_autograd(service, servers, tiny_mod
     server_grads = dict(backend.model.named_parameters())
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(server_grads[name].grad, parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_calls_made_right_after_forward_backward_custom_run_after_both_passes(service, servers):
+    """Both passes take their seq_ids when the call is made: an optim_step issued without waiting must
+    step on the custom loss's gradients (it used to run between the two passes, on none)."""
+    training = service.create_training_client("anvil-tiny")
+    data = [supervised_datum([*PROMPT, 30, 31, 2])]
+    custom = training.forward_backward_custom(data, lambda data, logprobs: (-logprobs[0].sum(), {}))
+    stepped = training.optim_step(types.AdamParams(learning_rate=1e-3))
+    custom.result(timeout=60)
+    assert stepped.result(timeout=60).metrics["grad_norm:mean"] > 0
+    backend = servers["learner"].sessions.get(training.session.session_id).backend
+    assert backend.step == 1 and all(p.grad is None for p in backend.model.parameters())
+
+    def broken(data, logprobs):
+        raise ValueError("a bug in the user's loss")
+
+    with pytest.raises(ValueError, match="a bug in the user's loss"):
+        training.forward_backward_custom(data, broken).result(timeout=60)
+    # The reserved second seq_id was spent, so the next request does not wait on a gap.
+    training.forward(data, "cross_entropy").result(timeout=20)
+    assert all(p.grad is None for p in backend.model.parameters()), "a failed custom call adds no gradient"
