@@ -39,10 +39,6 @@ class TrainingBatch:
     def multi_target(self) -> bool:
         return any(datum.targets_per_position > 1 for datum in self.data)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(datum.model_input) for datum in self.data)
-
 
 def batch_from_arrow(payload: bytes, vocab_size: int) -> TrainingBatch:
     """Decode and validate a DataBatch payload (InvalidArgument on any problem) into a TrainingBatch.

@@ -74,10 +74,6 @@ def _device(config: MegatronBackendConfig) -> torch.device:
 _layout: ParallelLayout | None = None
 
 
-def current_layout() -> ParallelLayout | None:
-    return _layout
-
-
 def initialize(config: MegatronBackendConfig, seed: int = 1234) -> ParallelLayout:
     """Create (once per process) the process groups for `config`; every rank must call this."""
     global _layout
