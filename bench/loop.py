@@ -38,6 +38,7 @@ from coordinator.envs.answer_env import AnswerEnv
 from coordinator.envs.base import Env, Problem, Score
 from coordinator.loop import RLLoop, StepResult
 from coordinator.models import resolve_model
+from coordinator.objectives.policy_gradient import PolicyGradientConfig
 from coordinator.run import start_services
 from learner.config import LearnerConfig
 from learner.server import start_learner
@@ -75,7 +76,7 @@ async def run_mode(args: argparse.Namespace, bound: int, model_dir: Path) -> dic
             max_tokens=1,
             max_off_policy_steps=bound,
             sampler_concurrency=args.groups,
-            loss="ppo",
+            objective=PolicyGradientConfig(type="ppo"),
             adam=AdamParams(learning_rate=3e-4, eps=1e-8, grad_clip_norm=1.0),
         ),
         services=ServicesConfig(rollout_engine=engine),

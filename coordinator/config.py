@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from coordinator.objectives import ObjectiveConfig
+from coordinator.objectives.policy_gradient import PolicyGradientConfig
 from protos.adam import AdamParams
 from rollout.config import EngineConfig, default_engine_config
 
@@ -43,18 +45,10 @@ class LoopConfig(_Strict):
     batch overlaps training of this one when this is >= 1."""
     sampler_concurrency: int = Field(default=16, ge=1)
     """Sample calls in flight at once."""
-    loss: Literal["importance_sampling", "ppo", "cispo", "dpo"] = "importance_sampling"
-    """Objective: a Tinker built-in policy-gradient loss, or online DPO through forward_backward_custom."""
-    loss_config: dict[str, float] = Field(default_factory=dict)
-    """Loss settings (clip thresholds for ppo/cispo; beta for dpo)."""
-    advantage_baseline: Literal["group", "batch"] = "group"
-    """Subtract the group's mean reward (GRPO) or the whole batch's. The batch baseline keeps a signal
-    when every sample of a group is equally wrong (a collapsed policy): their advantage is negative."""
-    normalize_advantages: bool = True
-    """Divide the centred rewards by the std of the same population (group or batch)."""
-    tis_cap: float | None = None
-    """Truncated importance sampling: scale advantages by min(p_learner / p_sampler, cap) per token
-    (one extra Forward per step). None disables."""
+    objective: ObjectiveConfig = Field(default_factory=PolicyGradientConfig)
+    """What each step trains: `type` = importance_sampling, ppo or cispo (a built-in policy-gradient loss
+    on group-relative advantages), dpo (online DPO), or custom (a loss function of yours); the other keys
+    are that objective's settings (coordinator/objectives/)."""
     adam: AdamParams = Field(default_factory=AdamParams)
     """Optimizer (Tinker's AdamParams and defaults); the learning rate is scaled by `lr_schedule`."""
     lr_schedule: Literal["constant", "linear"] = "constant"
@@ -96,6 +90,6 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _dpo_needs_pairs(self) -> RunConfig:
-        if self.loop.loss == "dpo" and self.loop.group_size < 2:
-            raise ValueError("loop.loss = 'dpo' pairs samples within a group: set loop.group_size >= 2")
+        if self.loop.objective.type == "dpo" and self.loop.group_size < 2:
+            raise ValueError("loop.objective.type = 'dpo' pairs samples within a group: set loop.group_size >= 2")
         return self

@@ -6,9 +6,9 @@
     samplers  `sampler_concurrency` tasks, each taking a prompt, calling Sample (n = group_size) on a
               rollout replica, and scoring every completion with the prompt's Env;
     trainer   assembles batch b from its groups, drops any group whose sampler version is older than
-              the bound (counted), turns groups into datums (group-relative advantages), runs
-              ForwardBackward and OptimStep, and publishes the new weights to every replica before
-              releasing the next batch.
+              the bound (counted), hands the fresh groups to the run's Objective (datums, loss and the
+              forward/backward passes: coordinator/objectives/), runs OptimStep, and publishes the new
+              weights to every replica before releasing the next batch.
 
 The loop never decides where services run or how state is stored: `on_step` receives each step's
 metrics and `on_checkpoint` is asked to save after the steps it names.
@@ -25,33 +25,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from coordinator.client.custom_loss import forward_backward_custom
 from coordinator.client.learner_api import LearnerSession
 from coordinator.client.rollout_api import RolloutPool
-from coordinator.client.types import Datum, SampledSequence, SamplingParams
+from coordinator.client.types import SamplingParams
 from coordinator.config import LoopConfig
 from coordinator.envs.base import Env, Problem, ProblemSource
-from coordinator.objectives import (
-    batch_advantages,
-    dpo_datum,
-    dpo_loss,
-    group_advantages,
-    policy_datum,
-    sampler_learner_kl,
-    truncated_is_weights,
-)
-
-
-@dataclass
-class ScoredGroup:
-    batch: int
-    problem: Problem
-    prompt: list[int]
-    sequences: list[SampledSequence]
-    rewards: list[float]
-    correct: list[float]
-    sampler_version: int
-    sample_s: float
+from coordinator.objectives import ScoredGroup, make_objective
+from coordinator.objectives.maths import sampler_learner_kl
 
 
 @dataclass
@@ -86,6 +66,7 @@ class RLLoop:
         self.end_batch = config.steps
         self.on_step = on_step
         self.on_checkpoint = on_checkpoint
+        self.objective = make_objective(config.objective)
         self.step = int(session.info.step)
         self._released = start_batch  # batches whose prompts may be sampled: < released + bound + 1
         self._released_changed = asyncio.Condition()
@@ -194,10 +175,7 @@ class RLLoop:
         metrics["entropy/sampler_estimate"] = float(-sampler_T.mean()) if sampler_T.size else 0.0
 
         train_start = time.perf_counter()
-        if config.loss == "dpo":
-            learner_T = await self._dpo_step(fresh, metrics)
-        else:
-            learner_T = await self._policy_gradient_step(fresh, metrics)
+        learner_T = await self.objective.accumulate_gradients(self.session, fresh, metrics)
         if learner_T is not None and learner_T.size == sampler_T.size:
             metrics["kl_sample_train/v1"], metrics["kl_sample_train/v2"] = sampler_learner_kl(sampler_T, learner_T)
         factor = learning_rate_factor(config.lr_schedule, self.step, config.steps)
@@ -216,61 +194,9 @@ class RLLoop:
         indices = [g.problem.index for g in groups]
         return StepResult(step=self.step, batch=batch, metrics=metrics, problem_indices=indices)
 
-    async def _policy_gradient_step(self, groups: list[ScoredGroup], metrics: dict) -> np.ndarray | None:
-        config = self.config
-        entries: list[tuple[list[int], SampledSequence, float]] = []
-        if config.advantage_baseline == "batch":
-            advantages_BG = batch_advantages([g.rewards for g in groups], config.normalize_advantages)
-        else:
-            advantages_BG = [group_advantages(g.rewards, config.normalize_advantages) for g in groups]
-        for group, advantages in zip(groups, advantages_BG, strict=True):
-            entries += [(group.prompt, s, a) for s, a in zip(group.sequences, advantages, strict=True)]
-        entries = [(p, s, a) for p, s, a in entries if s.tokens]
-        if not entries:
-            return None
-        data = [policy_datum(p, s.tokens, s.logprobs, a) for p, s, a in entries]
-        if config.tis_cap is not None:
-            learner = await self.session.forward(data, config.loss, config.loss_config)
-            data = []
-            for (prompt, sequence, advantage), output in zip(entries, learner.loss_fn_outputs, strict=True):
-                learner_lp = output["logprobs"].to_numpy()[-len(sequence.tokens) :]
-                weights = truncated_is_weights(learner_lp, np.asarray(sequence.logprobs), config.tis_cap)
-                data.append(policy_datum(prompt, sequence.tokens, sequence.logprobs, (advantage * weights).tolist()))
-            metrics["tis/weight_mean"] = float(np.mean([w for d in data for w in d.loss_fn_inputs["advantages"].data]))
-        result = await self.session.forward_backward(data, config.loss, config.loss_config)
-        metrics["loss/sum"] = result.metrics["loss:sum"]
-        return _completion_logprobs(result.loss_fn_outputs, [s for _, s, _ in entries])
-
-    async def _dpo_step(self, groups: list[ScoredGroup], metrics: dict) -> np.ndarray | None:
-        data: list[Datum] = []
-        lengths: list[int] = []
-        references: list[float] = []
-        for group in groups:
-            best, worst = int(np.argmax(group.rewards)), int(np.argmin(group.rewards))
-            if group.rewards[best] <= group.rewards[worst]:
-                continue
-            for index in (best, worst):
-                sequence = group.sequences[index]
-                data.append(dpo_datum(group.prompt, sequence.tokens))
-                lengths.append(len(sequence.tokens))
-                references.append(float(sum(sequence.logprobs)))
-        metrics["dpo/pairs"] = float(len(data) // 2)
-        if not data:
-            return None
-        beta = self.config.loss_config.get("beta", 0.1)
-        result = await forward_backward_custom(self.session, data, dpo_loss(lengths, references, beta))
-        metrics["loss/sum"] = result.metrics["loss:sum"]
-        metrics["dpo/accuracy"] = result.metrics["dpo_accuracy:mean"]
-        return None
-
 
 def learning_rate_factor(schedule: str, step: int, total_steps: int) -> float:
     """Multiplier of the base learning rate for the optimizer step after `step` completed steps."""
     if schedule == "linear" and total_steps > 1:
         return 1.0 - 0.9 * min(step, total_steps - 1) / (total_steps - 1)
     return 1.0
-
-
-def _completion_logprobs(outputs: list[dict], sequences: list[SampledSequence]) -> np.ndarray:
-    parts = [o["logprobs"].to_numpy()[-len(s.tokens) :] for o, s in zip(outputs, sequences, strict=True)]
-    return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)

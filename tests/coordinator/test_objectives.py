@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.objectives import (
+from coordinator.client.learner_api import LearnerSession
+from coordinator.client.types import SampledSequence
+from coordinator.config import RunConfig
+from coordinator.envs.base import Problem
+from coordinator.objectives import ScoredGroup, make_objective
+from coordinator.objectives.custom import CustomConfig
+from coordinator.objectives.dpo import DPO
+from coordinator.objectives.maths import (
     batch_advantages,
     dpo_loss,
     group_advantages,
@@ -14,6 +21,10 @@ from coordinator.objectives import (
     sampler_learner_kl,
     truncated_is_weights,
 )
+from coordinator.objectives.policy_gradient import PolicyGradient, PolicyGradientConfig
+from protos.channels import open_channel
+from protos.errors import InvalidArgument
+from servicekit.config import load_config
 
 
 def test_group_advantages_centre_and_scale():
@@ -69,3 +80,54 @@ def test_dpo_loss_matches_the_formula_and_its_gradient():
     expected = -(1 - sigmoid) * 0.3
     np.testing.assert_allclose(chosen.grad.numpy(), [0.0, expected, expected], rtol=1e-5)
     np.testing.assert_allclose(rejected.grad.numpy(), [0.0, -expected], rtol=1e-5)
+
+
+def scored_groups() -> list[ScoredGroup]:
+    """Two groups of fabricated samples (tokens, sampler logprobs, rewards), as the loop would score them."""
+    problem = Problem(index=0, prompt="", answer="")
+    prompt = [4, 295, 289, 226]
+    sequences = [
+        [SampledSequence("stop", [30, 31, 2], [-1.2, -0.4, -2.0]), SampledSequence("length", [40, 41], [-0.3, -0.9])],
+        [SampledSequence("stop", [50, 2], [-0.7, -1.1]), SampledSequence("stop", [60, 61, 62], [-2.2, -0.1, -0.5])],
+    ]
+    rewards = [[1.0, 0.0], [0.25, 1.0]]
+    return [
+        ScoredGroup(0, problem, prompt, seqs, rs, [1.0, 0.0], sampler_version=0, sample_s=0.0)
+        for seqs, rs in zip(sequences, rewards, strict=True)
+    ]
+
+
+def test_objective_configs_are_one_union_keyed_on_type():
+    config = load_config(RunConfig, None, ['loop.objective={type="cispo", loss_config={clip_high_threshold=1.2}}'])
+    assert isinstance(make_objective(config.loop.objective), PolicyGradient)
+    assert config.loop.objective.loss_config == {"clip_high_threshold": 1.2}
+    dpo = load_config(RunConfig, None, ['loop.objective={type="dpo", beta=0.3}']).loop.objective
+    assert isinstance(make_objective(dpo), DPO) and dpo.beta == 0.3
+    with pytest.raises(InvalidArgument, match=r"dpo\.tis_cap"):  # a DPO objective takes no policy-gradient keys
+        load_config(RunConfig, None, ['loop.objective={type="dpo", tis_cap=2.0}'])
+    with pytest.raises(InvalidArgument, match="cannot be loaded"):
+        make_objective(CustomConfig(loss="no.such.module:loss"))
+
+
+async def test_a_custom_torch_loss_trains_exactly_like_the_built_in_it_rewrites(servers):
+    """The custom objective (client-side two-pass) with importance_sampling written in torch gives the same
+    loss and learner gradients as the built-in importance_sampling objective on the same groups."""
+    learner = servers["learner"]
+    gradients, losses = [], []
+    async with open_channel(servers["learner_address"], api_key="client-test-key") as channel:
+        for objective in (
+            make_objective(PolicyGradientConfig(type="importance_sampling")),
+            make_objective(CustomConfig(loss="coordinator.objectives.custom_losses:importance_sampling")),
+        ):
+            session = await LearnerSession.create(channel, "anvil-tiny", seed=0)
+            metrics: dict[str, float] = {}
+            learner_T = await objective.accumulate_gradients(session, scored_groups(), metrics)
+            assert learner_T is not None and learner_T.size == 10  # every completion token, in group order
+            model = learner.sessions.get(session.session_id).backend.model
+            gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+            losses.append(metrics["loss/sum"])
+            await session.close()
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert any(g.abs().sum() > 0 for g in gradients[0].values())
+    for name, expected in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], expected, rtol=1e-4, atol=1e-7, msg=name)

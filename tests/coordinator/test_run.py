@@ -139,10 +139,14 @@ def test_resume_after_a_kill_loses_and_repeats_no_prompt(uninterrupted, tmp_path
 @pytest.mark.parametrize(
     ("settings", "expected_metric"),
     [
-        (['loop.loss="dpo"', "loop.loss_config.beta=0.1"], "dpo/pairs"),
-        (['loop.loss="ppo"', "loop.tis_cap=2.0", "loop.max_off_policy_steps=0"], "tis/weight_mean"),
+        (['loop.objective={type="dpo", beta=0.1}'], "dpo/pairs"),
+        (['loop.objective.type="ppo"', "loop.objective.tis_cap=2.0", "loop.max_off_policy_steps=0"], "tis/weight_mean"),
+        (
+            ['loop.objective={type="custom", loss="coordinator.objectives.custom_losses:importance_sampling"}'],
+            "loss/sum",
+        ),
     ],
-    ids=["online DPO via forward_backward_custom", "ppo with truncated importance sampling"],
+    ids=["online DPO via forward_backward_custom", "ppo with truncated importance sampling", "a custom loss"],
 )
 def test_other_objectives_run(tmp_path, settings, expected_metric):
     """Short runs on the torch rollout engine: the objectives wire through end to end."""

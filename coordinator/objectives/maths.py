@@ -1,4 +1,4 @@
-"""RL objectives as pure functions: group-relative advantages, policy-gradient datums, online DPO.
+"""The objectives' maths as pure functions: group-relative advantages, policy-gradient datums, online DPO.
 
 Shapes: `_G` per sample of a group, `_T` per completion token. A sampled sequence becomes one datum:
 model_input = prompt + completion[:-1], target_tokens = prompt[1:] + completion, and the per-token loss
@@ -8,7 +8,6 @@ sample's advantage on completion positions.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -62,12 +61,6 @@ def policy_datum(
     )
 
 
-def completion_slice(datum: Datum, completion_length: int) -> slice:
-    """Where a datum's completion targets sit in its target_tokens."""
-    total = datum.model_input.length
-    return slice(total - completion_length, total)
-
-
 def truncated_is_weights(learner_T: np.ndarray, sampler_T: np.ndarray, cap: float) -> np.ndarray:
     """min(p_learner / p_sampler, cap) per token: corrects the sampler/learner mismatch, bounded."""
     return np.minimum(np.exp(learner_T - sampler_T), cap)
@@ -113,7 +106,3 @@ def dpo_loss(
         return total, {"dpo_accuracy:mean": accuracy / max(pairs, 1), "dpo_pairs:sum": float(pairs)}
 
     return loss_fn
-
-
-def mean(values: Sequence[float]) -> float:
-    return float(sum(values) / len(values)) if values else math.nan

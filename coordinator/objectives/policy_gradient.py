@@ -1,0 +1,79 @@
+"""Policy gradient with a Tinker built-in loss (importance_sampling, ppo, cispo) on group-relative
+advantages, with optional truncated importance sampling (one extra Forward per step)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from coordinator.client.learner_api import LearnerSession
+from coordinator.client.types import Datum, SampledSequence
+from coordinator.objectives.base import Objective, ScoredGroup, completion_logprobs
+from coordinator.objectives.maths import batch_advantages, group_advantages, policy_datum, truncated_is_weights
+
+
+class AdvantageConfig(BaseModel):
+    """How rewards become advantages (shared by the objectives that use advantages)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    advantage_baseline: Literal["group", "batch"] = "group"
+    """Subtract the group's mean reward (GRPO) or the whole batch's. The batch baseline keeps a signal
+    when every sample of a group is equally wrong (a collapsed policy): their advantage is negative."""
+    normalize_advantages: bool = True
+    """Divide the centred rewards by the std of the same population (group or batch)."""
+
+    def advantages(self, groups: list[ScoredGroup]) -> list[list[float]]:
+        if self.advantage_baseline == "batch":
+            return batch_advantages([g.rewards for g in groups], self.normalize_advantages)
+        return [group_advantages(g.rewards, self.normalize_advantages) for g in groups]
+
+    def entries(self, groups: list[ScoredGroup]) -> list[tuple[list[int], SampledSequence, float]]:
+        """(prompt, sampled sequence, advantage) for every non-empty completion, in group order."""
+        entries = []
+        for group, advantages in zip(groups, self.advantages(groups), strict=True):
+            entries += [(group.prompt, s, a) for s, a in zip(group.sequences, advantages, strict=True) if s.tokens]
+        return entries
+
+
+class PolicyGradientConfig(AdvantageConfig):
+    type: Literal["importance_sampling", "ppo", "cispo"] = "importance_sampling"
+    """The learner's built-in policy-gradient loss (see docs/losses.md)."""
+    loss_config: dict[str, float] = Field(default_factory=dict)
+    """The loss's settings (clip_low_threshold / clip_high_threshold for ppo and cispo)."""
+    tis_cap: float | None = Field(default=None, gt=0)
+    """Truncated importance sampling: scale advantages by min(p_learner / p_sampler, cap) per token
+    (one extra Forward per step). None disables."""
+
+
+class PolicyGradient(Objective):
+    def __init__(self, config: PolicyGradientConfig) -> None:
+        self.config = config
+
+    async def accumulate_gradients(
+        self, session: LearnerSession, groups: list[ScoredGroup], metrics: dict[str, float]
+    ) -> np.ndarray | None:
+        config = self.config
+        entries = config.entries(groups)
+        if not entries:
+            return None
+        data = [policy_datum(p, s.tokens, s.logprobs, a) for p, s, a in entries]
+        if config.tis_cap is not None:
+            data = await self._truncated_is(session, entries, data, metrics)
+        result = await session.forward_backward(data, config.type, config.loss_config)
+        metrics["loss/sum"] = result.metrics["loss:sum"]
+        return completion_logprobs(result.loss_fn_outputs, [s for _, s, _ in entries])
+
+    async def _truncated_is(
+        self, session: LearnerSession, entries: list, data: list[Datum], metrics: dict[str, float]
+    ) -> list[Datum]:
+        learner = await session.forward(data, self.config.type, self.config.loss_config)
+        weighted = []
+        for (prompt, sequence, advantage), output in zip(entries, learner.loss_fn_outputs, strict=True):
+            learner_lp = output["logprobs"].to_numpy()[-len(sequence.tokens) :]
+            weights = truncated_is_weights(learner_lp, np.asarray(sequence.logprobs), self.config.tis_cap)
+            weighted.append(policy_datum(prompt, sequence.tokens, sequence.logprobs, (advantage * weights).tolist()))
+        metrics["tis/weight_mean"] = float(np.mean([w for d in weighted for w in d.loss_fn_inputs["advantages"].data]))
+        return weighted
