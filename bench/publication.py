@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from bench.common import Stopwatch, Timing
 from bench.sink_rollout import PARAMS_ENV, start_sink
 from coordinator.launcher import start_service, toml_value
-from learner.publisher import tensors_as_bytes
+from learner.transports.stream import tensors_as_bytes
 from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
 from protos.channels import open_channel
 from protos.weights_codec import digest, framed_push_requests, push_weight_update

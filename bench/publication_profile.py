@@ -11,7 +11,7 @@ from rich.table import Table
 
 from bench.baselines import DEFAULT_CHUNK
 from bench.common import Timing, console, time_sync
-from learner.publisher import tensors_as_bytes
+from learner.transports.stream import tensors_as_bytes
 from protos.anvil.v1 import rollout_pb2
 from protos.weights_codec import framed_push_requests
 

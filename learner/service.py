@@ -21,8 +21,8 @@ from learner.batch import batch_from_arrow
 from learner.checkpoint import check_name, verify_checkpoint, write_checkpoint
 from learner.config import LearnerConfig
 from learner.losses import resolve_loss
-from learner.publisher import check_publish_request, publish_checkpoint, publish_stream, tensors_as_bytes
 from learner.session import SessionRegistry, TrainingSession
+from learner.transports import PublishContext, make_transport
 from protos.adam import adam_params_from_proto
 from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
 from protos.arrow_schemas import encode_outputs
@@ -138,21 +138,15 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     async def PublishWeights(self, request, context):
         async def execute(session: TrainingSession) -> Any:
             targets = [target.address for target in request.targets]
-            transport = check_publish_request(targets, request.transport)
-            backend = session.backend
-            version = request.version or backend.step
-            api_key = self.config.server.resolved_api_key()
+            context = PublishContext(
+                session.checkpoint_root / "weights", session.base_model, self.config.server.resolved_api_key()
+            )
+            transport = make_transport(request.transport, targets, context)
+            version = request.version or session.backend.step
             start = time.perf_counter()
-            if transport == "checkpoint":
-                directory = session.checkpoint_root / "weights" / f"published-v{version}"
-                metadata = {"kind": "weights", "step": version, "base_model": session.base_model}
-                await asyncio.to_thread(write_checkpoint, directory, backend.save_weights, True, metadata)
-                num_bytes = await publish_checkpoint(targets, version, directory, api_key)
-            else:
-                snapshot = await asyncio.to_thread(tensors_as_bytes, backend.named_weights())
-                num_bytes = await publish_stream(targets, version, snapshot, api_key)
+            results = await transport.publish(version, session.backend, targets)
             return learner_pb2.PublishWeightsResponse(
-                version=version, num_bytes=num_bytes, duration_s=time.perf_counter() - start
+                version=version, num_bytes=max(r.num_bytes for r in results), duration_s=time.perf_counter() - start
             )
 
         return await self._sequenced(request, execute)

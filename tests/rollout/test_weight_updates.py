@@ -13,7 +13,7 @@ import torch
 from learner.backends.torch_backend import TorchBackend
 from learner.checkpoint import write_checkpoint
 from learner.config import TorchBackendConfig
-from learner.publisher import tensors_as_bytes
+from learner.transports.stream import tensors_as_bytes
 from protos.anvil.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 from protos.channels import open_channel
 from protos.weights_codec import digest, encode_chunks, push_weight_update

@@ -2,7 +2,7 @@
 
 Each backend method becomes one lockstep command ("forward", "optim_step", ...) that every rank's
 `EngineHost` runs on its MegatronEngine for the session; rank 0's result is returned. So the service,
-sequencer, checkpoint and publisher code is the same for both backends.
+sequencer, checkpoint and weight-transport code is the same for both backends.
 """
 
 from __future__ import annotations

@@ -1,0 +1,24 @@
+"""Weight transports behind one interface (`base.WeightTransport`), picked by name by one factory."""
+
+from __future__ import annotations
+
+from learner.transports.base import PublishContext, ReplicaResult, WeightSource, WeightTransport
+from learner.transports.checkpoint import CheckpointTransport
+from learner.transports.stream import StreamTransport
+from protos.errors import InvalidArgument
+
+TRANSPORTS: dict[str, type[WeightTransport]] = {t.name: t for t in (StreamTransport, CheckpointTransport)}
+DEFAULT_TRANSPORT = StreamTransport.name
+
+
+def make_transport(name: str, targets: list[str], context: PublishContext) -> WeightTransport:
+    """Validate a PublishWeights request before any work; the transport it names ("" = the default)."""
+    if not targets or any(not address for address in targets):
+        raise InvalidArgument("targets is empty or holds an empty address; name each rollout as host:port")
+    transport = TRANSPORTS.get(name or DEFAULT_TRANSPORT)
+    if transport is None:
+        raise InvalidArgument(f"unknown transport {name!r}; use one of {list(TRANSPORTS)}")
+    return transport(context)
+
+
+__all__ = ["TRANSPORTS", "PublishContext", "ReplicaResult", "WeightSource", "WeightTransport", "make_transport"]

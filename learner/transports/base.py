@@ -1,0 +1,81 @@
+"""WeightTransport: how a learner's weights, as version N, reach rollout replicas.
+
+Every transport takes the same thing - a `WeightSource` (the backend: tensors by Hugging Face name, or
+a Hugging Face directory written on demand) and the replica addresses - and returns one `ReplicaResult`
+per replica. Replicas are updated concurrently; if any fails, `publish` raises naming it (each replica's
+own transaction guarantees it still serves its previous weights). New transports (shared memory, relay
+fan-out, NCCL) subclass this and register in `learner.transports.TRANSPORTS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import grpc
+import torch
+
+from protos.channels import open_channel
+from protos.errors import Unavailable
+from protos.status import error_from_rpc
+
+
+class WeightSource(Protocol):
+    """What a transport reads the weights from (every learner backend is one)."""
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+    def save_weights(self, directory: Path) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReplicaResult:
+    address: str
+    num_bytes: int
+    """Bytes this transport sent to the replica (0 when it read them itself, e.g. from a shared disk)."""
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PublishContext:
+    """Where a publication may write and how it authenticates to the replicas."""
+
+    scratch_dir: Path
+    """The session's directory for weight files (a transport that writes files keeps them here)."""
+    base_model: str
+    api_key: str | None
+
+
+class WeightTransport(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, context: PublishContext) -> None:
+        self.context = context
+
+    @abstractmethod
+    async def publish(self, version: int, source: WeightSource, targets: list[str]) -> list[ReplicaResult]:
+        """Make every target serve `source`'s current weights as `version`; raise naming a failed target."""
+
+    async def on_each_replica(
+        self, targets: list[str], update: Callable[[grpc.aio.Channel], Awaitable[int]]
+    ) -> list[ReplicaResult]:
+        """Run `update` (returning bytes sent) on a channel to every target at once; errors name the target."""
+
+        async def one(address: str) -> ReplicaResult:
+            start = time.perf_counter()
+            async with open_channel(address, api_key=self.context.api_key) as channel:
+                try:
+                    num_bytes = await update(channel)
+                except grpc.aio.AioRpcError as exc:
+                    error = error_from_rpc(exc)
+                    if isinstance(error, grpc.RpcError):
+                        raise Unavailable(f"rollout {address} failed: {exc.code().name}: {exc.details()}") from exc
+                    raise type(error)(f"rollout {address}: {error}") from exc
+            return ReplicaResult(address, num_bytes, time.perf_counter() - start)
+
+        return list(await asyncio.gather(*(one(address) for address in targets)))

@@ -1,0 +1,30 @@
+"""The "stream" transport: the rollout's Begin/Push/Commit transaction over gRPC, chunked by
+protos.weights_codec, sha256 digest verified end to end before the replica swaps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import torch
+
+from learner.transports.base import ReplicaResult, WeightSource, WeightTransport
+from protos.weights_codec import TensorBytes, push_weight_update
+
+
+def tensors_as_bytes(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[TensorBytes]:
+    """Snapshot tensors as contiguous CPU bytes under their Hugging Face names."""
+    snapshot = []
+    for name, tensor in named_tensors:
+        cpu = tensor.detach().to("cpu").contiguous()
+        dtype = str(cpu.dtype).removeprefix("torch.")
+        snapshot.append(TensorBytes(name, dtype, tuple(cpu.shape), cpu.view(torch.uint8).numpy()))
+    return snapshot
+
+
+class StreamTransport(WeightTransport):
+    name = "stream"
+
+    async def publish(self, version: int, source: WeightSource, targets: list[str]) -> list[ReplicaResult]:
+        snapshot = await asyncio.to_thread(tensors_as_bytes, source.named_weights())
+        return await self.on_each_replica(targets, lambda channel: push_weight_update(channel, version, snapshot))
