@@ -45,6 +45,8 @@ class LoopConfig(_Strict):
     batch overlaps training of this one when this is >= 1."""
     sampler_concurrency: int = Field(default=16, ge=1)
     """Sample calls in flight at once."""
+    scoring_concurrency: int = Field(default=64, ge=1)
+    """Reward-function calls in flight at once, across groups (a group's samples are scored concurrently)."""
     objective: ObjectiveConfig = Field(default_factory=PolicyGradientConfig)
     """What each step trains: `type` = importance_sampling, ppo or cispo (a built-in policy-gradient loss
     on group-relative advantages), dpo (online DPO), or custom (a loss function of yours); the other keys

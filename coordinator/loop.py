@@ -3,8 +3,9 @@
     feeder    emits the prompts of batch b (problem indices b*G .. b*G+G-1, deterministic) once
               step b - max_off_policy_steps has been published: that is the staleness bound, and with
               a bound >= 1 the next batch is sampled while this one trains;
-    samplers  `sampler_concurrency` tasks, each taking a prompt, calling Sample (n = group_size) on a
-              rollout replica, and scoring every completion with the prompt's Env;
+    samplers  a pool (asyncio-pool's AioPool) of at most `sampler_concurrency` tasks, one per prompt,
+              each calling Sample (n = group_size) on a rollout replica and scoring every completion
+              with the prompt's Env (a second pool bounds reward calls to `scoring_concurrency`);
     trainer   assembles batch b from its groups, drops any group whose sampler version is older than
               the bound (counted), hands the fresh groups to the run's Objective (datums, loss and the
               forward/backward passes: coordinator/objectives/), runs OptimStep, and publishes the new
@@ -17,6 +18,7 @@ metrics and `on_checkpoint` is asked to save after the steps it names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections import defaultdict
@@ -24,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from asyncio_pool import AioPool
 
 from coordinator.client.learner_api import LearnerSession
 from coordinator.client.rollout_api import RolloutPool
@@ -76,56 +79,65 @@ class RLLoop:
     async def run(self) -> None:
         if self.start_batch >= self.end_batch:
             return
-        prompts: asyncio.Queue[tuple[int, Problem]] = asyncio.Queue(maxsize=self.config.groups_per_batch)
-        scored: asyncio.Queue[ScoredGroup] = asyncio.Queue()
-        async with asyncio.TaskGroup() as group:
-            helpers = [group.create_task(self._feed(prompts))]
-            helpers += [
-                group.create_task(self._sample(prompts, scored)) for _ in range(self.config.sampler_concurrency)
-            ]
-            try:
-                await self._train(scored)
-            finally:
-                for task in helpers:
-                    task.cancel()
+        scored: asyncio.Queue[ScoredGroup | Exception] = asyncio.Queue()
+        samplers = AioPool(size=self.config.sampler_concurrency)
+        scorers = AioPool(size=self.config.scoring_concurrency)
+        feeder = asyncio.create_task(self._feed(samplers, scorers, scored))
+        try:
+            await self._train(scored)
+        finally:
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
+            await samplers.cancel()
+            await scorers.cancel()
 
-    async def _feed(self, prompts: asyncio.Queue) -> None:
+    async def _feed(self, samplers: AioPool, scorers: AioPool, scored: asyncio.Queue) -> None:
+        """Spawn one sampling task per prompt, in order; the pool holds `sampler_concurrency` in flight, so
+        this waits for room (and for the staleness bound) before the next prompt."""
         size, bound = self.config.groups_per_batch, self.config.max_off_policy_steps
         for batch in range(self.start_batch, self.end_batch):
             async with self._released_changed:
                 await self._released_changed.wait_for(lambda b=batch: b <= self._released + bound)
             for offset in range(size):
-                await prompts.put((batch, self.source.problem(batch * size + offset)))
+                problem = self.source.problem(batch * size + offset)
+                await samplers.spawn(self._sample(batch, problem, scorers, scored))
 
-    async def _sample(self, prompts: asyncio.Queue, scored: asyncio.Queue) -> None:
+    async def _sample(self, batch: int, problem: Problem, scorers: AioPool, scored: asyncio.Queue) -> None:
+        """Sample and score one group; a failure goes to the trainer, which ends the run with it."""
+        try:
+            group = await self._sample_and_score(batch, problem, scorers)
+        except Exception as exc:
+            await scored.put(exc)
+            return
+        await scored.put(group)
+
+    async def _sample_and_score(self, batch: int, problem: Problem, scorers: AioPool) -> ScoredGroup:
         config = self.config
-        while True:
-            batch, problem = await prompts.get()
-            env = self.make_env(problem)
-            prompt = await env.prompt_tokens()
-            params = SamplingParams(
-                max_tokens=config.max_tokens,
-                temperature=config.temperature,
-                seed=(self.seed * 1_000_003 + problem.index) % (2**62),
-            )
-            start = time.perf_counter()
-            response = await self.rollout.sample(prompt, config.group_size, params)
-            sample_s = time.perf_counter() - start
-            # A group's completions are scored concurrently: a verifier that waits (a sandbox, a judge)
-            # costs its latency once per group, not once per sample.
-            scores = await asyncio.gather(*(env.score(sequence.tokens) for sequence in response.sequences))
-            await scored.put(
-                ScoredGroup(
-                    batch=batch,
-                    problem=problem,
-                    prompt=prompt,
-                    sequences=response.sequences,
-                    rewards=[s.reward for s in scores],
-                    correct=[s.metrics.get("correct", float("nan")) for s in scores],
-                    sampler_version=response.weight_version,
-                    sample_s=sample_s,
-                )
-            )
+        env = self.make_env(problem)
+        prompt = await env.prompt_tokens()
+        params = SamplingParams(
+            max_tokens=config.max_tokens,
+            temperature=config.temperature,
+            seed=(self.seed * 1_000_003 + problem.index) % (2**62),
+        )
+        start = time.perf_counter()
+        response = await self.rollout.sample(prompt, config.group_size, params)
+        sample_s = time.perf_counter() - start
+        # A group's completions are scored concurrently (a verifier that waits - a sandbox, a judge - costs
+        # its latency once per group, not once per sample), at most `scoring_concurrency` calls in flight.
+        pending = [await scorers.spawn(env.score(sequence.tokens)) for sequence in response.sequences]
+        scores = [await score for score in pending]
+        return ScoredGroup(
+            batch=batch,
+            problem=problem,
+            prompt=prompt,
+            sequences=response.sequences,
+            rewards=[s.reward for s in scores],
+            correct=[s.metrics.get("correct", float("nan")) for s in scores],
+            sampler_version=response.weight_version,
+            sample_s=sample_s,
+        )
 
     async def _train(self, scored: asyncio.Queue) -> None:
         pending: dict[int, list[ScoredGroup]] = defaultdict(list)
@@ -133,6 +145,8 @@ class RLLoop:
             step_start = time.perf_counter()
             while len(pending[batch]) < self.config.groups_per_batch:
                 group = await scored.get()
+                if isinstance(group, Exception):
+                    raise group
                 pending[group.batch].append(group)
             groups = sorted(pending.pop(batch), key=lambda g: g.problem.index)
             wait_s = time.perf_counter() - step_start
