@@ -22,7 +22,7 @@ from learner.checkpoint import check_name, verify_checkpoint, write_checkpoint
 from learner.config import LearnerConfig
 from learner.losses import resolve_loss
 from learner.session import SessionRegistry, TrainingSession
-from learner.transports import PublishContext, make_transport
+from learner.transports import PublishContext, make_transport, raise_first_failure
 from protos.adam import adam_params_from_proto
 from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
 from protos.arrow_schemas import encode_outputs
@@ -145,8 +145,18 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             version = request.version or session.backend.step
             start = time.perf_counter()
             results = await transport.publish(version, session.backend, targets)
+            if not request.partial_ok:
+                raise_first_failure(results)
             return learner_pb2.PublishWeightsResponse(
-                version=version, num_bytes=max(r.num_bytes for r in results), duration_s=time.perf_counter() - start
+                version=version,
+                num_bytes=max(r.num_bytes for r in results),
+                duration_s=time.perf_counter() - start,
+                targets=[
+                    learner_pb2.PublishTargetResult(
+                        address=r.address, ok=r.error is None, error=str(r.error or ""), num_bytes=r.num_bytes
+                    )
+                    for r in results
+                ],
             )
 
         return await self._sequenced(request, execute)

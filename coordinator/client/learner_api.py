@@ -110,14 +110,18 @@ class LearnerSession:
         )
         return await call(self.stub.SaveWeights(request))
 
-    async def publish_weights(self, targets: list[str], transport: str = "stream", version: int = 0):
-        """Publish as `version` (0: the learner's step)."""
+    async def publish_weights(
+        self, targets: list[str], transport: str = "stream", version: int = 0, partial_ok: bool = False
+    ) -> learner_pb2.PublishWeightsResponse:
+        """Publish as `version` (0: the learner's step). With `partial_ok`, a target that fails does not fail
+        the call: the reply's `targets` say which ones took the version."""
         request = learner_pb2.PublishWeightsRequest(
             session_id=self.session_id,
             seq_id=self.next_seq_id(),
             targets=[common_pb2.WeightTarget(address=address) for address in targets],
             transport=transport,
             version=version,
+            partial_ok=partial_ok,
         )
         return await call(self.stub.PublishWeights(request))
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from learner.transports.base import PublishContext, ReplicaResult, WeightSource, WeightTransport
+from learner.transports.base import (
+    PublishContext,
+    ReplicaResult,
+    WeightSource,
+    WeightTransport,
+    raise_first_failure,
+)
 from learner.transports.checkpoint import CheckpointTransport
 from learner.transports.stream import StreamTransport
 from protos.errors import InvalidArgument
@@ -21,4 +27,12 @@ def make_transport(name: str, targets: list[str], context: PublishContext) -> We
     return transport(context)
 
 
-__all__ = ["TRANSPORTS", "PublishContext", "ReplicaResult", "WeightSource", "WeightTransport", "make_transport"]
+__all__ = [
+    "TRANSPORTS",
+    "PublishContext",
+    "ReplicaResult",
+    "WeightSource",
+    "WeightTransport",
+    "make_transport",
+    "raise_first_failure",
+]

@@ -2,9 +2,10 @@
 
 Every transport takes the same thing - a `WeightSource` (the backend: tensors by Hugging Face name, or
 a Hugging Face directory written on demand) and the replica addresses - and returns one `ReplicaResult`
-per replica. Replicas are updated concurrently; if any fails, `publish` raises naming it (each replica's
-own transaction guarantees it still serves its previous weights). New transports (shared memory, relay
-fan-out, NCCL) subclass this and register in `learner.transports.TRANSPORTS`.
+per replica, in order. Replicas are updated concurrently; one that fails does not stop the others, and its
+result carries the error naming it (its own transaction guarantees it still serves its previous weights).
+`raise_first_failure` turns the results into the all-or-nothing answer of a plain PublishWeights. New
+transports (shared memory, relay fan-out, NCCL) subclass this and register in `learner.transports.TRANSPORTS`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import grpc
 import torch
 
 from protos.channels import open_channel
-from protos.errors import Unavailable
+from protos.errors import AnvilError, Unavailable
 from protos.status import error_from_rpc
 
 
@@ -39,6 +40,14 @@ class ReplicaResult:
     num_bytes: int
     """Bytes this transport sent to the replica (0 when it read them itself, e.g. from a shared disk)."""
     seconds: float
+    error: AnvilError | None = None
+    """Why this replica was not updated (None: it verified and serves the version)."""
+
+
+def raise_first_failure(results: list[ReplicaResult]) -> None:
+    for result in results:
+        if result.error is not None:
+            raise result.error
 
 
 @dataclass(frozen=True)
@@ -74,8 +83,10 @@ class WeightTransport(ABC):
                 except grpc.aio.AioRpcError as exc:
                     error = error_from_rpc(exc)
                     if isinstance(error, grpc.RpcError):
-                        raise Unavailable(f"rollout {address} failed: {exc.code().name}: {exc.details()}") from exc
-                    raise type(error)(f"rollout {address}: {error}") from exc
+                        error = Unavailable(f"rollout {address} failed: {exc.code().name}: {exc.details()}")
+                    else:
+                        error = type(error)(f"rollout {address}: {error}")
+                    return ReplicaResult(address, 0, time.perf_counter() - start, error)
             return ReplicaResult(address, num_bytes, time.perf_counter() - start)
 
         return list(await asyncio.gather(*(one(address) for address in targets)))

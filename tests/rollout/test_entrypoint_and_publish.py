@@ -70,6 +70,25 @@ async def test_learner_publishes_to_rollout_with_logprob_parity(learner_config, 
                 )
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert rollout_process in info.value.details()
+
+            # partial_ok: an unreachable target does not fail the call; each target's outcome comes back.
+            await client.forward_backward(random_rows(512))
+            await client.optim_step(learning_rate=1e-2)
+            partial = await client.stub.PublishWeights(
+                learner_pb2.PublishWeightsRequest(
+                    session_id=client.session_id,
+                    seq_id=client.take_seq_id(),
+                    targets=[common_pb2.WeightTarget(address=a) for a in (rollout_process, "127.0.0.1:1")],
+                    transport=transport,
+                    partial_ok=True,
+                )
+            )
+            assert partial.version == 2
+            assert [(t.address, t.ok) for t in partial.targets] == [(rollout_process, True), ("127.0.0.1:1", False)]
+            assert "127.0.0.1:1" in partial.targets[1].error and not partial.targets[0].error
+            async with open_channel(rollout_process) as rollout_channel:
+                stub = rollout_pb2_grpc.RolloutServiceStub(rollout_channel)
+                assert (await stub.GetInfo(rollout_pb2.RolloutServiceGetInfoRequest())).weight_version == 2
     finally:
         await running.stop(0)
 

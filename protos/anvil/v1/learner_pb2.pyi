@@ -236,25 +236,41 @@ class SaveWeightsResponse(_message.Message):
     def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PublishWeightsRequest(_message.Message):
-    __slots__ = ("session_id", "seq_id", "targets", "transport", "version")
+    __slots__ = ("session_id", "seq_id", "targets", "transport", "version", "partial_ok")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_OK_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq_id: int
     targets: _containers.RepeatedCompositeFieldContainer[_common_pb2.WeightTarget]
     transport: str
     version: int
-    def __init__(self, session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., targets: _Optional[_Iterable[_Union[_common_pb2.WeightTarget, _Mapping]]] = ..., transport: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    partial_ok: bool
+    def __init__(self, session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., targets: _Optional[_Iterable[_Union[_common_pb2.WeightTarget, _Mapping]]] = ..., transport: _Optional[str] = ..., version: _Optional[int] = ..., partial_ok: _Optional[bool] = ...) -> None: ...
 
 class PublishWeightsResponse(_message.Message):
-    __slots__ = ("version", "num_bytes", "duration_s")
+    __slots__ = ("version", "num_bytes", "duration_s", "targets")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
     version: int
     num_bytes: int
     duration_s: float
-    def __init__(self, version: _Optional[int] = ..., num_bytes: _Optional[int] = ..., duration_s: _Optional[float] = ...) -> None: ...
+    targets: _containers.RepeatedCompositeFieldContainer[PublishTargetResult]
+    def __init__(self, version: _Optional[int] = ..., num_bytes: _Optional[int] = ..., duration_s: _Optional[float] = ..., targets: _Optional[_Iterable[_Union[PublishTargetResult, _Mapping]]] = ...) -> None: ...
+
+class PublishTargetResult(_message.Message):
+    __slots__ = ("address", "ok", "error", "num_bytes")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    ok: bool
+    error: str
+    num_bytes: int
+    def __init__(self, address: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., num_bytes: _Optional[int] = ...) -> None: ...

@@ -233,8 +233,8 @@ class LearnerServiceServicer:
         Errors include:
         - INVALID_ARGUMENT: no targets, or an unknown transport
         - NOT_FOUND: unknown session id
-        - UNAVAILABLE: a target could not be reached
-        - FAILED_PRECONDITION: a target refused the version (not newer than what it serves)
+        - UNAVAILABLE: a target could not be reached (unless partial_ok)
+        - FAILED_PRECONDITION: a target refused the version (not newer than what it serves; unless partial_ok)
         - INVALID_ARGUMENT: seq_id < 1, or a seq_id already used by a different request
         - FAILED_PRECONDITION: seq_id already ran and its result is no longer cached (send the next id)
         - UNAUTHENTICATED: auth is on and the API key is missing or wrong
