@@ -1,0 +1,94 @@
+"""ReplicaSet against real rollout servers (torch engine, in process) and a real learner: routing spreads
+load, a replica that goes away has its requests moved, a new replica is stale until the learner's current
+weights are published to it, and with no healthy replica a request waits, then fails clearly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from coordinator.client.learner_api import LearnerSession
+from coordinator.client.types import SamplingParams
+from coordinator.fleet.config import FleetConfig
+from coordinator.fleet.health import ReplicaState
+from coordinator.fleet.replica_set import ReplicaSet
+from learner.server import start_learner
+from protos.anvil.v1 import rollout_pb2
+from protos.channels import open_channel
+from protos.errors import Unavailable
+from protos.rpc import ServerConfig
+from rollout.config import RolloutConfig, TorchEngineConfig
+from rollout.server import start_rollout
+from tests.learner.client import random_rows
+
+PROMPT = [4, 295, 289, 226, 22, 23, 16, 28, 36, 2, 5]
+FAST = FleetConfig(probe_interval_s=0.2, probe_timeout_s=2.0, failures_to_dead=2, no_replica_timeout_s=60)
+
+
+async def start_replica(model_dir):
+    config = RolloutConfig(
+        model=model_dir, model_name="anvil-tiny", server=ServerConfig(), engine=TorchEngineConfig(device="cpu")
+    )
+    running, _ = await start_rollout(config)
+    return running
+
+
+async def until(condition, timeout_s: float = 30.0) -> None:
+    for _ in range(int(timeout_s / 0.1)):
+        if condition():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_failover_and_rejoin_at_the_current_version(tiny_model_dir, learner_config):
+    first, second = await start_replica(tiny_model_dir), await start_replica(tiny_model_dir)
+    third = None
+    learner, _ = await start_learner(learner_config)
+    fleet = await ReplicaSet.connect([first.address, second.address], FAST)
+    try:
+        async with open_channel(learner.address) as channel:
+            session = await LearnerSession.create(channel, "anvil-tiny")
+            fleet.publisher = lambda addresses: session.publish_weights(addresses, partial_ok=True)
+            params = SamplingParams(max_tokens=4, seed=1)
+            assert {r.state for r in fleet.health.replicas.values()} == {ReplicaState.HEALTHY}
+            await asyncio.gather(*(fleet.sample(PROMPT, 2, params) for _ in range(8)))
+            assert all(r.requests >= 2 for r in fleet.health.replicas.values()), "least in-flight spreads load"
+
+            await session.forward_rows(random_rows(512), "cross_entropy", None, backward=True)
+            await session.optim_step()
+            reply = await fleet.publish(fleet.publisher)
+            assert reply.version == 1 and [r.version for r in fleet.health.replicas.values()] == [1, 1]
+
+            await first.stop(0)  # replica-0 goes away; its requests must move to replica-1
+            responses = await asyncio.gather(*(fleet.sample(PROMPT, 2, params) for _ in range(6)))
+            assert all(r.weight_version == 1 for r in responses)
+            await until(lambda: fleet.health.replicas["replica-0"].state is ReplicaState.DEAD)
+
+            third = await start_replica(tiny_model_dir)  # a new replica serves the base weights (v0)
+            fleet.add("replica-2", third.address)
+            assert fleet.health.replicas["replica-2"].state is ReplicaState.STALE
+            await until(lambda: fleet.health.replicas["replica-2"].state is ReplicaState.HEALTHY)
+            assert fleet.health.replicas["replica-2"].version == 1, "resynced to the learner's version"
+            tokens = [*PROMPT, 30, 31, 2]
+            fresh = await fleet.stub("replica-2").ComputeLogprobs(rollout_pb2.ComputeLogprobsRequest(tokens=tokens))
+            reference = await fleet.stub("replica-1").ComputeLogprobs(rollout_pb2.ComputeLogprobsRequest(tokens=tokens))
+            assert fresh.weight_version == reference.weight_version == 1
+            np.testing.assert_array_equal(np.array(fresh.logprobs), np.array(reference.logprobs))
+            await session.close()
+    finally:
+        await fleet.close()
+        for server in (first, second, third, learner):
+            if server is not None:
+                await server.stop(0)
+
+
+async def test_no_healthy_replica_waits_then_fails_with_the_states():
+    fleet = await ReplicaSet.connect(["127.0.0.1:1"], FleetConfig(probe_interval_s=0.2, no_replica_timeout_s=1.0))
+    try:
+        with pytest.raises(Unavailable, match=r"no healthy rollout replica for 1s \(replica-0 (stale|suspect|dead)"):
+            await fleet.sample(PROMPT, 1, SamplingParams(max_tokens=1))
+    finally:
+        await fleet.close()
