@@ -26,7 +26,7 @@ class SamplingClient:
         include_prompt_logprobs: bool = False,
     ) -> APIFuture[SampleResponse]:
         async def sample() -> SampleResponse:
-            response = await self._connections.rollout_pool().sample(
+            response = await (await self._connections.replicas()).sample(
                 prompt.to_ints(), num_samples, sampling_params, include_prompt_logprobs
             )
             if response.weight_version < self.min_version:
@@ -38,7 +38,10 @@ class SamplingClient:
         return self._runtime.submit(sample())
 
     def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
-        return self._runtime.submit(self._connections.rollout_pool().compute_logprobs(prompt.to_ints()))
+        async def compute() -> list[float | None]:
+            return await (await self._connections.replicas()).compute_logprobs(prompt.to_ints())
+
+        return self._runtime.submit(compute())
 
     async def sample_async(self, *args: Any, **kwargs: Any) -> APIFuture[SampleResponse]:
         return self.sample(*args, **kwargs)

@@ -16,7 +16,6 @@ from typing import Any
 
 from coordinator.client.connections import Connections
 from coordinator.client.learner_api import LearnerSession
-from coordinator.client.rollout_api import RolloutPool
 from coordinator.client.sampling_client import SamplingClient
 from coordinator.client.training_client import TrainingClient
 from protos.errors import InvalidArgument
@@ -37,9 +36,6 @@ class ServiceClient:
         self.api_key = api_key or os.environ.get("ANVIL_API_KEY")
         self.connections = Connections(self.learner_address, self.rollout_addresses, self.api_key)
         self.runtime = self.connections.runtime
-
-    def rollout_pool(self) -> RolloutPool:
-        return self.connections.rollout_pool()
 
     # --- clients -----------------------------------------------------------------------------------------
 
@@ -78,9 +74,9 @@ class ServiceClient:
         if model_path is not None:
 
             async def hot_load() -> int:
-                pool = self.rollout_pool()
-                new_version = max(await pool.versions()) + 1
-                await pool.load_weights(model_path, new_version)
+                replicas = await self.connections.replicas()
+                new_version = max(await replicas.versions(), default=0) + 1
+                await replicas.load_weights(model_path, new_version)
                 return new_version
 
             version = self.runtime.run(hot_load())

@@ -25,6 +25,7 @@ from coordinator.client.types import (
     SaveWeightsForSamplerResponse,
     SaveWeightsResponse,
 )
+from protos.errors import Unavailable
 
 
 class TrainingClient:
@@ -85,10 +86,15 @@ class TrainingClient:
     async def _publish(self) -> int:
         """Publish as the learner's step, or past what the replicas serve when other sessions published
         there first (versions on a replica only increase). Runs on the runtime loop."""
-        pool = self._connections.rollout_pool()
+        replicas = await self._connections.replicas()
         step = int((await self.session.get_info()).step)
-        served = max(await pool.versions())
-        reply = await self.session.publish_weights(pool.addresses, version=step if step > served else served + 1)
+        served = max(await replicas.versions(), default=0)
+        version = step if step > served else served + 1
+        reply = await replicas.publish(
+            lambda addresses: self.session.publish_weights(addresses, version=version, partial_ok=True)
+        )
+        if reply is None or not any(target.ok for target in reply.targets):
+            raise Unavailable(f"no rollout replica took weights v{version} ({replicas.describe()})")
         return reply.version
 
     def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
