@@ -51,7 +51,8 @@ class ReplicaSet(RolloutCalls):
         self.publisher: Publisher | None = None
         """Set by whoever owns the learner session; stale replicas are resynced through it."""
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._lost: dict[str, asyncio.Event] = {}
+        self._running: dict[str, set[asyncio.Future]] = {}
+        """Requests in flight per replica: cancelled (and retried elsewhere) when it is declared dead."""
         self._changed = asyncio.Condition()
         self._publishing = asyncio.Lock()
         self._prober: asyncio.Task | None = None
@@ -75,7 +76,8 @@ class ReplicaSet(RolloutCalls):
 
     async def remove(self, name: str) -> None:
         self.health.remove(name)
-        self._lost.pop(name).set()
+        self._lose(name)
+        del self._running[name]
         await self._channels.pop(name).close()
         await self._notify()
 
@@ -92,14 +94,18 @@ class ReplicaSet(RolloutCalls):
         """The supervisor's view: DEAD (its process exited) or RESTARTING."""
         if state is ReplicaState.DEAD:
             self.health.died(name)
-            self._lost[name].set()
+            self._lose(name)
         else:
             self.health.restarting(name)
         await self._notify()
 
     def _open(self, name: str, address: str) -> None:
         self._channels[name] = open_channel(address, api_key=self.api_key)
-        self._lost[name] = asyncio.Event()
+        self._running.setdefault(name, set())
+
+    def _lose(self, name: str) -> None:
+        for request in self._running.get(name, ()):
+            request.cancel()
 
     @property
     def addresses(self) -> list[str]:
@@ -134,11 +140,9 @@ class ReplicaSet(RolloutCalls):
             if version is None:
                 self.health.failed(name)
                 if self.health.replicas[name].state is ReplicaState.DEAD:
-                    self._lost[name].set()
+                    self._lose(name)
             else:
                 self.health.probe_succeeded(name, version)
-                if self.health.replicas[name].state is not ReplicaState.DEAD:
-                    self._lost[name].clear()
         await self._notify()
 
     async def _probe_one(self, name: str) -> int | None:
@@ -185,17 +189,18 @@ class ReplicaSet(RolloutCalls):
 
     async def _race_loss(self, name: str, awaitable: Awaitable[T]) -> T:
         request = asyncio.ensure_future(call(awaitable))
-        lost = asyncio.ensure_future(self._lost[name].wait())
+        running = self._running[name]
+        running.add(request)
         try:
-            await asyncio.wait({request, lost}, return_when=asyncio.FIRST_COMPLETED)
+            return await request
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the caller itself is being cancelled
+            raise _ReplicaLost(f"{name} was declared dead") from None
         finally:
-            lost.cancel()
-        if not request.done():
+            running.discard(request)
             request.cancel()
-            with contextlib.suppress(BaseException):
-                await request
-            raise _ReplicaLost(f"{name} was declared dead")
-        return request.result()
 
     async def _wait_for_routable(self, exclude: set[str]) -> None:
         if self.health.routable():
