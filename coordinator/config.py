@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from coordinator.fleet.config import FleetConfig
 from coordinator.objectives import ObjectiveConfig
 from coordinator.objectives.policy_gradient import PolicyGradientConfig
 from protos.adam import AdamParams
@@ -76,6 +77,8 @@ class ServicesConfig(_Strict):
     """Key of running services; a fresh random key protects the services this run starts."""
     startup_timeout_s: float = Field(default=300.0, gt=0)
     """How long to wait for a started service to listen."""
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
+    """How the rollout replicas are watched, routed across, failed over and restarted (docs/fleet.md)."""
 
 
 class RunConfig(_Strict):
