@@ -139,7 +139,10 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         async def execute(session: TrainingSession) -> Any:
             targets = [target.address for target in request.targets]
             context = PublishContext(
-                session.checkpoint_root / "weights", session.base_model, self.config.server.resolved_api_key()
+                session.checkpoint_root / "weights",
+                session.base_model,
+                self.config.server.resolved_api_key(),
+                request.target_timeout_s or None,
             )
             transport = make_transport(request.transport, targets, context)
             version = request.version or session.backend.step

@@ -111,10 +111,16 @@ class LearnerSession:
         return await call(self.stub.SaveWeights(request))
 
     async def publish_weights(
-        self, targets: list[str], transport: str = "stream", version: int = 0, partial_ok: bool = False
+        self,
+        targets: list[str],
+        transport: str = "stream",
+        version: int = 0,
+        partial_ok: bool = False,
+        target_timeout_s: float = 0.0,
     ) -> learner_pb2.PublishWeightsResponse:
         """Publish as `version` (0: the learner's step). With `partial_ok`, a target that fails does not fail
-        the call: the reply's `targets` say which ones took the version."""
+        the call: the reply's `targets` say which ones took the version. `target_timeout_s` > 0 bounds how
+        long each target may take."""
         request = learner_pb2.PublishWeightsRequest(
             session_id=self.session_id,
             seq_id=self.next_seq_id(),
@@ -122,6 +128,7 @@ class LearnerSession:
             transport=transport,
             version=version,
             partial_ok=partial_ok,
+            target_timeout_s=target_timeout_s,
         )
         return await call(self.stub.PublishWeights(request))
 

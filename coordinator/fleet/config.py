@@ -18,6 +18,8 @@ class FleetConfig(BaseModel):
     """A Sample or ComputeLogprobs not answered within this fails over to another replica."""
     no_replica_timeout_s: float = Field(default=600.0, gt=0)
     """A request waits this long for a healthy replica (saying why it waits) before failing the run."""
+    publish_timeout_s: float = Field(default=300.0, gt=0)
+    """A replica that has not taken published weights within this counts as failed (and is resynced later)."""
     max_restarts: int = Field(default=5, ge=0)
     """Restarts of each replica the coordinator started itself, per run (then it stays dead)."""
     restart_backoff_s: float = Field(default=1.0, ge=0)

@@ -58,6 +58,8 @@ class PublishContext:
     """The session's directory for weight files (a transport that writes files keeps them here)."""
     base_model: str
     api_key: str | None
+    target_timeout_s: float | None = None
+    """How long one replica may take to take the weights; None: no limit."""
 
 
 class WeightTransport(ABC):
@@ -79,7 +81,11 @@ class WeightTransport(ABC):
             start = time.perf_counter()
             async with open_channel(address, api_key=self.context.api_key) as channel:
                 try:
-                    num_bytes = await update(channel)
+                    num_bytes = await asyncio.wait_for(update(channel), self.context.target_timeout_s)
+                except TimeoutError:
+                    error = Unavailable(f"rollout {address} did not take the weights within "
+                                        f"{self.context.target_timeout_s:g}s")  # fmt: skip
+                    return ReplicaResult(address, 0, time.perf_counter() - start, error)
                 except grpc.aio.AioRpcError as exc:
                     error = error_from_rpc(exc)
                     if isinstance(error, grpc.RpcError):

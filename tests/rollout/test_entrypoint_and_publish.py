@@ -3,6 +3,7 @@ version = step and its logprobs equal the learner's forward logprobs for the sam
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
@@ -74,18 +75,28 @@ async def test_learner_publishes_to_rollout_with_logprob_parity(learner_config, 
             # partial_ok: an unreachable target does not fail the call; each target's outcome comes back.
             await client.forward_backward(random_rows(512))
             await client.optim_step(learning_rate=1e-2)
+            # A hung target (accepts connections, never answers) fails after target_timeout_s, not never.
+            hung = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+            hung_address = f"127.0.0.1:{hung.sockets[0].getsockname()[1]}"
             partial = await client.stub.PublishWeights(
                 learner_pb2.PublishWeightsRequest(
                     session_id=client.session_id,
                     seq_id=client.take_seq_id(),
-                    targets=[common_pb2.WeightTarget(address=a) for a in (rollout_process, "127.0.0.1:1")],
+                    targets=[
+                        common_pb2.WeightTarget(address=a) for a in (rollout_process, "127.0.0.1:1", hung_address)
+                    ],
                     transport=transport,
                     partial_ok=True,
+                    target_timeout_s=3.0,
                 )
             )
+            hung.close()
             assert partial.version == 2
-            assert [(t.address, t.ok) for t in partial.targets] == [(rollout_process, True), ("127.0.0.1:1", False)]
+            assert [(t.address, t.ok) for t in partial.targets] == [
+                (rollout_process, True), ("127.0.0.1:1", False), (hung_address, False)
+            ]  # fmt: skip
             assert "127.0.0.1:1" in partial.targets[1].error and not partial.targets[0].error
+            assert "did not take the weights within 3s" in partial.targets[2].error
             async with open_channel(rollout_process) as rollout_channel:
                 stub = rollout_pb2_grpc.RolloutServiceStub(rollout_channel)
                 assert (await stub.GetInfo(rollout_pb2.RolloutServiceGetInfoRequest())).weight_version == 2

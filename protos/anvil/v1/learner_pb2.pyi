@@ -236,20 +236,22 @@ class SaveWeightsResponse(_message.Message):
     def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PublishWeightsRequest(_message.Message):
-    __slots__ = ("session_id", "seq_id", "targets", "transport", "version", "partial_ok")
+    __slots__ = ("session_id", "seq_id", "targets", "transport", "version", "partial_ok", "target_timeout_s")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_OK_FIELD_NUMBER: _ClassVar[int]
+    TARGET_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq_id: int
     targets: _containers.RepeatedCompositeFieldContainer[_common_pb2.WeightTarget]
     transport: str
     version: int
     partial_ok: bool
-    def __init__(self, session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., targets: _Optional[_Iterable[_Union[_common_pb2.WeightTarget, _Mapping]]] = ..., transport: _Optional[str] = ..., version: _Optional[int] = ..., partial_ok: _Optional[bool] = ...) -> None: ...
+    target_timeout_s: float
+    def __init__(self, session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., targets: _Optional[_Iterable[_Union[_common_pb2.WeightTarget, _Mapping]]] = ..., transport: _Optional[str] = ..., version: _Optional[int] = ..., partial_ok: _Optional[bool] = ..., target_timeout_s: _Optional[float] = ...) -> None: ...
 
 class PublishWeightsResponse(_message.Message):
     __slots__ = ("version", "num_bytes", "duration_s", "targets")
