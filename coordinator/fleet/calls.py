@@ -53,11 +53,9 @@ class RolloutCalls:
         return [None, *reply.logprobs]
 
     async def versions(self) -> list[int]:
-        """The weight version each healthy replica serves, asked now."""
-        names = [r.name for r in self.health.routable()]
-        request = rollout_pb2.RolloutServiceGetInfoRequest()
-        infos = await asyncio.gather(*(call(self.stub(name).GetInfo(request)) for name in names))
-        return [info.weight_version for info in infos]
+        """The weight version each healthy replica serves, as its last probe or publication (verified by
+        the replica's commit) reported it; no call, so a replica that just hung cannot hold the caller."""
+        return [replica.version for replica in self.health.routable()]
 
     async def load_weights(self, path: str, version: int) -> None:
         """Hot-load a SaveWeights directory as `version` on every healthy replica."""
