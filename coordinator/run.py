@@ -14,94 +14,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import secrets
 import signal
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
 from coordinator.client.learner_api import LearnerSession
 from coordinator.client.rollout_api import RolloutPool
-from coordinator.config import RunConfig, ServicesConfig
+from coordinator.config import RunConfig
 from coordinator.envs import build_source
 from coordinator.envs.answer_env import AnswerEnv
-from coordinator.launcher import ServiceProcess, start_service, toml_value
 from coordinator.loop import RLLoop
 from coordinator.models import resolve_model
 from coordinator.recorder import CONSUMED_FILE, METRICS_FILE, Recorder, read_jsonl, truncate_to_step
+
+# start_services is re-exported for bench.loop, which imports it from here.
+from coordinator.services import launch_services, start_services  # noqa: F401
 from protos.channels import open_channel
 from protos.errors import NotFound
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS_FILE = "checkpoints.jsonl"
-SERVICES_FILE = "services.json"
-
-
-@dataclass
-class Services:
-    learner_address: str
-    rollout_addresses: list[str]
-    api_key: str | None
-    processes: list[ServiceProcess] = field(default_factory=list)
-
-    def stop(self) -> None:
-        for process in reversed(self.processes):
-            process.stop()
-
-
-async def launch_services(config: RunConfig, model_dir: Path, run_dir: Path) -> Services:
-    """Connect to the run's services, starting on loopback whichever are not given."""
-    return await start_services(config.services, config.model, model_dir, run_dir)
-
-
-async def start_services(
-    services_config: ServicesConfig,
-    model: str,
-    model_dir: Path,
-    run_dir: Path,
-    learner_overrides: tuple[str, ...] = (),
-) -> Services:
-    """Connect to the configured services, starting on loopback whichever are not given."""
-    api_key = services_config.api_key or os.environ.get("ANVIL_API_KEY")
-    started = Services(services_config.learner_address or "", list(services_config.rollout_addresses), api_key)
-    if services_config.learner_address and services_config.rollout_addresses:
-        return started
-    if not started.api_key and not (services_config.learner_address or services_config.rollout_addresses):
-        # Everything is local: a fresh key protects it. (With a remote service and no configured key,
-        # the local ones run without auth too, since the learner sends its own key when it publishes.)
-        started.api_key = secrets.token_urlsafe(16)
-    env = {"HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    if started.api_key:
-        env["ANVIL_API_KEY"] = started.api_key
-    logs, timeout = run_dir / "logs", services_config.startup_timeout_s
-    try:
-        if not services_config.rollout_addresses:
-            engine = services_config.rollout_engine.model_dump(exclude_none=True)
-            overrides = [f"model={toml_value(model_dir)}", f"model_name={toml_value(model)}"]
-            overrides += [f"engine.{key}={toml_value(value)}" for key, value in engine.items()]
-            for replica in range(services_config.rollout_replicas):
-                process = await start_service(f"rollout-{replica}", "rollout", overrides, logs, env, timeout)
-                started.processes.append(process)
-                started.rollout_addresses.append(process.address)
-        if not services_config.learner_address:
-            overrides = [
-                f"checkpoint_dir={toml_value(run_dir / 'learner')}",
-                'backend.type="torch"',
-                f"backend.device={toml_value(services_config.learner_device)}",
-                *learner_overrides,
-            ]
-            process = await start_service("learner", "learner", overrides, logs, env, timeout)
-            started.processes.append(process)
-            started.learner_address = process.address
-    except BaseException:
-        started.stop()
-        raise
-    (run_dir / SERVICES_FILE).write_text(
-        json.dumps({p.name: {"pid": p.pid, "address": p.address} for p in started.processes}, indent=1)
-    )
-    return started
 
 
 def latest_checkpoint(run_dir: Path) -> dict:

@@ -22,6 +22,7 @@ from coordinator.gateway.snapshots import SnapshotRouter
 from coordinator.models import resolve_model
 from coordinator.service_mode.control import ServiceMode
 from coordinator.service_mode.routes import TrainerGateway, control_router
+from coordinator.services import start_services
 from protos.channels import open_channel
 
 
@@ -93,8 +94,6 @@ async def start_gateway(
 
 async def serve(config: GatewayConfig) -> None:
     """Start missing services, serve until cancelled, then stop what was started."""
-    from coordinator.run import start_services
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # SIGTERM (a scheduler, `kill`) stops like Ctrl-C: the `finally` blocks stop what was started.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)

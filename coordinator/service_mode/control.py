@@ -19,6 +19,7 @@ from coordinator.service_mode.deployments import DeploymentRuntime
 from coordinator.service_mode.jobs import TrainerJobRuntime
 from coordinator.service_mode.snapshots import SnapshotStore
 from coordinator.service_mode.store import ResourceStore
+from coordinator.services import service_env
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,7 @@ class ServiceMode:
         self.store = ResourceStore(self.root / "resources.sqlite")
         self.snapshots = SnapshotStore(self.root / "snapshots")
         self.api_key = services_api_key
-        self.env = {"HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-        if services_api_key:
-            self.env["ANVIL_API_KEY"] = services_api_key
+        self.env = service_env(services_api_key)
         self.deployments: dict[str, DeploymentRuntime] = {}
         self.jobs: dict[str, TrainerJobRuntime] = {}
         self._tasks: set[asyncio.Task] = set()

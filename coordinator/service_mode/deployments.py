@@ -24,8 +24,9 @@ from typing import Any
 
 import grpc
 
-from coordinator.launcher import ServiceProcess, start_service, toml_value
+from coordinator.launcher import ServiceProcess
 from coordinator.service_mode.snapshots import SnapshotStore
+from coordinator.services import start_rollout_process
 from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
 from protos.channels import open_channel
 from protos.errors import FailedPrecondition
@@ -74,12 +75,9 @@ class DeploymentRuntime:
                 for address in attach:
                     runtime._add(address, api_key, None)
             else:
-                overrides = [f"model={toml_value(model_dir)}", f"model_name={toml_value(model_name)}"]
-                overrides += [f"engine.{key}={toml_value(value)}" for key, value in engine.items()]
                 for index in range(count):
-                    process = await start_service(
-                        f"deployment-{deployment_id}-{index}", "rollout", overrides, log_dir, env, timeout_s
-                    )
+                    name = f"deployment-{deployment_id}-{index}"
+                    process = await start_rollout_process(name, model_name, model_dir, engine, log_dir, env, timeout_s)
                     runtime._add(process.address, api_key, process)
             for replica in runtime.replicas:
                 info = await call(replica.stub.GetInfo(rollout_pb2.RolloutServiceGetInfoRequest()))

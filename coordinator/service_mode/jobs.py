@@ -15,8 +15,9 @@ from fastapi import FastAPI
 from coordinator.gateway.app import create_app
 from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.service import TinkerService
-from coordinator.launcher import ServiceProcess, start_service, toml_value
+from coordinator.launcher import ServiceProcess
 from coordinator.service_mode.snapshots import SnapshotStore
+from coordinator.services import start_learner_process
 from protos.channels import open_channel
 
 
@@ -40,14 +41,14 @@ class TrainerJobRuntime:
         env: dict[str, str],
         api_key: str | None,
     ) -> TrainerJobRuntime:
-        overrides = [
-            f"checkpoint_dir={toml_value(job_dir / 'learner')}",
-            'backend.type="torch"',
-            f"backend.device={toml_value(gateway.services.learner_device)}",
-            f"max_sessions={gateway.learner_max_sessions}",
-        ]
-        process = await start_service(
-            f"trainer-{job_id}", "learner", overrides, job_dir / "logs", env, gateway.services.startup_timeout_s
+        process = await start_learner_process(
+            f"trainer-{job_id}",
+            job_dir / "learner",
+            gateway.services.learner_device,
+            (f"max_sessions={gateway.learner_max_sessions}",),
+            job_dir / "logs",
+            env,
+            gateway.services.startup_timeout_s,
         )
         config = gateway.model_copy(update={"model": model_name, "state_dir": job_dir / "gateway"})
         config.state_dir.mkdir(parents=True, exist_ok=True)

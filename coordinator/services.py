@@ -1,0 +1,126 @@
+"""The one place that starts (or connects to) learner and rollout service processes.
+
+`anvil run` and `anvil serve` call `start_services` for their learner and rollout replicas; service mode
+calls `start_learner_process` for each RLOR trainer job and `start_rollout_process` for each deployment
+replica. Every process is `python -m learner|rollout` on loopback, started by `coordinator.launcher`, with
+the same settings wherever it is started from (which is why they are built here and nowhere else): a
+rollout replica serves the model directory under its name with the configured engine, a learner runs
+the torch backend and keeps its checkpoints where the caller says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.config import RunConfig, ServicesConfig
+from coordinator.launcher import ServiceProcess, start_service, toml_value
+
+SERVICES_FILE = "services.json"
+
+
+def service_env(api_key: str | None) -> dict[str, str]:
+    """Environment of a started service: offline Hugging Face, quiet vLLM, and the key that protects it."""
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    if api_key:
+        env["ANVIL_API_KEY"] = api_key
+    return env
+
+
+async def start_rollout_process(
+    name: str,
+    model: str,
+    model_dir: Path,
+    engine: dict[str, Any],
+    log_dir: Path,
+    env: dict[str, str],
+    timeout_s: float,
+) -> ServiceProcess:
+    """One rollout replica serving `model_dir` as `model` with `engine` settings (a dumped EngineConfig)."""
+    overrides = [f"model={toml_value(model_dir)}", f"model_name={toml_value(model)}"]
+    overrides += [f"engine.{key}={toml_value(value)}" for key, value in engine.items()]
+    return await start_service(name, "rollout", overrides, log_dir, env, timeout_s)
+
+
+async def start_learner_process(
+    name: str,
+    checkpoint_dir: Path,
+    device: str,
+    extra_overrides: tuple[str, ...],
+    log_dir: Path,
+    env: dict[str, str],
+    timeout_s: float,
+) -> ServiceProcess:
+    """One learner (torch backend on `device`) writing its checkpoints to `checkpoint_dir`."""
+    overrides = [
+        f"checkpoint_dir={toml_value(checkpoint_dir)}",
+        'backend.type="torch"',
+        f"backend.device={toml_value(device)}",
+        *extra_overrides,
+    ]
+    return await start_service(name, "learner", overrides, log_dir, env, timeout_s)
+
+
+@dataclass
+class Services:
+    """The learner and rollout replicas a run or `anvil serve` talks to, and the processes it started."""
+
+    learner_address: str
+    rollout_addresses: list[str]
+    api_key: str | None
+    processes: list[ServiceProcess] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+
+async def launch_services(config: RunConfig, model_dir: Path, run_dir: Path) -> Services:
+    """Connect to the run's services, starting on loopback whichever are not given."""
+    return await start_services(config.services, config.model, model_dir, run_dir)
+
+
+async def start_services(
+    services_config: ServicesConfig,
+    model: str,
+    model_dir: Path,
+    run_dir: Path,
+    learner_overrides: tuple[str, ...] = (),
+) -> Services:
+    """Connect to the configured services, starting on loopback whichever are not given."""
+    api_key = services_config.api_key or os.environ.get("ANVIL_API_KEY")
+    started = Services(services_config.learner_address or "", list(services_config.rollout_addresses), api_key)
+    if services_config.learner_address and services_config.rollout_addresses:
+        return started
+    if not started.api_key and not (services_config.learner_address or services_config.rollout_addresses):
+        # Everything is local: a fresh key protects it. (With a remote service and no configured key,
+        # the local ones run without auth too, since the learner sends its own key when it publishes.)
+        started.api_key = secrets.token_urlsafe(16)
+    env = service_env(started.api_key)
+    logs, timeout = run_dir / "logs", services_config.startup_timeout_s
+    try:
+        if not services_config.rollout_addresses:
+            engine = services_config.rollout_engine.model_dump(exclude_none=True)
+            for replica in range(services_config.rollout_replicas):
+                process = await start_rollout_process(
+                    f"rollout-{replica}", model, model_dir, engine, logs, env, timeout
+                )
+                started.processes.append(process)
+                started.rollout_addresses.append(process.address)
+        if not services_config.learner_address:
+            process = await start_learner_process(
+                "learner", run_dir / "learner", services_config.learner_device, learner_overrides, logs, env, timeout
+            )
+            started.processes.append(process)
+            started.learner_address = process.address
+    except BaseException:
+        started.stop()
+        raise
+    (run_dir / SERVICES_FILE).write_text(
+        json.dumps({p.name: {"pid": p.pid, "address": p.address} for p in started.processes}, indent=1)
+    )
+    return started
