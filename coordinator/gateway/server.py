@@ -18,7 +18,7 @@ import uvicorn
 from coordinator.gateway.app import create_app
 from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.service import TinkerService
-from coordinator.gateway.snapshots import SnapshotRouter
+from coordinator.gateway.snapshot_router import SnapshotRouter
 from coordinator.models import resolve_model
 from coordinator.service_mode.control import ServiceMode
 from coordinator.service_mode.routes import TrainerGateway, control_router

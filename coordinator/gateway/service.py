@@ -26,9 +26,9 @@ from coordinator.gateway.futures import FutureStore
 from coordinator.gateway.results import ForwardResult, SampleResult
 from coordinator.gateway.sequencer import OrderedExecutor
 from coordinator.gateway.sessions import SamplingSession, Session, SessionRegistry, TrainingModel, utc_now
-from coordinator.gateway.snapshots import SnapshotRouter
+from coordinator.gateway.snapshot_router import SnapshotRouter
+from coordinator.gateway.snapshot_store import SnapshotStore
 from coordinator.gateway.wire import ForwardCall, numeric_loss_config, prompt_logprobs_of
-from coordinator.service_mode.snapshots import SnapshotStore
 from protos.adam import WIRE_FIELDS, adam_params
 from protos.anvil.v1 import common_pb2, rollout_pb2
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.gateway.config import GatewayConfig
+from coordinator.gateway.snapshot_store import SnapshotStore
 from coordinator.models import resolve_model
 from coordinator.service_mode.deployments import DeploymentRuntime
 from coordinator.service_mode.jobs import TrainerJobRuntime
-from coordinator.service_mode.snapshots import SnapshotStore
 from coordinator.service_mode.store import ResourceStore
 from coordinator.services import service_env
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound

@@ -24,8 +24,8 @@ from typing import Any
 
 import grpc
 
+from coordinator.gateway.snapshot_store import SnapshotStore
 from coordinator.launcher import ServiceProcess
-from coordinator.service_mode.snapshots import SnapshotStore
 from coordinator.services import start_rollout_process
 from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
 from protos.channels import open_channel

@@ -15,8 +15,8 @@ from fastapi import FastAPI
 from coordinator.gateway.app import create_app
 from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.service import TinkerService
+from coordinator.gateway.snapshot_store import SnapshotStore
 from coordinator.launcher import ServiceProcess
-from coordinator.service_mode.snapshots import SnapshotStore
 from coordinator.services import start_learner_process
 from protos.channels import open_channel
 

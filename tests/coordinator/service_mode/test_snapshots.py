@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from coordinator.service_mode.snapshots import WEIGHTS, SnapshotStore
+from coordinator.gateway.snapshot_store import WEIGHTS, SnapshotStore
 from protos.errors import FailedPrecondition, NotFound
 
 

@@ -1,5 +1,9 @@
 """Sampler snapshots by identity, full ("base") or as a lossless delta from the previous one.
 
+The gateway of an RLOR trainer job writes them (`save_weights_for_sampler` with a name) and service
+mode's deployments hot-load them; the store lives in the gateway package because service mode imports
+the gateway and never the other way round.
+
 Fireworks' WeightSyncer saves a chain: the first snapshot is `base` (full weights), later ones `delta`.
 Anvil's delta format (`anvil-xor-zstd-v1`), one directory per snapshot:
 
