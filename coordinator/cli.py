@@ -100,7 +100,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from coordinator.gateway.config import GatewayConfig
-    from coordinator.gateway.server import serve
+    from coordinator.serve import serve
     from servicekit.config import serve_from_arguments
 
     return serve_from_arguments("anvil serve", GatewayConfig, args, [], serve)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.gateway.config import GatewayConfig
-from coordinator.gateway.server import start_gateway
+from coordinator.serve import start_gateway
 from learner.config import LearnerConfig
 from learner.server import start_learner
 from protos.rpc import ServerConfig

@@ -1,7 +1,11 @@
-"""`anvil serve`: the Tinker REST gateway on uvicorn, over running or locally started services.
+"""`anvil serve`: one HTTP port with Tinker's REST API and Fireworks-style service mode, over running or
+locally started learner and rollout services.
 
-`start_gateway` builds the service and binds the HTTP server (port 0 picks a free one); `serve` also
-starts the learner and rollout processes that are not given by address (as `anvil run` does), prints
+This is the composition root, above both packages it mounts: `coordinator.gateway` (Tinker's `/api/v1`)
+and `coordinator.service_mode` (deployments, RLOR trainer jobs, hot-load, completions, and the
+`/training/v1/rlorTrainerJobs/...` prefix to each job's own gateway). `start_gateway` builds both and
+binds the HTTP server (port 0 picks a free one); `serve` also starts the learner and rollout processes
+that are not given by address (through `coordinator.services`, as `anvil run` does), prints
 `LISTENING host:port`, and stops everything it started on SIGTERM / Ctrl-C.
 """
 
