@@ -53,9 +53,7 @@ class RunningGateway:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for session in list(self.service.sessions.sessions.values()):
-            if not session.finished:
-                await self.service.finish_session(session, "the server stopped")
+        await self.service.sessions.finish_all("the server stopped")
         await self.service.router.close()
         await self.service.learner_channel.close()
 
@@ -92,7 +90,7 @@ async def start_gateway(
             raise OSError(f"the gateway could not listen on {config.host}:{config.port}")
         await asyncio.sleep(0.02)
     host, port = server.servers[0].sockets[0].getsockname()[:2]
-    expiry = asyncio.get_running_loop().create_task(service.expire_sessions_forever())
+    expiry = asyncio.get_running_loop().create_task(service.sessions.expire_forever(config.session_timeout_s))
     return RunningGateway(f"{host}:{port}", service, server, control, [expiry, serving])
 
 

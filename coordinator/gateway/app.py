@@ -1,4 +1,4 @@
-"""The FastAPI app: Tinker's `/api/v1` routes over a TinkerService.
+"""The FastAPI app: Tinker's `/api/v1` routes over a TinkerService and the pieces it holds.
 
 HTTP concerns only: auth (`X-API-Key`), body parsing, status codes, and the result encoding of
 `retrieve_future` (protobuf when the poll accepts `application/x-protobuf`, JSON otherwise). A request
@@ -86,8 +86,7 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
     @app.post("/api/v1/create_session")
     async def create_session(request: Request) -> dict[str, Any]:
         body = await body_json(request)
-        fireworks = str(body.get("sdk_version", "")).startswith("0.2")  # Fireworks' Tinker 0.23 fork
-        session = service.sessions.create(body.get("user_metadata") or {}, fireworks=fireworks)
+        session = service.sessions.create(body.get("user_metadata") or {})
         return {"type": "create_session", "session_id": session.session_id}
 
     @app.post("/api/v1/session_heartbeat")
@@ -104,7 +103,7 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
     async def finish(session_id: str) -> dict[str, Any]:
         session = service.sessions.sessions.get(session_id)
         if session is not None and not session.finished:
-            await service.finish_session(session, "finished")
+            await service.sessions.finish(session, "finished")
         return {"status": "finished"}
 
     @app.get("/api/v1/sessions/{session_id}")
@@ -144,13 +143,17 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
         else:
             call = forward_call_from_json(await body_json(request), forward_only=False)
         kind = "forward" if call.forward_only else "forward_backward"
-        return service.submit(call.model_id, call.seq_id, raw, kind, lambda model: service.forward(model, call))
+        return service.submit(
+            call.model_id, call.seq_id, raw, kind, lambda model: service.training.forward(model, call)
+        )
 
     @app.post("/api/v1/forward")
     async def forward(request: Request) -> dict[str, Any]:
         raw = await request.body()
         call = forward_call_from_json(await body_json(request), forward_only=True)
-        return service.submit(call.model_id, call.seq_id, raw, "forward", lambda model: service.forward(model, call))
+        return service.submit(
+            call.model_id, call.seq_id, raw, "forward", lambda model: service.training.forward(model, call)
+        )
 
     async def sequenced(request: Request, kind: str, work) -> dict[str, Any]:
         raw = await request.body()
@@ -161,18 +164,18 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
 
     @app.post("/api/v1/optim_step")
     async def optim_step(request: Request) -> dict[str, Any]:
-        return await sequenced(request, "optim_step", service.optim_step)
+        return await sequenced(request, "optim_step", service.training.optim_step)
 
     @app.post("/api/v1/save_weights")
     async def save_weights(request: Request) -> dict[str, Any]:
-        return await sequenced(request, "save_weights", service.save_state)
+        return await sequenced(request, "save_weights", service.training.save_state)
 
     @app.post("/api/v1/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request) -> dict[str, Any]:
         return await sequenced(
             request,
             "save_weights_for_sampler",
-            lambda model, body: service.save_weights_for_sampler(model, body, int(body["seq_id"])),
+            lambda model, body: service.sampler_weights.save(model, body, int(body["seq_id"])),
         )
 
     @app.post("/api/v1/load_weights")
@@ -184,12 +187,12 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
         return await sequenced(
             request,
             "load_weights",
-            lambda model, b: service.load_state(model, str(field(b, "path")), bool(b.get("optimizer"))),
+            lambda model, b: service.training.load_state(model, str(field(b, "path")), bool(b.get("optimizer"))),
         )
 
     @app.get("/api/v1/list_checkpoints")
     async def list_checkpoints() -> dict[str, Any]:
-        return {"checkpoints": service.checkpoint_names()}
+        return {"checkpoints": service.checkpoints.state_names()}
 
     @app.post("/api/v1/unload_model")
     async def unload_model(request: Request) -> dict[str, Any]:
@@ -202,15 +205,15 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
     async def create_sampling_session(request: Request) -> dict[str, Any]:
         body = await body_json(request)
         field(body, "session_id"), field(body, "sampling_session_seq_id")
-        return service.create_sampling_session(body)
+        return service.sampling.create_session(body)
 
     @app.get("/api/v1/samplers/{sampler_id}")
     async def get_sampler(sampler_id: str) -> dict[str, Any]:
-        return service.get_sampler(sampler_id)
+        return service.sampling.describe(sampler_id)
 
     @app.post("/api/v1/asample")
     async def asample(request: Request) -> dict[str, Any]:
-        return service.asample(await body_json(request))
+        return service.sampling.asample(await body_json(request))
 
     # --- futures -------------------------------------------------------------------------------------
 
@@ -238,7 +241,7 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
 
     @app.get("/api/v1/training_runs")
     async def training_runs(limit: int = 20, offset: int = 0) -> dict[str, Any]:
-        ids = list(service.runs)
+        ids = service.training_runs.ids()
         page = [service.training_run(run_id) for run_id in ids[offset : offset + limit]]
         return {"training_runs": page, "cursor": {"offset": offset, "limit": limit, "total_count": len(ids)}}
 
@@ -259,6 +262,6 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
 
     @app.post("/api/v1/weights_info")
     async def weights_info(request: Request) -> dict[str, Any]:
-        return service.weights_info(str(field(await body_json(request), "tinker_path")))
+        return service.checkpoints.get(str(field(await body_json(request), "tinker_path"))).weights_info()
 
     return app

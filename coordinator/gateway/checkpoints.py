@@ -62,6 +62,15 @@ class CheckpointRecord:
             "expires_at": None,
         }
 
+    def weights_info(self) -> dict:
+        """Tinker's `weights_info` answer: what a training client loading this checkpoint is built on."""
+        return {
+            "base_model": self.base_model,
+            "is_lora": False,
+            "lora_rank": None,
+            "optimizer_config": {"type": "adamw"},
+        }
+
 
 class CheckpointStore:
     def __init__(self, state_dir: Path) -> None:
@@ -97,6 +106,26 @@ class CheckpointStore:
 
     def all(self) -> list[CheckpointRecord]:
         return list(self._records.values())
+
+    def resolve_state(self, path: str, model_id: str | None) -> str:
+        """The tinker:// path of a training state. A tinker:// path is returned as is; a bare name (what
+        Fireworks' clients save and load by) is `model_id`'s state of that name, else the newest of any run."""
+        if path.startswith("tinker://"):
+            return path
+        if path.startswith("cross_job://"):
+            raise InvalidArgument(f"{path}: cross-job checkpoint references are not supported; load by name")
+        if model_id is not None:
+            own = tinker_path(model_id, "weights", path)
+            if own in self._records:
+                return own
+        named = [r for r in self._records.values() if r.kind == "weights" and r.name == path]
+        if not named:
+            raise NotFound(f"no checkpoint named {path!r}; list them with list_checkpoints")
+        return named[-1].path
+
+    def state_names(self) -> list[str]:
+        """Names of the training states (Fireworks' `list_checkpoints`)."""
+        return sorted({r.name for r in self._records.values() if r.kind == "weights"})
 
     def delete(self, path: str) -> None:
         record = self.get(path)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.config import ServicesConfig
+from protos.errors import InvalidArgument
 
 API_KEYS_ENV = "ANVIL_TINKER_API_KEYS"
 
@@ -43,7 +45,22 @@ class GatewayConfig(BaseModel):
     sampler_snapshots_kept: int = Field(default=4, ge=1)
     """Unnamed sampler snapshots (save_weights_and_get_sampling_client) kept per training client; older
     ones are deleted and their sampling clients answer NOT_FOUND."""
+    dialect: Literal["tinker", "fireworks"] = "tinker"
+    """Which Tinker client `/api/v1` answers. `tinker`: the official SDK (0.38), checkpoint paths are
+    `tinker://` paths. `fireworks`: the Tinker 0.23 fork inside Fireworks' training SDK, which refuses
+    `tinker://` paths, so save_state and load_state answer bare checkpoint names. Service mode sets
+    `fireworks` on the gateway of every RLOR trainer job it creates (only Fireworks' SDK reaches those);
+    set it here only to point Fireworks' `FiretitanServiceClient` at this server's own `/api/v1`. Both
+    dialects accept either form as input."""
 
     def resolved_api_keys(self) -> list[str]:
         from_env = [key.strip() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
         return [*self.api_keys, *from_env]
+
+    def check_base_model(self, base_model: str | None, model_dir: Path) -> str:
+        """The served model's name for a request's `base_model` (unset, the name, or its directory);
+        InvalidArgument for any other model: one gateway serves one base model."""
+        name = base_model or self.model
+        if name.split(":")[0] not in {self.model, str(model_dir)}:
+            raise InvalidArgument(f"base_model {name!r} is not served here; this server serves {self.model!r}")
+        return self.model

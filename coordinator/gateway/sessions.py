@@ -8,7 +8,10 @@ heartbeats with 410, which stops the SDK's heartbeat loop.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
+import shutil
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,8 +34,7 @@ class TrainingModel:
     user_metadata: dict[str, str] = field(default_factory=dict)
     last_request_time: str = field(default_factory=utc_now)
     unnamed_snapshots: deque[Path] = field(default_factory=deque)
-    fireworks: bool = False
-    """Created by a Fireworks (Tinker 0.23-era) client: bare checkpoint names instead of tinker:// paths."""
+    """Directories of this model's unnamed sampler snapshots, oldest first (deleted with the session)."""
     loss_tokens: int = 0
     """Tokens with a nonzero weight (or advantage) accumulated since the last optim_step."""
     loss_sequences: int = 0
@@ -56,8 +58,6 @@ class SamplingSession:
 class Session:
     session_id: str
     user_metadata: dict[str, str]
-    fireworks: bool = False
-    """The client announced a Tinker 0.23-era SDK (Fireworks' fork)."""
     last_heartbeat: float = field(default_factory=time.monotonic)
     finished: bool = False
     models: dict[str, TrainingModel] = field(default_factory=dict)
@@ -70,8 +70,8 @@ class SessionRegistry:
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
 
-    def create(self, user_metadata: dict[str, str], fireworks: bool = False) -> Session:
-        session = Session(f"sess-{secrets.token_hex(6)}", dict(user_metadata or {}), fireworks)
+    def create(self, user_metadata: dict[str, str]) -> Session:
+        session = Session(f"sess-{secrets.token_hex(6)}", dict(user_metadata or {}))
         self.sessions[session.session_id] = session
         return session
 
@@ -98,3 +98,28 @@ class SessionRegistry:
     def expired(self, timeout_s: float) -> list[Session]:
         cutoff = time.monotonic() - timeout_s
         return [s for s in self.sessions.values() if not s.finished and s.last_heartbeat < cutoff]
+
+    async def finish(self, session: Session, reason: str) -> None:
+        """Close the session: its queued requests fail with `reason`, its learner sessions and unnamed
+        snapshots are released, and its sampling clients are forgotten."""
+        session.finished = True
+        for model in session.models.values():
+            await model.executor.close(f"the session {reason}")
+            with contextlib.suppress(Exception):
+                await model.learner.close()
+            for snapshot in model.unnamed_snapshots:
+                shutil.rmtree(snapshot, ignore_errors=True)
+        session.models.clear()
+        session.samplers.clear()
+
+    async def finish_all(self, reason: str) -> None:
+        for session in list(self.sessions.values()):
+            if not session.finished:
+                await self.finish(session, reason)
+
+    async def expire_forever(self, timeout_s: float) -> None:
+        """Finish every session that has not sent a heartbeat for `timeout_s` (run as a task)."""
+        while True:
+            await asyncio.sleep(min(10.0, timeout_s / 2))
+            for session in self.expired(timeout_s):
+                await self.finish(session, "expired: no heartbeat")

@@ -1,7 +1,8 @@
 """RLOR trainer jobs in service mode: each job is a learner process of its own, reached through the
 gateway prefix `/training/v1/rlorTrainerJobs/{account}/{job}/api/v1/...`, where it speaks the Tinker REST
-API (the same TinkerService as `anvil serve`'s own, bound to this job's learner, with sampler snapshots
-going to the shared snapshot store so a deployment can hot-load them)."""
+API: the same gateway as `anvil serve`'s own, bound to this job's learner, with sampler snapshots going
+to the shared snapshot store so a deployment can hot-load them, and in the `fireworks` dialect (bare
+checkpoint names), since only Fireworks' training SDK reaches a trainer job."""
 
 from __future__ import annotations
 
@@ -50,20 +51,19 @@ class TrainerJobRuntime:
             env,
             gateway.services.startup_timeout_s,
         )
-        config = gateway.model_copy(update={"model": model_name, "state_dir": job_dir / "gateway"})
+        update = {"model": model_name, "state_dir": job_dir / "gateway", "dialect": "fireworks"}
+        config = gateway.model_copy(update=update)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         channel = open_channel(process.address, api_key=api_key)
         service = TinkerService(config, channel, str(model_dir), model_dir, router=None, snapshots=snapshots)
         app = create_app(service, gateway.resolved_api_keys())
-        expiry = asyncio.get_running_loop().create_task(service.expire_sessions_forever())
+        expiry = asyncio.get_running_loop().create_task(service.sessions.expire_forever(config.session_timeout_s))
         return cls(job_id, process, service, app, expiry)
 
     async def stop(self) -> None:
         self.expiry.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.expiry
-        for session in list(self.service.sessions.sessions.values()):
-            if not session.finished:
-                await self.service.finish_session(session, "the trainer job stopped")
+        await self.service.sessions.finish_all("the trainer job stopped")
         await self.service.learner_channel.close()
         await asyncio.to_thread(self.process.stop)

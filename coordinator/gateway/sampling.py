@@ -1,0 +1,129 @@
+"""Sampling clients and their samples: a sampling session is bound to one set of weights (the base model,
+a named sampler checkpoint, or an unnamed snapshot), and `asample` turns Tinker's request into a rollout
+`Sample` on a replica that serves exactly those weights (the SnapshotRouter hot-loads them if needed).
+
+A sample is deduplicated by (sampling session, seq_id): a retried `asample` gets the first request id.
+Tinker features Anvil does not serve (top-k logprobs, prompt alternatives, image chunks) are user
+errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from coordinator.gateway.checkpoints import CheckpointStore
+from coordinator.gateway.config import GatewayConfig
+from coordinator.gateway.futures import FutureStore
+from coordinator.gateway.results import SampleResult
+from coordinator.gateway.sessions import SamplingSession, SessionRegistry
+from coordinator.gateway.snapshot_router import SnapshotRouter
+from coordinator.gateway.wire import prompt_logprobs_of
+from protos.anvil.v1 import common_pb2, rollout_pb2
+from protos.errors import FailedPrecondition, InvalidArgument
+from protos.status import call
+
+UNSUPPORTED_FIELDS = (
+    ("topk_prompt_logprobs", "top-k prompt logprobs"),
+    ("topk_sample_logprobs", "top-k sample logprobs"),
+    ("prompt_alt_tokens_k", "prompt alternative tokens"),
+)
+SAMPLING_FIELDS = {"max_tokens", "seed", "stop", "temperature", "top_k", "top_p"}
+
+
+class Sampling:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        model_dir: Path,
+        sessions: SessionRegistry,
+        futures: FutureStore,
+        checkpoints: CheckpointStore,
+        router: SnapshotRouter | None,
+    ) -> None:
+        self.config = config
+        self.model_dir = model_dir
+        self.sessions = sessions
+        self.futures = futures
+        self.checkpoints = checkpoints
+        self.router = router
+        """The rollout replicas; None on a trainer job's gateway (it samples through a deployment)."""
+
+    def create_session(self, body: dict[str, Any]) -> dict[str, Any]:
+        session = self.sessions.get(body["session_id"])
+        sampler_id = f"{session.session_id}:sample:{int(body['sampling_session_seq_id'])}"
+        if sampler_id not in session.samplers:
+            if body.get("model_path"):
+                record = self.checkpoints.get(body["model_path"])
+                if record.kind != "sampler_weights":
+                    raise FailedPrecondition(
+                        f"{record.path} is a training state; sample from a save_weights_for_sampler path "
+                        "(tinker://…/sampler_weights/…)"
+                    )
+                sampler = SamplingSession(sampler_id, record.base_model, Path(record.local_path), record.path)
+            else:
+                base_model = self.config.check_base_model(body.get("base_model"), self.model_dir)
+                sampler = SamplingSession(sampler_id, base_model, self.model_dir)
+            session.samplers[sampler_id] = sampler
+        return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
+
+    def describe(self, sampler_id: str) -> dict[str, Any]:
+        sampler = self.sessions.sampler(sampler_id)
+        return {"sampler_id": sampler_id, "base_model": sampler.base_model, "model_path": sampler.model_path}
+
+    def asample(self, body: dict[str, Any]) -> dict[str, Any]:
+        sampler_id = body.get("sampling_session_id")
+        if not sampler_id:
+            raise InvalidArgument("asample needs a sampling_session_id (create a sampling client first)")
+        sampler = self.sessions.sampler(sampler_id)
+        num_samples = int(body.get("num_samples", 1))
+        seq_id = int(body.get("seq_id", 0))
+        if seq_id not in sampler.requests:
+            sampler.requests[seq_id] = self.futures.run("sample", lambda: self._sample(sampler, body))
+        ids = [f"{sampler_id}:{seq_id}:{index}" for index in range(num_samples)]
+        return {"request_id": sampler.requests[seq_id], "sample_sequence_ids": ids}
+
+    async def _sample(self, sampler: SamplingSession, body: dict[str, Any]) -> SampleResult:
+        for field, what in UNSUPPORTED_FIELDS:
+            if body.get(field):
+                raise InvalidArgument(f"{field} ({what}) is not supported by this server; leave it at 0")
+        if body.get("target_prompt_logprobs"):
+            raise InvalidArgument("target_prompt_logprobs is not supported by this server")
+        prompt = []
+        for chunk in (body.get("prompt") or {}).get("chunks") or []:
+            if chunk.get("type", "encoded_text") != "encoded_text":
+                raise InvalidArgument(f"prompt has a {chunk.get('type')!r} chunk; Anvil's models read text tokens")
+            prompt.extend(int(t) for t in chunk.get("tokens") or [])
+        if not prompt:
+            raise InvalidArgument("the prompt is empty; send at least one token")
+        num_samples = int(body.get("num_samples", 1))
+        if num_samples < 1:
+            raise InvalidArgument(f"num_samples is {num_samples}; it must be >= 1")
+        params = self._sampling_params(body.get("sampling_params") or {})
+        want_prompt_logprobs = bool(body.get("prompt_logprobs"))
+        request = rollout_pb2.SampleRequest(
+            prompt_tokens=prompt,
+            num_samples=num_samples,
+            sampling_params=params,
+            include_prompt_logprobs=want_prompt_logprobs,
+        )
+        if self.router is None:
+            raise FailedPrecondition("this trainer has no sampler; sample from a deployment (hot-load a snapshot)")
+        async with self.router.serving(sampler.snapshot) as stub:
+            reply = await call(stub.Sample(request))
+        prompt_logprobs = (
+            prompt_logprobs_of(reply, len(prompt), body.get("prompt_logprobs_last_n")) if want_prompt_logprobs else None
+        )
+        return SampleResult(reply, prompt_logprobs)
+
+    def _sampling_params(self, given: dict[str, Any]) -> common_pb2.SamplingParams:
+        from coordinator.client.convert import sampling_params_to_proto
+        from coordinator.client.types import SamplingParams
+
+        unknown = sorted(set(given) - SAMPLING_FIELDS)
+        if unknown:
+            raise InvalidArgument(f"sampling_params has unknown field(s) {unknown}; allowed: {sorted(SAMPLING_FIELDS)}")
+        params = SamplingParams(**{k: v for k, v in given.items() if v is not None or k == "stop"})
+        if params.max_tokens is None:
+            params.max_tokens = self.config.default_max_tokens
+        return sampling_params_to_proto(params)
