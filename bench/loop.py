@@ -31,15 +31,15 @@ import numpy as np
 
 from bench.common import Ratio, Timing, base_parser, console, run_main, timing_table, write_results
 from coordinator.client.learner_api import LearnerSession
-from coordinator.client.rollout_api import RolloutPool
 from coordinator.config import LoopConfig, RunConfig, ServicesConfig
 from coordinator.envs import build_source
 from coordinator.envs.answer_env import AnswerEnv
 from coordinator.envs.base import Env, Problem, Score
+from coordinator.fleet.replica_set import ReplicaSet
 from coordinator.loop import RLLoop, StepResult
 from coordinator.models import resolve_model
 from coordinator.objectives.policy_gradient import PolicyGradientConfig
-from coordinator.run import start_services
+from coordinator.services import start_services
 from learner.config import LearnerConfig
 from learner.server import start_learner
 from protos.adam import AdamParams
@@ -96,7 +96,7 @@ async def run_mode(args: argparse.Namespace, bound: int, model_dir: Path) -> dic
     with tempfile.TemporaryDirectory(prefix="anvil-bench-loop-") as run_dir:
         async with running_services(args, config, model_dir, Path(run_dir)) as (learner_address, rollouts, api_key):
             channel = open_channel(learner_address, api_key=api_key)
-            rollout = RolloutPool(rollouts, api_key=api_key)
+            rollout = await ReplicaSet.connect(rollouts, api_key=api_key)
             try:
                 session = await LearnerSession.create(channel, str(model_dir), lora_rank=0, seed=0)
                 loop = RLLoop(

@@ -4,12 +4,15 @@ Each service is `python -m learner|rollout` with `--set` overrides, bound to por
 <run_dir>/logs/<name>.log, where the launcher waits for the `LISTENING host:port` line. Children get
 SIGTERM if the coordinator dies (Linux PR_SET_PDEATHSIG, which the child sets on itself at start when
 $ANVIL_PARENT_PID is set: see servicekit.process.die_with_parent), so even a killed coordinator leaves no
-service behind; a normal stop sends SIGTERM and waits for a graceful exit.
+service behind; a normal stop sends SIGTERM and waits for a graceful exit. Each service leads its own
+process group, and whatever it leaves there (a killed vLLM replica's engine processes) is killed after
+it exits; a service whose start is abandoned (timeout, cancellation) is stopped the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -51,7 +54,14 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.kill_group()
         return self.process.returncode
+
+    def kill_group(self) -> None:
+        """Kill what the service left in its process group (a vLLM replica's engine-core and worker
+        processes outlive a kill -9 of the replica itself). The service leads its own group."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 async def start_service(
@@ -70,15 +80,21 @@ async def start_service(
             stderr=subprocess.STDOUT,
             # No preexec_fn: forking a process with running gRPC threads through Python's fork path
             # (needed for preexec_fn) occasionally aborted the child; the child sets PDEATHSIG itself.
+            # Its own process group (setsid, done without preexec_fn), so all it started can be killed.
+            start_new_session=True,
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())},
         )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for line in log_path.read_text(errors="replace").splitlines():
-            if line.startswith("LISTENING "):
-                return ServiceProcess(name, process, line.split()[1], log_path)
-        if process.poll() is not None:
-            raise Unavailable(f"{name} exited with code {process.returncode} before listening; see {log_path}")
-        await asyncio.sleep(0.1)
-    ServiceProcess(name, process, "", log_path).stop()
-    raise Unavailable(f"{name} did not listen within {timeout_s:g}s; see {log_path}")
+    starting = ServiceProcess(name, process, "", log_path)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in log_path.read_text(errors="replace").splitlines():
+                if line.startswith("LISTENING "):
+                    return ServiceProcess(name, process, line.split()[1], log_path)
+            if process.poll() is not None:
+                raise Unavailable(f"{name} exited with code {process.returncode} before listening; see {log_path}")
+            await asyncio.sleep(0.1)
+        raise Unavailable(f"{name} did not listen within {timeout_s:g}s; see {log_path}")
+    except BaseException:  # timed out, failed, or the caller gave up (cancelled): nothing may be left behind
+        starting.stop(timeout_s=10)
+        raise

@@ -29,10 +29,10 @@ import numpy as np
 from asyncio_pool import AioPool
 
 from coordinator.client.learner_api import LearnerSession
-from coordinator.client.rollout_api import RolloutPool
 from coordinator.client.types import SamplingParams
 from coordinator.config import LoopConfig
 from coordinator.envs.base import Env, Problem, ProblemSource
+from coordinator.fleet.replica_set import ReplicaSet
 from coordinator.objectives import ScoredGroup, make_objective
 from coordinator.objectives.maths import sampler_learner_kl
 
@@ -51,7 +51,7 @@ class RLLoop:
         self,
         config: LoopConfig,
         session: LearnerSession,
-        rollout: RolloutPool,
+        rollout: ReplicaSet,
         source: ProblemSource,
         make_env: Callable[[Problem], Env],
         seed: int,
@@ -70,6 +70,10 @@ class RLLoop:
         self.on_step = on_step
         self.on_checkpoint = on_checkpoint
         self.objective = make_objective(config.objective)
+        # The fleet publishes through this session: after each step, and to replicas that come back stale.
+        rollout.publisher = lambda addresses: session.publish_weights(
+            addresses, config.publish_transport, partial_ok=True, target_timeout_s=rollout.config.publish_timeout_s
+        )
         self.step = int(session.info.step)
         self._released = start_batch  # batches whose prompts may be sampled: < released + bound + 1
         self._released_changed = asyncio.Condition()
@@ -201,10 +205,11 @@ class RLLoop:
         metrics["time/train_s"] = time.perf_counter() - train_start
 
         sync_start = time.perf_counter()
-        published = await self.session.publish_weights(self.rollout.addresses, config.publish_transport)
+        published = await self.rollout.publish(self.rollout.publisher)
         metrics["time/weight_sync_s"] = time.perf_counter() - sync_start
-        metrics["weights/published_bytes"] = float(published.num_bytes)
-        metrics["weights/rollout_version_min"] = float(min(await self.rollout.versions()))
+        metrics["weights/published_bytes"] = float(published.num_bytes) if published is not None else 0.0
+        metrics["weights/rollout_version_min"] = float(min(await self.rollout.versions(), default=-1))
+        metrics.update(self.rollout.metrics())
         indices = [g.problem.index for g in groups]
         return StepResult(step=self.step, batch=batch, metrics=metrics, problem_indices=indices)
 

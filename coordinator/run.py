@@ -20,16 +20,14 @@ from pathlib import Path
 from rich.console import Console
 
 from coordinator.client.learner_api import LearnerSession
-from coordinator.client.rollout_api import RolloutPool
 from coordinator.config import RunConfig
 from coordinator.envs import build_source
 from coordinator.envs.answer_env import AnswerEnv
+from coordinator.fleet.replica_set import ReplicaSet
 from coordinator.loop import RLLoop
 from coordinator.models import resolve_model
 from coordinator.recorder import CONSUMED_FILE, METRICS_FILE, Recorder, read_jsonl, truncate_to_step
-
-# start_services is re-exported for bench.loop, which imports it from here.
-from coordinator.services import launch_services, start_services  # noqa: F401
+from coordinator.services import launch_services
 from protos.channels import open_channel
 from protos.errors import NotFound
 
@@ -63,7 +61,8 @@ async def run(config: RunConfig, run_dir: Path, resume: bool = False, console: C
     services = await launch_services(config, model_dir, run_dir)
     recorder = Recorder(run_dir, config.loop.steps, console)
     learner_channel = open_channel(services.learner_address, api_key=services.api_key)
-    rollout = RolloutPool(services.rollout_addresses, api_key=services.api_key)
+    rollout = await ReplicaSet.connect(services.rollout_addresses, config.services.fleet, api_key=services.api_key)
+    supervisor = services.supervise(rollout, config.services.fleet)
     try:
         # A learner this run started knows the model by its directory; a remote one by the configured name.
         base_model = config.model if config.services.learner_address else str(model_dir)
@@ -75,8 +74,13 @@ async def run(config: RunConfig, run_dir: Path, resume: bool = False, console: C
             session.info.step = loaded.step
             for log in (METRICS_FILE, CONSUMED_FILE):
                 truncate_to_step(run_dir / log, loaded.step)
-            if loaded.step > 0:
-                await session.publish_weights(rollout.addresses, config.loop.publish_transport)
+            if loaded.step > 0:  # the replicas serve the restored weights before sampling resumes
+                await rollout.publish(
+                    lambda addresses: session.publish_weights(
+                        addresses, config.loop.publish_transport, partial_ok=True,
+                        target_timeout_s=config.services.fleet.publish_timeout_s,
+                    )
+                )  # fmt: skip
             console.print(f"resumed from step {loaded.step} ({checkpoint['path']}), next batch {start_batch}")
 
         async def save_checkpoint(step: int, next_batch: int) -> None:
@@ -98,6 +102,8 @@ async def run(config: RunConfig, run_dir: Path, resume: bool = False, console: C
         )
         await loop.run()
     finally:
+        if supervisor is not None:
+            await supervisor.close()
         await learner_channel.close()
         await rollout.close()
         services.stop()

@@ -13,11 +13,15 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from coordinator.config import RunConfig, ServicesConfig
+from coordinator.fleet.config import FleetConfig
+from coordinator.fleet.replica_set import ReplicaSet
+from coordinator.fleet.supervisor import ReplicaSupervisor
 from coordinator.launcher import ServiceProcess, start_service, toml_value
 
 SERVICES_FILE = "services.json"
@@ -39,10 +43,18 @@ async def start_rollout_process(
     log_dir: Path,
     env: dict[str, str],
     timeout_s: float,
+    slot: int = 0,
 ) -> ServiceProcess:
-    """One rollout replica serving `model_dir` as `model` with `engine` settings (a dumped EngineConfig)."""
+    """One rollout replica serving `model_dir` as `model` with `engine` settings (a dumped EngineConfig).
+
+    `slot` is the replica's index among those on this host. vLLM's CPU build binds each replica's model
+    thread to the first core unless told otherwise, so replicas on one host would share one core (and a
+    restarting replica would start behind a busy one): replica `slot` gets core `slot mod cores` instead.
+    (CUDA builds ignore the setting; an explicit VLLM_CPU_OMP_THREADS_BIND wins.)"""
     overrides = [f"model={toml_value(model_dir)}", f"model_name={toml_value(model)}"]
     overrides += [f"engine.{key}={toml_value(value)}" for key, value in engine.items()]
+    if engine.get("type") == "vllm" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        env = {**env, "VLLM_CPU_OMP_THREADS_BIND": str(slot % (os.cpu_count() or 1))}
     return await start_service(name, "rollout", overrides, log_dir, env, timeout_s)
 
 
@@ -73,10 +85,40 @@ class Services:
     rollout_addresses: list[str]
     api_key: str | None
     processes: list[ServiceProcess] = field(default_factory=list)
+    start_rollout: Callable[[int], Awaitable[ServiceProcess]] | None = None
+    """Starts rollout replica i again with its original settings (None: the replicas are not ours)."""
+    record: Path | None = None
+    """services.json: each started process's pid and address, kept current across restarts."""
 
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()
+
+    def write_record(self) -> None:
+        if self.record is not None:
+            processes = {p.name: {"pid": p.pid, "address": p.address} for p in self.processes}
+            partial = self.record.with_suffix(".tmp")
+            partial.write_text(json.dumps(processes, indent=1))
+            partial.replace(self.record)  # readers never see a half-written record
+
+    def supervise(self, replicas: ReplicaSet, config: FleetConfig) -> ReplicaSupervisor | None:
+        """Restart the rollout replicas started here when they exit (replica-i is rollout-i)."""
+        start_rollout = self.start_rollout
+        if start_rollout is None:
+            return None
+
+        async def restart(name: str) -> ServiceProcess:
+            index = int(name.rsplit("-", 1)[1])
+            process = await start_rollout(index)
+            self.processes = [process if p.name == process.name else p for p in self.processes]
+            self.write_record()
+            return process
+
+        supervisor = ReplicaSupervisor(replicas, config, restart)
+        for process in self.processes:
+            if process.name.startswith("rollout-"):
+                supervisor.watch(f"replica-{process.name.rsplit('-', 1)[1]}", process)
+        return supervisor
 
 
 async def launch_services(config: RunConfig, model_dir: Path, run_dir: Path) -> Services:
@@ -105,10 +147,15 @@ async def start_services(
     try:
         if not services_config.rollout_addresses:
             engine = services_config.rollout_engine.model_dump(exclude_none=True)
-            for replica in range(services_config.rollout_replicas):
-                process = await start_rollout_process(
-                    f"rollout-{replica}", model, model_dir, engine, logs, env, timeout
+
+            async def start_rollout(index: int) -> ServiceProcess:
+                return await start_rollout_process(
+                    f"rollout-{index}", model, model_dir, engine, logs, env, timeout, slot=index
                 )
+
+            started.start_rollout = start_rollout
+            for replica in range(services_config.rollout_replicas):
+                process = await start_rollout(replica)
                 started.processes.append(process)
                 started.rollout_addresses.append(process.address)
         if not services_config.learner_address:
@@ -120,7 +167,6 @@ async def start_services(
     except BaseException:
         started.stop()
         raise
-    (run_dir / SERVICES_FILE).write_text(
-        json.dumps({p.name: {"pid": p.pid, "address": p.address} for p in started.processes}, indent=1)
-    )
+    started.record = run_dir / SERVICES_FILE
+    started.write_record()
     return started

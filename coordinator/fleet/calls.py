@@ -23,7 +23,10 @@ class RolloutCalls:
     health: FleetHealth
 
     async def call(
-        self, invoke: Callable[[RolloutServiceStub, float], Awaitable[T]], session_key: str | None = None
+        self,
+        invoke: Callable[[RolloutServiceStub, float], Awaitable[T]],
+        session_key: str | None = None,
+        tokens_of: Callable[[T], int] | None = None,
     ) -> T:
         raise NotImplementedError
 
@@ -44,7 +47,9 @@ class RolloutCalls:
             sampling_params=sampling_params_to_proto(params),
             include_prompt_logprobs=include_prompt_logprobs,
         )
-        reply = await self.call(lambda stub, timeout: stub.Sample(request, timeout=timeout), session_key)
+        reply = await self.call(
+            lambda stub, timeout: stub.Sample(request, timeout=timeout), session_key, _generated_tokens
+        )
         return sample_response_from_proto(reply, include_prompt_logprobs)
 
     async def compute_logprobs(self, tokens: list[int], session_key: str | None = None) -> list[float | None]:
@@ -63,3 +68,7 @@ class RolloutCalls:
         names = [r.name for r in self.health.routable()]
         await asyncio.gather(*(call(self.stub(name).LoadWeights(request)) for name in names))
         self.health.published(version, succeeded=names)
+
+
+def _generated_tokens(reply: rollout_pb2.SampleResponse) -> int:
+    return sum(len(sequence.tokens) for sequence in reply.sequences)

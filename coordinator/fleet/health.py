@@ -117,7 +117,8 @@ class FleetHealth:
 
     def published(self, version: int, succeeded: Iterable[str], failed: Iterable[str] = ()) -> None:
         """Weights `version` reached `succeeded` (digest verified there); `failed` did not take them. The
-        fleet's version moves on: replicas still behind it are STALE until they are resynced."""
+        fleet's version moves on: replicas still behind it are STALE until they are resynced. A failed
+        publication does not count towards DEAD (an unreachable replica fails its probes too)."""
         self.version = max(self.version, version)
         for name in succeeded:
             replica = self.replicas.get(name)
@@ -129,9 +130,6 @@ class FleetHealth:
                 replica.version = version
                 replica.failures = 0
                 replica.state = ReplicaState.HEALTHY if version >= self.version else ReplicaState.STALE
-        for name in failed:
-            if name in self.replicas:
-                self.failed(name)
         for replica in self.replicas.values():
             if replica.state in (ReplicaState.HEALTHY, ReplicaState.SUSPECT) and replica.version < self.version:
                 replica.state = ReplicaState.STALE

@@ -162,9 +162,15 @@ class ReplicaSet(RolloutCalls):
 
     # --- requests -----------------------------------------------------------------------------------
 
-    async def call(self, invoke: Callable[[Stub, float], Awaitable[T]], session_key: str | None = None) -> T:
+    async def call(
+        self,
+        invoke: Callable[[Stub, float], Awaitable[T]],
+        session_key: str | None = None,
+        tokens_of: Callable[[T], int] | None = None,
+    ) -> T:
         """Run `invoke(stub, timeout)` on a healthy replica; on an unreachable, too slow or dead one, again on
-        another. Waits (up to `no_replica_timeout_s`, saying why) while no replica is healthy."""
+        another. Waits (up to `no_replica_timeout_s`, saying why) while no replica is healthy. `tokens_of`
+        counts the tokens of a reply, for the replica's tokens per second."""
         tried: set[str] = set()
         while True:
             replica = self.health.pick(session_key, exclude=tried)
@@ -174,9 +180,11 @@ class ReplicaSet(RolloutCalls):
                 continue
             name = replica.name
             self.health.started(name)
-            start = time.perf_counter()
+            start, tokens = time.perf_counter(), 0
             try:
-                return await self._race_loss(name, invoke(self.stub(name), self.config.request_timeout_s))
+                reply = await self._race_loss(name, invoke(self.stub(name), self.config.request_timeout_s))
+                tokens = tokens_of(reply) if tokens_of is not None else 0
+                return reply
             except (Unavailable, DeadlineExceeded, _ReplicaLost, grpc.aio.AioRpcError) as exc:
                 if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in _MOVABLE_CODES:
                     raise
@@ -185,7 +193,7 @@ class ReplicaSet(RolloutCalls):
                     self.health.failed(name)
                 tried.add(name)
             finally:
-                self.health.finished(name, seconds=time.perf_counter() - start)
+                self.health.finished(name, tokens, time.perf_counter() - start)
 
     async def _race_loss(self, name: str, awaitable: Awaitable[T]) -> T:
         request = asyncio.ensure_future(call(awaitable))
@@ -230,14 +238,18 @@ class ReplicaSet(RolloutCalls):
                 return None
             reply = await publisher([r.address for r in targets])
             outcome = dict(zip((r.name for r in targets), reply.targets, strict=True))
-            self.health.published(
-                reply.version,
-                succeeded=[name for name, result in outcome.items() if result.ok],
-                failed=[name for name, result in outcome.items() if not result.ok],
-            )
+            succeeded = [name for name, result in outcome.items() if result.ok]
             for name, result in outcome.items():
-                if not result.ok:
+                if result.ok:
+                    continue
+                # A replica that refused because it already serves this version or a newer one holds it
+                # (a resync and a step's publication can cross); anything else leaves it stale.
+                served = await self._probe_one(name)
+                if served is not None and served >= reply.version:
+                    succeeded.append(name)
+                else:
                     logger.warning("weights v%d did not reach %s: %s", reply.version, name, result.error)
+            self.health.published(reply.version, succeeded, failed=[name for name in outcome if name not in succeeded])
         await self._notify()
         return reply
 

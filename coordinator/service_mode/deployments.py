@@ -77,7 +77,9 @@ class DeploymentRuntime:
             else:
                 for index in range(count):
                     name = f"deployment-{deployment_id}-{index}"
-                    process = await start_rollout_process(name, model_name, model_dir, engine, log_dir, env, timeout_s)
+                    process = await start_rollout_process(
+                        name, model_name, model_dir, engine, log_dir, env, timeout_s, slot=index
+                    )
                     runtime._add(process.address, api_key, process)
             for replica in runtime.replicas:
                 info = await call(replica.stub.GetInfo(rollout_pb2.RolloutServiceGetInfoRequest()))

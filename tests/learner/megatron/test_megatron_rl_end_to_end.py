@@ -13,11 +13,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from coordinator.client.learner_api import LearnerSession
-from coordinator.client.rollout_api import RolloutPool
 from coordinator.config import LoopConfig
 from coordinator.envs import build_source
 from coordinator.envs.answer_env import AnswerEnv
 from coordinator.envs.base import Score
+from coordinator.fleet.replica_set import ReplicaSet
 from coordinator.loop import RLLoop, StepResult
 from protos.adam import AdamParams
 from protos.channels import open_channel
@@ -63,7 +63,7 @@ async def test_rl_steps_with_weight_broadcast_keep_rollout_and_learner_in_step(m
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     source = build_source("copy_digit", None, 0)
     rows = probe_rows(tokenizer, source)
-    rollout = RolloutPool([rollout_server.address])
+    rollout = await ReplicaSet.connect([rollout_server.address])
     checked: list[tuple[int, float, np.ndarray]] = []
     try:
         async with open_channel(learner.address) as channel:
