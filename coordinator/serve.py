@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import uvicorn
 
+from coordinator.fleet.replica_set import ReplicaSet
 from coordinator.gateway.app import create_app
 from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.service import TinkerService
@@ -67,7 +68,8 @@ async def start_gateway(
 ) -> RunningGateway:
     """Serve the REST API for `config.model` over the given learner and rollout services."""
     model_dir = resolve_model(config.model)
-    router = SnapshotRouter(rollout_addresses, services_api_key, model_dir)
+    replicas = await ReplicaSet.connect(rollout_addresses, config.services.fleet, api_key=services_api_key)
+    router = SnapshotRouter(replicas, model_dir)
     await router.start()
     service = TinkerService(
         config,
@@ -109,6 +111,8 @@ async def serve(config: GatewayConfig) -> None:
         running = await start_gateway(
             config, services.learner_address, services.rollout_addresses, services.api_key, learner_model
         )
+        # Replicas started here are restarted when they exit; they rejoin once they answer again.
+        supervisor = services.supervise(running.service.router.replicas, config.services.fleet)
         print(f"LISTENING {running.address}", flush=True)
         print(
             f"Tinker API for {config.model}: TINKER_BASE_URL=http://{running.address} "
@@ -120,6 +124,8 @@ async def serve(config: GatewayConfig) -> None:
         except asyncio.CancelledError:
             print("anvil serve: stopping; the services it started are stopped too", flush=True)
         finally:
+            if supervisor is not None:
+                await supervisor.close()
             await running.stop()
     finally:
         services.stop()

@@ -21,7 +21,6 @@ from coordinator.gateway.snapshot_router import SnapshotRouter
 from coordinator.gateway.wire import prompt_logprobs_of
 from protos.anvil.v1 import common_pb2, rollout_pb2
 from protos.errors import FailedPrecondition, InvalidArgument
-from protos.status import call
 
 UNSUPPORTED_FIELDS = (
     ("topk_prompt_logprobs", "top-k prompt logprobs"),
@@ -109,8 +108,7 @@ class Sampling:
         )
         if self.router is None:
             raise FailedPrecondition("this trainer has no sampler; sample from a deployment (hot-load a snapshot)")
-        async with self.router.serving(sampler.snapshot) as stub:
-            reply = await call(stub.Sample(request))
+        reply = await self.router.run(sampler.snapshot, lambda stub: stub.Sample(request))
         prompt_logprobs = (
             prompt_logprobs_of(reply, len(prompt), body.get("prompt_logprobs_last_n")) if want_prompt_logprobs else None
         )

@@ -1,103 +1,156 @@
 """Which weights each rollout replica serves, so every sample comes from the snapshot its sampling
-session is bound to.
+session is bound to; on the fleet's ReplicaSet, so only healthy replicas are used and a sample that
+fails on one replica (killed, hung, unreachable) runs again on another.
 
 Tinker lets many sampling clients coexist: the base model, named sampler checkpoints, and the unnamed
 snapshot of each `save_weights_and_get_sampling_client`. A rollout replica serves one set of weights at
 a time, so the router admits a request onto a replica that has its snapshot loaded; otherwise it drains
 a replica (no new requests for its current snapshot; running ones finish) and hot-loads the wanted
 snapshot with `LoadWeights` (atomic on the replica: a sample never mixes weights). Load versions are
-the router's own increasing counter, since the rollout's versions only increase.
+the router's own increasing counter per replica, since the rollout's versions only increase. A replica
+that was restarted serves the base model again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+import grpc
+
+from coordinator.fleet.replica_set import ReplicaSet
 from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
-from protos.channels import open_channel
-from protos.errors import NotFound
+from protos.errors import DeadlineExceeded, NotFound, Unavailable
 from protos.status import call
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _LoadFailed(Exception):
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 @dataclass
-class _Replica:
-    address: str
-    stub: rollout_pb2_grpc.RolloutServiceStub
-    channel: object
+class _Serving:
     version: int = 0
     loaded: Path | None = None
     inflight: int = 0
     draining: bool = False
     swapping: bool = False
+    restarts: int = 0
 
 
 class SnapshotRouter:
-    def __init__(self, addresses: list[str], api_key: str | None, base: Path) -> None:
+    def __init__(self, replicas: ReplicaSet, base: Path) -> None:
+        self.replicas = replicas
         self.base = base
-        self._replicas = []
-        for address in addresses:
-            channel = open_channel(address, api_key=api_key)
-            self._replicas.append(_Replica(address, rollout_pb2_grpc.RolloutServiceStub(channel), channel))
+        self._serving: dict[str, _Serving] = {}
         self._changed = asyncio.Condition()
         self.loads = 0
 
     async def start(self) -> None:
         """Learn each replica's version; a replica still at version 0 serves the base model."""
-        for replica in self._replicas:
-            info = await call(replica.stub.GetInfo(rollout_pb2.RolloutServiceGetInfoRequest()))
-            replica.version = info.weight_version
-            replica.loaded = self.base if info.weight_version == 0 else None
+        for replica in self.replicas.health.replicas.values():
+            self._serving[replica.name] = _Serving(max(replica.version, 0), self.base if replica.version <= 0 else None)
 
-    @contextlib.asynccontextmanager
-    async def serving(self, snapshot: Path) -> AsyncIterator[rollout_pb2_grpc.RolloutServiceStub]:
-        """A replica stub serving `snapshot` for the duration of the block."""
-        replica = await self._acquire(snapshot)
-        try:
-            yield replica.stub
-        finally:
-            async with self._changed:
-                replica.inflight -= 1
-                self._changed.notify_all()
+    def _state(self, name: str) -> _Serving:
+        replica = self.replicas.health.replicas[name]
+        state = self._serving.setdefault(name, _Serving(loaded=self.base, restarts=replica.restarts))
+        if state.restarts != replica.restarts:  # restarted: a fresh process serves the base weights
+            self._serving[name] = state = _Serving(loaded=self.base, restarts=replica.restarts)
+        return state
 
-    async def _acquire(self, snapshot: Path) -> _Replica:
+    async def run(self, snapshot: Path, invoke: Callable[[rollout_pb2_grpc.RolloutServiceStub], Awaitable[T]]) -> T:
+        """`invoke(stub)` on a healthy replica serving `snapshot`; again on another if that replica fails."""
+        failed: set[str] = set()
+        while True:
+            try:
+                name = await self._acquire(snapshot, failed)
+            except _LoadFailed as exc:
+                logger.warning("rollout %s failed to load a snapshot (%s); trying another replica", exc.name, exc)
+                self.replicas.health.failed(exc.name)
+                failed.add(exc.name)
+                continue
+            try:
+                return await call(invoke(self.replicas.stub(name)))
+            except (Unavailable, DeadlineExceeded, grpc.aio.AioRpcError) as exc:
+                if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in (
+                    grpc.StatusCode.CANCELLED,
+                    grpc.StatusCode.UNKNOWN,
+                ):
+                    raise
+                logger.warning("rollout %s failed a sample (%s); moving it to another replica", name, exc)
+                self.replicas.health.failed(name)
+                failed.add(name)
+            finally:
+                async with self._changed:
+                    self._state(name).inflight -= 1
+                    self._changed.notify_all()
+
+    def _candidates(self, failed: set[str]) -> list[str]:
+        names = [r.name for r in self.replicas.health.routable() if r.name not in failed]
+        if not names and failed:
+            failed.clear()
+            names = [r.name for r in self.replicas.health.routable()]
+        return names
+
+    async def _acquire(self, snapshot: Path, failed: set[str]) -> str:
+        waited = 0.0
         async with self._changed:
             while True:
-                ready = [r for r in self._replicas if r.loaded == snapshot and not r.draining and not r.swapping]
+                names = self._candidates(failed)
+                states = {name: self._state(name) for name in names}
+                ready = [n for n, s in states.items() if s.loaded == snapshot and not s.draining and not s.swapping]
                 if ready:
-                    replica = min(ready, key=lambda r: r.inflight)
-                    replica.inflight += 1
-                    return replica
-                if any(r.loaded == snapshot or r.swapping for r in self._replicas):
-                    await self._changed.wait()  # it is (being) loaded somewhere: wait for it to be ready
-                    continue
-                idle = [r for r in self._replicas if r.inflight == 0]
-                if idle:
-                    replica = idle[0]
-                    replica.swapping, replica.draining = True, False
+                    name = min(ready, key=lambda n: states[n].inflight)
+                    states[name].inflight += 1
+                    return name
+                idle = [n for n, s in states.items() if s.inflight == 0 and not s.swapping]
+                if not any(s.loaded == snapshot or s.swapping for s in states.values()) and idle:
+                    name = idle[0]
+                    states[name].swapping, states[name].draining = True, False
                     break
-                min(self._replicas, key=lambda r: r.inflight).draining = True
-                await self._changed.wait()
+                if names and not idle and not any(s.swapping for s in states.values()):
+                    states[min(names, key=lambda n: states[n].inflight)].draining = True
+                if waited >= self.replicas.config.no_replica_timeout_s:
+                    raise Unavailable(
+                        f"no healthy rollout replica could serve this sample ({self.replicas.describe()})"
+                    )
+                try:  # woken by finished requests, or re-checked as the fleet's health changes
+                    await asyncio.wait_for(self._changed.wait(), timeout=1.0)
+                except TimeoutError:
+                    waited += 1.0
+        return await self._load(name, snapshot)
+
+    async def _load(self, name: str, snapshot: Path) -> str:
+        state = self._state(name)
         try:
             if not snapshot.is_dir():
-                raise NotFound(f"the weights of this sampling client ({snapshot}) no longer exist")
-            version = replica.version + 1
-            await call(replica.stub.LoadWeights(rollout_pb2.LoadWeightsRequest(path=str(snapshot), version=version)))
+                raise NotFound("the weights of this sampling client no longer exist; save them again")
+            version = state.version + 1
+            request = rollout_pb2.LoadWeightsRequest(path=str(snapshot), version=version)
+            try:
+                await call(self.replicas.stub(name).LoadWeights(request))
+            except (Unavailable, DeadlineExceeded, grpc.aio.AioRpcError) as exc:
+                raise _LoadFailed(name, str(exc)) from exc
             self.loads += 1
         except BaseException:
             async with self._changed:
-                replica.swapping = False
+                state.swapping = False
                 self._changed.notify_all()
             raise
         async with self._changed:
-            replica.version, replica.loaded, replica.swapping = version, snapshot, False
-            replica.inflight += 1
+            state.version, state.loaded, state.swapping = version, snapshot, False
+            state.inflight += 1
             self._changed.notify_all()
-        return replica
+        return name
 
     async def close(self) -> None:
-        for replica in self._replicas:
-            await replica.channel.close()
+        await self.replicas.close()
