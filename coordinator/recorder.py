@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from coordinator.fleet.health import ReplicaState
 from coordinator.loop import StepResult
 
 METRICS_FILE = "metrics.jsonl"
@@ -84,7 +85,7 @@ class Recorder:
         return (
             f"reward {row['reward/mean']:.3f} kl {row.get('kl_sample_train/v1', float('nan')):+.3f} "
             f"stale {row['staleness/max']:.0f} tok/s {row['tokens/per_s']:.0f} "
-            f"sync {row['time/weight_sync_s'] * 1000:.0f}ms"
+            f"sync {row['time/weight_sync_s'] * 1000:.0f}ms{_fleet_status(row)}"
         )
 
     def close(self) -> None:
@@ -140,3 +141,18 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+_STATE_NAMES = [state.value for state in ReplicaState]
+"""A replica's state code in metrics is its index here (ReplicaSet.metrics)."""
+
+
+def _fleet_status(row: dict) -> str:
+    """ " replicas 1/2 (replica-0 restarting)": how many serve, and which do not, with their state."""
+    states = {
+        key.split("/")[1]: int(v) for key, v in row.items() if key.startswith("fleet/") and key.endswith("/state")
+    }
+    if len(states) < 2 and all(code == 0 for code in states.values()):
+        return ""
+    unwell = [f"{name} {_STATE_NAMES[code]}" for name, code in states.items() if code != 0]
+    return f" replicas {len(states) - len(unwell)}/{len(states)}" + (f" ({', '.join(unwell)})" if unwell else "")
