@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from coordinator.fleet.cli import add_replicas_command
 from servicekit.config import add_config_arguments, add_override_argument
 
 
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(serve)
     serve.set_defaults(handler=_cmd_serve)
+
+    add_replicas_command(commands)
 
     learner = commands.add_parser("learner", help="serve anvil.v1.LearnerService (full-parameter training)")
     add_config_arguments(learner)

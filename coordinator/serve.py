@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from coordinator.fleet.replica_set import ReplicaSet
+from coordinator.fleet.routes import fleet_router
 from coordinator.gateway.app import create_app
 from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.service import TinkerService
@@ -79,6 +80,7 @@ async def start_gateway(
         router,
     )
     app = create_app(service, config.resolved_api_keys())
+    app.include_router(fleet_router(replicas))
     control = ServiceMode(config, services_api_key)
     app.include_router(control_router(control))
     control.restore()

@@ -2,38 +2,43 @@
 
 A script written against Tinker's Python API needs only its import line changed (`import tinker` ->
 `from coordinator import client as tinker`); training is full-parameter (lora_rank = 0).
+
+Names are resolved on first use (PEP 562), so importing one submodule (`coordinator.client.types`, as the
+rollout fleet does) does not import the whole client, which itself uses the fleet.
 """
 
-from coordinator.client import types
-from coordinator.client.runtime import APIFuture
-from coordinator.client.sampling_client import SamplingClient
-from coordinator.client.service_client import ServiceClient
-from coordinator.client.training_client import TrainingClient
-from coordinator.client.types import (
-    AdamParams,
-    Datum,
-    EncodedTextChunk,
-    ForwardBackwardOutput,
-    ModelInput,
-    SampledSequence,
-    SampleResponse,
-    SamplingParams,
-    TensorData,
-)
+from __future__ import annotations
 
-__all__ = [
-    "APIFuture",
-    "AdamParams",
-    "Datum",
-    "EncodedTextChunk",
-    "ForwardBackwardOutput",
-    "ModelInput",
-    "SampleResponse",
-    "SampledSequence",
-    "SamplingClient",
-    "SamplingParams",
-    "ServiceClient",
-    "TensorData",
-    "TrainingClient",
-    "types",
-]
+import importlib
+from typing import Any
+
+_HOMES = {
+    "APIFuture": "runtime",
+    "SamplingClient": "sampling_client",
+    "ServiceClient": "service_client",
+    "TrainingClient": "training_client",
+    **{
+        name: "types"
+        for name in (
+            "AdamParams",
+            "Datum",
+            "EncodedTextChunk",
+            "ForwardBackwardOutput",
+            "ModelInput",
+            "SampleResponse",
+            "SampledSequence",
+            "SamplingParams",
+            "TensorData",
+        )
+    },
+}
+
+__all__ = [*sorted(_HOMES), "types"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "types":
+        return importlib.import_module("coordinator.client.types")
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"coordinator.client.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'coordinator.client' has no attribute {name!r}")

@@ -52,7 +52,10 @@ class ReplicaSupervisor:
             while True:
                 await asyncio.sleep(WATCH_INTERVAL_S)
                 for name, process in list(self.processes.items()):
-                    if name not in restarting and process.process.poll() is not None:
+                    if name not in self.replicas.health.replicas and name not in restarting:
+                        del self.processes[name]  # removed from the fleet: stop the process we started
+                        await asyncio.to_thread(process.stop)
+                    elif name not in restarting and process.process.poll() is not None:
                         restarting[name] = asyncio.create_task(self._replace(name, process))
                 for name in [name for name, task in restarting.items() if task.done()]:
                     restarting.pop(name)
