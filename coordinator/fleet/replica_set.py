@@ -233,7 +233,9 @@ class ReplicaSet(RolloutCalls):
         record who took them; the fleet's version becomes the published one."""
         async with self._publishing:
             wanted = (ReplicaState.STALE,) if only_stale else (ReplicaState.HEALTHY, ReplicaState.STALE)
-            targets = [r for r in self.health.replicas.values() if r.state in wanted]
+            # Only replicas that answered their last probe: one that stopped answering would hold the
+            # learner until the publication's per-target timeout.
+            targets = [r for r in self.health.replicas.values() if r.state in wanted and r.failures == 0]
             if not targets:
                 return None
             reply = await publisher([r.address for r in targets])
