@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.fleet.routes import PREFIX
+from coordinator.fleet.config import REPLICAS_PATH as PREFIX
 
 
 def add_replicas_command(commands: argparse._SubParsersAction) -> None:

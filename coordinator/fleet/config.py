@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+REPLICAS_PATH = "/anvil/v1/replicas"
+"""Where `anvil serve` serves the fleet's REST API (coordinator/fleet/routes.py; `anvil replicas` calls it)."""
+
 
 class FleetConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)

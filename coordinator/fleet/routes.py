@@ -16,10 +16,11 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
+from coordinator.fleet.config import REPLICAS_PATH
 from coordinator.fleet.health import Replica
 from coordinator.fleet.replica_set import ReplicaSet
 
-PREFIX = "/anvil/v1/replicas"
+PREFIX = REPLICAS_PATH
 
 
 class AddReplica(BaseModel):
