@@ -4,6 +4,10 @@ thread; tests drive the gateway with the unmodified `tinker` SDK from the test t
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,3 +85,26 @@ def service_client(stack: Stack):
     client = tinker.ServiceClient(base_url=stack.base_url, api_key=TINKER_KEY)
     yield client
     client.close("success").result()
+
+
+def start_anvil_serve(tmp_path: Path, settings: list[str]) -> tuple[subprocess.Popen, str]:
+    """`python -m coordinator serve` with `--set` settings, its output in tmp_path/serve.log; returns the
+    process and the address from its LISTENING line (fails with the log's tail if it never listens)."""
+    command = [sys.executable, "-m", "coordinator", "serve"]
+    for setting in settings:
+        command += ["--set", setting]
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    deadline = time.monotonic() + 300
+    address = None
+    while address is None and time.monotonic() < deadline and process.poll() is None:
+        lines = log_path.read_text().splitlines()
+        address = next((line.split()[1] for line in lines if line.startswith("LISTENING ")), None)
+        time.sleep(0.5)
+    if address is None:
+        process.kill()
+        raise AssertionError(log_path.read_text()[-3000:])
+    return process, address

@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,8 @@ import pytest
 
 tinker = pytest.importorskip("tinker", reason="tinker==0.38.0 is a dev dependency (pip install -e .[dev])")
 from tinker import types  # noqa: E402
+
+from tests.coordinator.gateway.conftest import start_anvil_serve  # noqa: E402
 
 KEY = "tml-serve-test"
 
@@ -30,20 +29,10 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.integration
 def test_anvil_serve_end_to_end_and_clean_stop(tmp_path: Path, anvil_home: Path):
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "serve", "--set", "port=0", "--set", f'api_keys=["{KEY}"]',
-         "--set", f'state_dir="{tmp_path / "state"}"'],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    process, address = start_anvil_serve(
+        tmp_path, ["port=0", f'api_keys=["{KEY}"]', f'state_dir="{tmp_path / "state"}"']
+    )
     try:
-        deadline = time.monotonic() + 300
-        address = None
-        while address is None and time.monotonic() < deadline and process.poll() is None:
-            lines = (tmp_path / "serve.log").read_text().splitlines()
-            address = next((line.split()[1] for line in lines if line.startswith("LISTENING ")), None)
-            time.sleep(0.5)
-        assert address, (tmp_path / "serve.log").read_text()[-3000:]
         services = json.loads((tmp_path / "state" / "services.json").read_text())
         assert set(services) == {"learner", "rollout-0"}
 
@@ -70,7 +59,6 @@ def test_anvil_serve_end_to_end_and_clean_stop(tmp_path: Path, anvil_home: Path)
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=120)
-        log.close()
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
     for name, entry in services.items():
         assert not _alive(entry["pid"]), f"{name} (pid {entry['pid']}) outlived anvil serve"

@@ -19,6 +19,7 @@ import pytest
 tinker = pytest.importorskip("tinker", reason="tinker==0.38.0 is a dev dependency (pip install -e .[dev])")
 from tinker import types  # noqa: E402
 
+from tests.coordinator.gateway.conftest import start_anvil_serve  # noqa: E402
 from tests.rollout.conftest import start_rollout_process  # noqa: E402
 
 KEY = "tml-fleet-test"
@@ -49,26 +50,13 @@ def wait(condition, what: str, timeout_s: float = 120) -> None:
 @pytest.mark.integration
 def test_sampling_goes_on_while_a_replica_is_killed_and_restarted(tmp_path: Path, anvil_home: Path, tiny_model_dir):
     state = tmp_path / "state"
-    log = (tmp_path / "serve.log").open("w")
     settings = [
         "port=0", f'api_keys=["{KEY}"]', f'state_dir="{state}"', "services.rollout_replicas=2",
         'services.rollout_engine.type="torch"', "services.fleet.probe_interval_s=0.5",
         "services.fleet.failures_to_dead=2", "services.fleet.restart_backoff_s=0.5",
     ]  # fmt: skip
-    command = [sys.executable, "-m", "coordinator", "serve"]
-    for setting in settings:
-        command += ["--set", setting]
-    process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
+    process, address = start_anvil_serve(tmp_path, settings)
     try:
-        deadline = time.monotonic() + 300
-        address = None
-        while address is None and time.monotonic() < deadline and process.poll() is None:
-            lines = (tmp_path / "serve.log").read_text().splitlines()
-            address = next((line.split()[1] for line in lines if line.startswith("LISTENING ")), None)
-            time.sleep(0.5)
-        assert address, (tmp_path / "serve.log").read_text()[-3000:]
         killed = json.loads((state / "services.json").read_text())["rollout-0"]["pid"]
 
         client = tinker.ServiceClient(base_url=f"http://{address}", api_key=KEY)
@@ -123,5 +111,4 @@ def test_sampling_goes_on_while_a_replica_is_killed_and_restarted(tmp_path: Path
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=120)
-        log.close()
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
