@@ -15,7 +15,6 @@ from typing import Any
 from coordinator.service_mode.deployments import DeploymentRuntime
 from protos.anvil.v1 import common_pb2, rollout_pb2
 from protos.errors import InvalidArgument
-from protos.status import call
 
 _FINISH = {common_pb2.STOP_REASON_STOP: "stop", common_pb2.STOP_REASON_LENGTH: "length"}
 
@@ -50,7 +49,8 @@ async def complete(runtime: DeploymentRuntime, body: dict[str, Any]) -> dict[str
     request = rollout_pb2.SampleRequest(
         prompt_tokens=prompt, num_samples=n, sampling_params=params, include_prompt_logprobs=echo
     )
-    reply = await call(runtime.next_replica().stub.Sample(request))
+    # Routed by the deployment's ReplicaSet: least in flight, failed over if a replica dies mid-request.
+    reply = await runtime.replicas.call(lambda stub, timeout: stub.Sample(request, timeout=timeout))
     choices = []
     decode = runtime.tokenizer.decode
     for index, sequence in enumerate(reply.sequences):

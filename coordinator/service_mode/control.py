@@ -64,7 +64,7 @@ class ServiceMode:
         runtime = self.deployments.get(deployment_id)
         if runtime is not None:
             doc["currentSnapshotIdentity"] = runtime.current_identity
-            doc["replicaAddresses"] = [r.address for r in runtime.replicas]
+            doc["replicaAddresses"] = runtime.replicas.addresses
         return doc
 
     def create_deployment(self, deployment_id: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -106,6 +106,7 @@ class ServiceMode:
                 self.env,
                 self.api_key,
                 self.gateway.services.startup_timeout_s,
+                self.gateway.services.fleet,
             )
         except Exception as exc:
             log.exception("deployment %s failed to start", deployment_id)

@@ -5,18 +5,21 @@ config's engine: vLLM where installed) or attached to running rollout services b
 (`anvilRolloutAddresses` in the create body). States: CREATING while replicas start, READY when all
 serve, FAILED with a message otherwise.
 
-Hot-load swaps every replica to snapshot `identity`: the snapshot is rebuilt and its digest verified
+Its replicas are a fleet `ReplicaSet` like the RL loop's and the gateway's: probed, routed least in
+flight, a completion failed over when its replica dies; replicas started here are supervised and
+restarted. A hot-load is a publication to that fleet: the snapshot is rebuilt and its digest verified
 *before* any replica changes (a corrupted or mismatched snapshot is refused and the deployment keeps
-serving the previous one, bit for bit), then each replica takes it with `LoadWeights`, atomically per
-replica, under a new, higher version. If a replica fails midway, the ones already swapped are put back
-on the previous snapshot. Progress is reported the way Fireworks' hot-load API does (`replicas[]` with
-`current_snapshot_identity`, `readiness`, `loading_state.stage`).
+serving the previous one, bit for bit), then every reachable replica takes it with `LoadWeights`,
+atomically per replica, under the fleet's next version. The deployment serves the new snapshot once
+one replica holds it; a replica that missed it (or was restarted, and so serves the base model) is
+STALE, gets no traffic, and is resynced to the served snapshot by the fleet's probe loop. Progress is
+reported the way Fireworks' hot-load API does (`replicas[]` with `current_snapshot_identity`,
+`readiness`, `loading_state.stage`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,34 +27,32 @@ from typing import Any
 
 import grpc
 
+from coordinator.fleet.config import FleetConfig
+from coordinator.fleet.health import ReplicaState
+from coordinator.fleet.replica_set import Publisher, ReplicaSet
+from coordinator.fleet.supervisor import ReplicaSupervisor
 from coordinator.gateway.snapshot_store import SnapshotStore
 from coordinator.launcher import ServiceProcess
 from coordinator.services import start_rollout_process
-from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
-from protos.channels import open_channel
-from protos.errors import FailedPrecondition
+from protos.anvil.v1 import learner_pb2, rollout_pb2
+from protos.errors import AnvilError, FailedPrecondition, Unavailable
 from protos.status import call
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Replica:
-    address: str
-    channel: grpc.aio.Channel
-    stub: rollout_pb2_grpc.RolloutServiceStub
-    version: int = 0
-    process: ServiceProcess | None = None
-
-
-@dataclass
 class DeploymentRuntime:
     deployment_id: str
     model_dir: Path
-    replicas: list[Replica] = field(default_factory=list)
+    replicas: ReplicaSet
+    supervisor: ReplicaSupervisor | None = None
     current_identity: str | None = None
+    served: Path | None = None
+    """The directory every replica should serve (None: the base model it started with)."""
+    identities: dict[int, str | None] = field(default_factory=lambda: {0: None})
+    """Which snapshot each fleet weight version is, for the per-replica status."""
     loading: dict[str, Any] = field(default_factory=lambda: {"stage": "idle"})
-    _turn: itertools.count = field(default_factory=itertools.count)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tokenizer: Any = None
 
@@ -68,39 +69,81 @@ class DeploymentRuntime:
         env: dict[str, str],
         api_key: str | None,
         timeout_s: float,
+        fleet: FleetConfig | None = None,
     ) -> DeploymentRuntime:
-        runtime = cls(deployment_id, model_dir)
+        fleet = fleet or FleetConfig()
+        runtime = cls(deployment_id, model_dir, ReplicaSet(fleet, api_key=api_key))
+        runtime.replicas.publisher = runtime._resync
+        processes: dict[str, ServiceProcess] = {}
+
+        async def start_replica(name: str) -> ServiceProcess:
+            index = int(name.rsplit("-", 1)[1])
+            process_name = f"deployment-{deployment_id}-{index}"
+            return await start_rollout_process(
+                process_name, model_name, model_dir, engine, log_dir, env, timeout_s, slot=index
+            )
+
         try:
             if attach:
-                for address in attach:
-                    runtime._add(address, api_key, None)
+                for index, address in enumerate(attach):
+                    runtime.replicas.add(f"replica-{index}", address)
             else:
                 for index in range(count):
-                    name = f"deployment-{deployment_id}-{index}"
-                    process = await start_rollout_process(
-                        name, model_name, model_dir, engine, log_dir, env, timeout_s, slot=index
-                    )
-                    runtime._add(process.address, api_key, process)
-            for replica in runtime.replicas:
-                info = await call(replica.stub.GetInfo(rollout_pb2.RolloutServiceGetInfoRequest()))
-                replica.version = info.weight_version
+                    name = f"replica-{index}"
+                    processes[name] = process = await start_replica(name)
+                    runtime.replicas.add(name, process.address)
+            await runtime.replicas.probe()
+            if not runtime.replicas.health.routable():
+                described = runtime.replicas.describe()
+                raise Unavailable(f"no replica of deployment {deployment_id!r} answered ({described})")
+            # Attached replicas may already serve a later version than the fleet's 0: start from the highest.
+            # (the ones behind it are STALE and resynced to the base model at that version).
+            highest = max(r.version for r in runtime.replicas.health.replicas.values())
+            runtime.replicas.health.published(highest, succeeded=[])
+            runtime.identities = {highest: None}
+            runtime.replicas.start()
+            if processes:
+                runtime.supervisor = ReplicaSupervisor(runtime.replicas, fleet, start_replica)
+                for name, process in processes.items():
+                    runtime.supervisor.watch(name, process)
             from transformers import AutoTokenizer
 
             runtime.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
         except BaseException:
             await runtime.stop()
+            for process in processes.values():
+                await asyncio.to_thread(process.stop)
             raise
         return runtime
 
-    def _add(self, address: str, api_key: str | None, process: ServiceProcess | None) -> None:
-        channel = open_channel(address, api_key=api_key)
-        self.replicas.append(Replica(address, channel, rollout_pb2_grpc.RolloutServiceStub(channel), 0, process))
+    # --- weights ------------------------------------------------------------------------------------
 
-    def next_replica(self) -> Replica:
-        return self.replicas[next(self._turn) % len(self.replicas)]
+    def _loader(self, directory: Path, version: int) -> Publisher:
+        """A fleet publisher that hot-loads `directory` as `version` on the replicas it is given."""
+
+        async def load(addresses: list[str]) -> learner_pb2.PublishWeightsResponse:
+            names = {r.address: r.name for r in self.replicas.health.replicas.values()}
+            request = rollout_pb2.LoadWeightsRequest(path=str(directory), version=version)
+
+            async def load_one(address: str) -> learner_pb2.PublishTargetResult:
+                stub = self.replicas.stub(names[address])
+                try:
+                    await call(stub.LoadWeights(request, timeout=self.replicas.config.publish_timeout_s))
+                except (AnvilError, grpc.aio.AioRpcError) as exc:
+                    return learner_pb2.PublishTargetResult(address=address, ok=False, error=str(exc))
+                return learner_pb2.PublishTargetResult(address=address, ok=True)
+
+            targets = await asyncio.gather(*(load_one(address) for address in addresses))
+            return learner_pb2.PublishWeightsResponse(version=version, targets=targets)
+
+        return load
+
+    async def _resync(self, addresses: list[str]) -> learner_pb2.PublishWeightsResponse:
+        """The fleet's resync of replicas that came back: the served snapshot under the fleet's version."""
+        return await self._loader(self.served or self.model_dir, self.replicas.health.version)(addresses)
 
     async def hot_load(self, identity: str, snapshots: SnapshotStore, previous: str | None) -> None:
-        """Serve snapshot `identity` on every replica, or leave everything as it was."""
+        """Serve snapshot `identity` on the deployment's replicas, or leave everything as it was."""
         async with self._lock:
             self.loading = {"stage": "loading", "target_snapshot_identity": identity}
             try:
@@ -110,44 +153,39 @@ class DeploymentRuntime:
                         f"serves {self.current_identity!r}; hot-load a base snapshot"
                     )
                 directory = await asyncio.to_thread(snapshots.materialize, identity)
-                fallback = (
-                    await asyncio.to_thread(snapshots.materialize, self.current_identity)
-                    if self.current_identity
-                    else self.model_dir
-                )
-                swapped: list[Replica] = []
-                try:
-                    for replica in self.replicas:
-                        await self._load(replica, directory)
-                        swapped.append(replica)
-                except BaseException:
-                    for replica in swapped:
-                        await self._load(replica, fallback)
-                    raise
-                self.current_identity = identity
+                health = self.replicas.health
+                version = max(health.version, *(r.version for r in health.replicas.values())) + 1
+                self.identities[version] = identity
+                reply = await self.replicas.publish(self._loader(directory, version))
+                if reply is None or not any(target.ok for target in reply.targets):
+                    errors = "; ".join(t.error for t in reply.targets) if reply is not None else "none reachable"
+                    raise Unavailable(f"no replica of the deployment took the snapshot ({errors})")
+                self.current_identity, self.served = identity, directory
                 self.loading = {"stage": "done", "target_snapshot_identity": identity}
             except Exception as exc:
                 log.warning("hot-load of %s into %s failed: %s", identity, self.deployment_id, exc)
                 self.loading = {"stage": "error", "target_snapshot_identity": identity, "message": str(exc)}
 
-    async def _load(self, replica: Replica, directory: Path) -> None:
-        version = replica.version + 1
-        await call(replica.stub.LoadWeights(rollout_pb2.LoadWeightsRequest(path=str(directory), version=version)))
-        replica.version = version
-
     def status(self) -> dict[str, Any]:
-        """Fireworks' hot-load GET body."""
-        ready = self.loading.get("stage") != "loading"
-        replica = {
-            "readiness": ready,
-            "current_snapshot_identity": self.current_identity,
-            "loading_state": self.loading,
+        """Fireworks' hot-load GET body: one entry per replica, with the snapshot it serves."""
+        loading = self.loading.get("stage") == "loading"
+        return {
+            "replicas": [
+                {
+                    "replica_id": replica.name.rsplit("-", 1)[1],
+                    "readiness": replica.state is ReplicaState.HEALTHY and not loading,
+                    "current_snapshot_identity": self.identities.get(replica.version),
+                    "loading_state": self.loading,
+                    "anvil_state": replica.state.value,
+                }
+                for replica in self.replicas.health.replicas.values()
+            ]
         }
-        return {"replicas": [dict(replica, replica_id=str(i)) for i in range(len(self.replicas))]}
 
     async def stop(self) -> None:
-        for replica in self.replicas:
-            await replica.channel.close()
-            if replica.process is not None:
-                await asyncio.to_thread(replica.process.stop)
-        self.replicas.clear()
+        if self.supervisor is not None:
+            await self.supervisor.close()
+            for process in self.supervisor.processes.values():
+                await asyncio.to_thread(process.stop)
+            self.supervisor = None
+        await self.replicas.close()

@@ -33,12 +33,15 @@ class Serve:
         return self.process.wait(timeout=120)
 
 
-def start_serve(workdir: Path, state_dir: Path) -> Serve:
+def start_serve(workdir: Path, state_dir: Path, *settings: str) -> Serve:
+    """`anvil serve` with a torch rollout engine and `settings` (more `--set` overrides)."""
     log = workdir / f"serve-{time.monotonic_ns()}.log"
     command = [
         sys.executable, "-m", "coordinator", "serve", "--set", "port=0", "--set", f'api_keys=["{KEY}"]',
         "--set", f'state_dir="{state_dir}"', "--set", 'services.rollout_engine.type="torch"',
     ]  # fmt: skip
+    for setting in settings:
+        command += ["--set", setting]
     with log.open("w") as handle:
         process = subprocess.Popen(
             command, stdout=handle, stderr=subprocess.STDOUT, cwd=workdir, env={**os.environ, "PYTHONUNBUFFERED": "1"}
