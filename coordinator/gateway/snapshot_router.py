@@ -9,12 +9,19 @@ a replica (no new requests for its current snapshot; running ones finish) and ho
 snapshot with `LoadWeights` (atomic on the replica: a sample never mixes weights). Load versions are
 the router's own increasing counter per replica, since the rollout's versions only increase. A replica
 that was restarted serves the base model again.
+
+A snapshot in demand spreads: when a request for it finds every replica serving it busy, an idle replica
+whose own snapshot nobody asked for in the last `SPREAD_QUIET_S` loads it too (in the background; the
+request runs where the snapshot already is). So a Tinker RL loop, which samples a burst from each new
+snapshot, uses the whole fleet; two snapshots in use at once keep their own replicas instead of thrashing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +36,9 @@ from protos.status import call
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+SPREAD_QUIET_S = 2.0
+"""A replica whose snapshot had no request for this long may be taken over by a busier snapshot."""
 
 
 class _LoadFailed(Exception):
@@ -53,6 +63,8 @@ class SnapshotRouter:
         self.base = base
         self._serving: dict[str, _Serving] = {}
         self._changed = asyncio.Condition()
+        self._last_wanted: dict[Path, float] = {}
+        self._spreading: set[asyncio.Task] = set()
         self.loads = 0
 
     async def start(self) -> None:
@@ -107,10 +119,13 @@ class SnapshotRouter:
             while True:
                 names = self._candidates(failed)
                 states = {name: self._state(name) for name in names}
+                self._last_wanted[snapshot] = time.monotonic()
                 ready = [n for n, s in states.items() if s.loaded == snapshot and not s.draining and not s.swapping]
                 if ready:
                     name = min(ready, key=lambda n: states[n].inflight)
                     states[name].inflight += 1
+                    if states[name].inflight > 1:
+                        self._spread(snapshot, states)
                     return name
                 idle = [n for n, s in states.items() if s.inflight == 0 and not s.swapping]
                 if not any(s.loaded == snapshot or s.swapping for s in states.values()) and idle:
@@ -129,7 +144,40 @@ class SnapshotRouter:
                     waited += 1.0
         return await self._load(name, snapshot)
 
-    async def _load(self, name: str, snapshot: Path) -> str:
+    def _spread(self, snapshot: Path, states: dict[str, _Serving]) -> None:
+        """Every replica serving `snapshot` is busy: load it onto an idle replica whose own snapshot is not
+        in use (no request in flight, none asked for lately), in the background. Called under _changed."""
+        if any(state.swapping for state in states.values()):
+            return  # one load at a time: a spread already under way may be for this very snapshot
+        quiet_since = time.monotonic() - SPREAD_QUIET_S
+        spare = [
+            name
+            for name, state in states.items()
+            if state.inflight == 0
+            and not state.draining
+            and state.loaded != snapshot
+            and (state.loaded is None or self._last_wanted.get(state.loaded, float("-inf")) < quiet_since)
+        ]
+        if not spare:
+            return
+        name = spare[0]
+        states[name].swapping = True
+        task = asyncio.get_running_loop().create_task(self._spread_to(name, snapshot))
+        self._spreading.add(task)
+        task.add_done_callback(self._spreading.discard)
+
+    async def _spread_to(self, name: str, snapshot: Path) -> None:
+        try:
+            await self._load(name, snapshot, claim=False)
+        except _LoadFailed as exc:
+            logger.warning("rollout %s failed to load a snapshot in demand (%s)", name, exc)
+            if name in self.replicas.health.replicas:
+                self.replicas.health.failed(name)
+        except Exception as exc:  # deleted snapshot, removed replica, refused load: the request ran anyway
+            logger.warning("rollout %s did not take a snapshot in demand: %s", name, exc)
+
+    async def _load(self, name: str, snapshot: Path, claim: bool = True) -> str:
+        """Load `snapshot` on `name` (marked swapping by the caller); `claim`: the caller's request runs there."""
         state = self._state(name)
         try:
             if not snapshot.is_dir():
@@ -148,9 +196,13 @@ class SnapshotRouter:
             raise
         async with self._changed:
             state.version, state.loaded, state.swapping = version, snapshot, False
-            state.inflight += 1
+            state.inflight += 1 if claim else 0
             self._changed.notify_all()
         return name
 
     async def close(self) -> None:
+        for task in list(self._spreading):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.replicas.close()
