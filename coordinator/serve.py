@@ -6,7 +6,10 @@ and `coordinator.service_mode` (deployments, RLOR trainer jobs, hot-load, comple
 `/training/v1/rlorTrainerJobs/...` prefix to each job's own gateway). `start_gateway` builds both and
 binds the HTTP server (port 0 picks a free one); `serve` also starts the learner and rollout processes
 that are not given by address (through `coordinator.services`, as `anvil run` does), prints
-`LISTENING host:port`, and stops everything it started on SIGTERM / Ctrl-C.
+`LISTENING host:port`, and stops everything it started on SIGTERM / Ctrl-C: quietly, with one line and
+exit status 0 (uvicorn is told to exit and finishes its own shutdown before anything is cancelled; the
+app has no lifespan handlers, so uvicorn's lifespan task - whose cancellation it logs as a traceback - is
+off).
 """
 
 from __future__ import annotations
@@ -40,18 +43,26 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
+SHUTDOWN_GRACE_S = 5.0
+"""How long uvicorn may finish requests in flight (a long poll holds one up to `long_poll_s`)."""
+
+
 @dataclass
 class RunningGateway:
     address: str
     service: TinkerService
     server: uvicorn.Server
     control: ServiceMode
+    serving: asyncio.Task
+    """uvicorn's `serve()`; it returns once `should_exit` is set and its connections are closed."""
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     async def stop(self) -> None:
         self.server.should_exit = True
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+            await asyncio.wait_for(asyncio.shield(self.serving), SHUTDOWN_GRACE_S + 2)
         await self.control.stop()
-        for task in self.tasks:
+        for task in [*self.tasks, self.serving]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -85,7 +96,14 @@ async def start_gateway(
     app.include_router(control_router(control))
     control.restore()
     server = _QuietServer(
-        uvicorn.Config(TrainerGateway(app, control), host=config.host, port=config.port, log_level="warning")
+        uvicorn.Config(
+            TrainerGateway(app, control),
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        )
     )
     serving = asyncio.get_running_loop().create_task(server.serve())
     while not server.started:
@@ -95,14 +113,38 @@ async def start_gateway(
         await asyncio.sleep(0.02)
     host, port = server.servers[0].sockets[0].getsockname()[:2]
     expiry = asyncio.get_running_loop().create_task(service.sessions.expire_forever(config.session_timeout_s))
-    return RunningGateway(f"{host}:{port}", service, server, control, [expiry, serving])
+    return RunningGateway(f"{host}:{port}", service, server, control, serving, [expiry])
+
+
+STOPPING = "anvil serve: stopping; the services it started are stopped too"
 
 
 async def serve(config: GatewayConfig) -> None:
-    """Start missing services, serve until cancelled, then stop what was started."""
+    """Start missing services, serve until SIGTERM / Ctrl-C, then stop what was started (returns normally)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # SIGTERM (a scheduler, `kill`) stops like Ctrl-C: the `finally` blocks stop what was started.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    main = asyncio.current_task()
+    stop_requested = asyncio.Event()
+
+    def on_sigterm() -> None:
+        """SIGTERM (a scheduler, `kill`) stops like Ctrl-C: the `finally` blocks stop what was started.
+        Only the first one cancels, so a second signal cannot interrupt that cleanup."""
+        if not stop_requested.is_set():
+            stop_requested.set()
+            print(STOPPING, flush=True)
+            main.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        await _serve(config, stop_requested)
+    except asyncio.CancelledError:
+        if not stop_requested.is_set():
+            raise
+        main.uncancel()  # this cancellation was the SIGTERM stop, and it is done: exit normally
+    finally:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+
+
+async def _serve(config: GatewayConfig, stop_requested: asyncio.Event) -> None:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(config.model)
     overrides = (f"max_sessions={config.learner_max_sessions}",)
@@ -124,7 +166,9 @@ async def serve(config: GatewayConfig) -> None:
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
-            print("anvil serve: stopping; the services it started are stopped too", flush=True)
+            if not stop_requested.is_set():  # Ctrl-C; SIGTERM has said it already
+                print(STOPPING, flush=True)
+            raise
         finally:
             if supervisor is not None:
                 await supervisor.close()

@@ -2,9 +2,11 @@
 
 HTTP concerns only: auth (`X-API-Key`), body parsing, status codes, and the result encoding of
 `retrieve_future` (protobuf when the poll accepts `application/x-protobuf`, JSON otherwise). A request
-the gateway cannot even attribute (bad JSON, unknown session) is a 4xx; anything wrong with the work
-itself comes back through its future as `{"error", "category"}`, which the SDK raises as
-RequestFailedError, so a training client's seq_id sequence never stalls on a rejected request.
+the gateway cannot even attribute (bad JSON, unknown session, a seq_id that is not an integer) is a 4xx
+`{"detail": message}`; anything wrong with the work itself comes back through its future as
+`{"error", "category": "user"}`, which the SDK raises as RequestFailedError, so a training client's seq_id
+sequence never stalls on a rejected request. The bodies' fields are declared in `bodies.py`, whose
+`parse` names the bad field; no message shows a server filesystem path (`futures.without_paths`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import json
 import time
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from coordinator.gateway.futures import Outcome
+from coordinator.gateway import bodies
+from coordinator.gateway.bodies import parse
+from coordinator.gateway.futures import Outcome, without_paths
 from coordinator.gateway.service import TinkerService
 from coordinator.gateway.wire import forward_call_from_json, forward_call_from_proto
 from protos.errors import AlreadyExists, AnvilError, FailedPrecondition, InvalidArgument, NotFound
@@ -28,10 +33,14 @@ _STATUS = {InvalidArgument: 400, NotFound: 404, FailedPrecondition: 400, Already
 
 async def body_json(request: Request) -> dict[str, Any]:
     """The request's JSON object body ({} when empty); InvalidArgument otherwise."""
+    return json_object(await request.body())
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body() or b"{}")
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"the body is not JSON: {exc}") from exc
+        body = json.loads(raw or b"{}")
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise InvalidArgument(f"the body is not JSON ({exc}); send a JSON object") from None
     if not isinstance(body, dict):
         raise InvalidArgument("the body must be a JSON object")
     return body
@@ -49,12 +58,14 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
 
     @app.exception_handler(AnvilError)
     async def anvil_error(request: Request, exc: AnvilError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, _STATUS.get(type(exc), 500))
+        detail = without_paths(str(exc), service.futures.private_roots)
+        return JSONResponse({"detail": detail}, _STATUS.get(type(exc), 500))
 
-    def field(body: dict[str, Any], name: str) -> Any:
-        if body.get(name) is None:
-            raise InvalidArgument(f"the request needs {name!r}")
-        return body[name]
+    @app.exception_handler(RequestValidationError)
+    async def bad_query(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """A bad query or path parameter (`?limit=abc`): 400 in the same `{"detail": str}` form."""
+        errors = [dict(error, loc=tuple(error["loc"][1:])) for error in exc.errors()]
+        return JSONResponse({"detail": bodies.describe(errors)}, 400)
 
     # --- client bootstrap, health, sessions -----------------------------------------------------------
 
@@ -85,15 +96,15 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
 
     @app.post("/api/v1/create_session")
     async def create_session(request: Request) -> dict[str, Any]:
-        body = await body_json(request)
-        session = service.sessions.create(body.get("user_metadata") or {})
+        given = parse(bodies.NewSession, await body_json(request))
+        session = service.sessions.create(given.user_metadata or {})
         return {"type": "create_session", "session_id": session.session_id}
 
     @app.post("/api/v1/session_heartbeat")
     async def heartbeat(request: Request) -> Response:
-        body = await body_json(request)
+        session_id = parse(bodies.SessionRef, await body_json(request)).session_id
         try:
-            session = service.sessions.get(field(body, "session_id"))
+            session = service.sessions.get(session_id)
         except NotFound as exc:
             return JSONResponse({"detail": str(exc)}, 410)
         session.last_heartbeat = time.monotonic()
@@ -123,13 +134,11 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
 
     @app.post("/api/v1/create_model")
     async def create_model(request: Request) -> dict[str, Any]:
-        body = await body_json(request)
-        field(body, "session_id"), field(body, "model_seq_id")
-        return service.create_model(body)
+        return service.create_model(await body_json(request))
 
     @app.post("/api/v1/get_info")
     async def get_info(request: Request) -> dict[str, Any]:
-        return service.get_info(field(await body_json(request), "model_id"))
+        return service.get_info(parse(bodies.ModelRef, await body_json(request)).model_id)
 
     @app.post("/api/v1/forward_backward")
     async def forward_backward(request: Request) -> dict[str, Any]:
@@ -137,11 +146,14 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
         if request.headers.get("content-encoding") == "zstd":
             import zstandard
 
-            raw = zstandard.ZstdDecompressor().decompress(raw)
+            try:
+                raw = zstandard.ZstdDecompressor().decompress(raw)
+            except zstandard.ZstdError as exc:
+                raise InvalidArgument(f"the body is not zstd-compressed as its Content-Encoding says ({exc})") from None
         if request.headers.get("content-type", "").startswith(PROTOBUF):
             call = forward_call_from_proto(raw)
         else:
-            call = forward_call_from_json(await body_json(request), forward_only=False)
+            call = forward_call_from_json(json_object(raw), forward_only=False)
         kind = "forward" if call.forward_only else "forward_backward"
         return service.submit(
             call.model_id, call.seq_id, raw, kind, lambda model: service.training.forward(model, call)
@@ -158,9 +170,8 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
     async def sequenced(request: Request, kind: str, work) -> dict[str, Any]:
         raw = await request.body()
         body = await body_json(request)
-        return service.submit(
-            field(body, "model_id"), int(field(body, "seq_id")), raw, kind, lambda model: work(model, body)
-        )
+        envelope = parse(bodies.Sequenced, body)
+        return service.submit(envelope.model_id, envelope.seq_id, raw, kind, lambda model: work(model, body))
 
     @app.post("/api/v1/optim_step")
     async def optim_step(request: Request) -> dict[str, Any]:
@@ -175,6 +186,7 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
         return await sequenced(
             request,
             "save_weights_for_sampler",
+            # seq_id is an integer here: `sequenced` parsed it before queueing the work
             lambda model, body: service.sampler_weights.save(model, body, int(body["seq_id"])),
         )
 
@@ -182,13 +194,8 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
     async def load_weights(request: Request) -> dict[str, Any]:
         body = await body_json(request)
         if body.get("model_id") is None:  # create-via-load: a new training client from a state
-            field(body, "session_id"), field(body, "model_seq_id"), field(body, "path")
             return service.create_from_state(body)
-        return await sequenced(
-            request,
-            "load_weights",
-            lambda model, b: service.training.load_state(model, str(field(b, "path")), bool(b.get("optimizer"))),
-        )
+        return await sequenced(request, "load_weights", service.training.load)
 
     @app.get("/api/v1/list_checkpoints")
     async def list_checkpoints() -> dict[str, Any]:
@@ -196,16 +203,14 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
 
     @app.post("/api/v1/unload_model")
     async def unload_model(request: Request) -> dict[str, Any]:
-        model_id = str(field(await body_json(request), "model_id"))
+        model_id = parse(bodies.ModelRef, await body_json(request)).model_id
         return {"request_id": service.futures.run("unload_model", lambda: service.unload_model(model_id))}
 
     # --- sampling ------------------------------------------------------------------------------------
 
     @app.post("/api/v1/create_sampling_session")
     async def create_sampling_session(request: Request) -> dict[str, Any]:
-        body = await body_json(request)
-        field(body, "session_id"), field(body, "sampling_session_seq_id")
-        return service.sampling.create_session(body)
+        return service.sampling.create_session(await body_json(request))
 
     @app.get("/api/v1/samplers/{sampler_id}")
     async def get_sampler(sampler_id: str) -> dict[str, Any]:
@@ -219,8 +224,7 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
 
     @app.post("/api/v1/retrieve_future")
     async def retrieve_future(request: Request) -> Response:
-        body = await body_json(request)
-        request_id = str(field(body, "request_id"))
+        request_id = parse(bodies.FutureRef, await body_json(request)).request_id
         outcome: Outcome | None = await service.futures.wait(request_id, config.long_poll_s)
         if outcome is None:
             return JSONResponse({"type": "try_again", "request_id": request_id, "queue_state": "active"})
@@ -240,7 +244,7 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
         return service.training_run(run_id)
 
     @app.get("/api/v1/training_runs")
-    async def training_runs(limit: int = 20, offset: int = 0) -> dict[str, Any]:
+    async def training_runs(limit: int = Query(20, ge=0), offset: int = Query(0, ge=0)) -> dict[str, Any]:
         ids = service.training_runs.ids()
         page = [service.training_run(run_id) for run_id in ids[offset : offset + limit]]
         return {"training_runs": page, "cursor": {"offset": offset, "limit": limit, "total_count": len(ids)}}
@@ -255,13 +259,14 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
         return {}
 
     @app.get("/api/v1/checkpoints")
-    async def all_checkpoints(limit: int = 100, offset: int = 0) -> dict[str, Any]:
+    async def all_checkpoints(limit: int = Query(100, ge=0), offset: int = Query(0, ge=0)) -> dict[str, Any]:
         records = service.checkpoints.all()
         page = [c.to_tinker() for c in records[offset : offset + limit]]
         return {"checkpoints": page, "cursor": {"offset": offset, "limit": limit, "total_count": len(records)}}
 
     @app.post("/api/v1/weights_info")
     async def weights_info(request: Request) -> dict[str, Any]:
-        return service.checkpoints.get(str(field(await body_json(request), "tinker_path"))).weights_info()
+        path = parse(bodies.CheckpointRef, await body_json(request)).tinker_path
+        return service.checkpoints.get(path).weights_info()
 
     return app

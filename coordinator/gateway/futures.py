@@ -2,17 +2,22 @@
 `retrieve_future`, which the gateway long-polls (holds until done or `long_poll_s`, then `try_again`).
 
 A result is an `Outcome`: a value (encoded by the route that polls it) or a categorised error, which
-Tinker's SDK raises as `RequestFailedError`. Finished futures are kept `ttl_s` after completion so a
+Tinker's SDK raises as `RequestFailedError`. Every error passes `resolve`, which takes server filesystem
+paths out of its message (a learner or rollout error names its directories; a remote client must not
+see them, and cannot use them). Finished futures are kept `ttl_s` after completion so a
 poll that was lost in transit can be repeated, then dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from protos.errors import (
@@ -27,6 +32,26 @@ from protos.errors import (
 
 USER_ERRORS = (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Unauthenticated, ResourceExhausted)
 """Errors the caller can fix; everything else is the server's fault (category "server")."""
+
+
+SERVER_PATH = "<server path>"
+_PATH_CHARS = r"[^\s'\"(),;<>]"
+_ABSOLUTE = re.compile(rf"(?<![\w:/.~<>-])/(?!api/|training/|anvil/){_PATH_CHARS}+(?:/{_PATH_CHARS}*)+")
+"""An absolute path of two or more segments; the gateway's own URL paths (/api/v1/...) stay."""
+
+
+def without_paths(message: str, roots: Iterable[Path] = ()) -> str:
+    """`message` with each server filesystem path replaced by `<server path>`: any under `roots` (relative
+    ones too, e.g. `runs/serve/learner/...`), and any absolute path."""
+
+    def replace(match: re.Match[str]) -> str:
+        text = match.group(0)
+        return SERVER_PATH + text[len(text.rstrip(".:")) :]
+
+    for root in roots:
+        for form in {str(root), str(root.resolve())} - {".", "/"}:
+            message = re.sub(rf"(?<![\w/.<>-]){re.escape(form)}(?:/{_PATH_CHARS}*)?", replace, message)
+    return _ABSOLUTE.sub(replace, message)
 
 
 @dataclass(frozen=True)
@@ -54,7 +79,9 @@ class _Entry:
 class FutureStore:
     """request id -> pending or finished Outcome; ids are `req-<n>`, unique for the gateway's lifetime."""
 
-    def __init__(self, ttl_s: float = 900.0) -> None:
+    def __init__(self, ttl_s: float = 900.0, private_roots: Iterable[Path] = ()) -> None:
+        self.private_roots = tuple(private_roots)
+        """Server directories (state, model) whose paths no error message may show."""
         self._entries: dict[str, _Entry] = {}
         self._ids = itertools.count(1)
         self._prefix = f"req-{int(time.time()):x}-"
@@ -68,6 +95,8 @@ class FutureStore:
 
     def resolve(self, request_id: str, outcome: Outcome) -> None:
         entry = self._entries.get(request_id)
+        if outcome.error is not None:
+            outcome = dataclasses.replace(outcome, error=without_paths(outcome.error, self.private_roots))
         if entry is not None and not entry.done.done():
             entry.done.set_result(outcome)
             entry.finished_at = time.monotonic()

@@ -16,10 +16,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from coordinator.gateway.bodies import SaveWeights, parse
 from coordinator.gateway.checkpoints import CheckpointStore
 from coordinator.gateway.sessions import SamplingSession, SessionRegistry, TrainingModel
 from coordinator.gateway.snapshot_store import SnapshotStore
-from protos.errors import FailedPrecondition, InvalidArgument
+from protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 
 
 class SamplerWeights:
@@ -33,17 +34,22 @@ class SamplerWeights:
         self.kept = kept
 
     async def save(self, model: TrainingModel, body: dict[str, Any], seq_id: int) -> dict[str, Any]:
-        name = body.get("path")
+        request = parse(SaveWeights, body)
+        name = request.path
         if name and self.snapshots is not None:
-            return await self._save_snapshot(model, str(name), body.get("checkpoint_type") or "base")
+            return await self._save_snapshot(model, name, request.checkpoint_type or "base")
         if name:
-            reply = await model.learner.save_weights(str(name))
-            record = self.checkpoints.add(model.model_id, "sampler_weights", str(name), reply.path, model.base_model)
+            try:
+                reply = await model.learner.save_weights(name)
+            except AlreadyExists:  # the learner's message names its directory; the client knows the name
+                message = f"sampler weights {name!r} of this training run already exist; choose another name"
+                raise AlreadyExists(message) from None
+            record = self.checkpoints.add(model.model_id, "sampler_weights", name, reply.path, model.base_model)
             return {"path": record.path, "type": "save_weights_for_sampler"}
-        if body.get("sampling_session_seq_id") is None:
+        if request.sampling_session_seq_id is None:
             raise InvalidArgument("save_weights_for_sampler needs a path (name) or a sampling_session_seq_id")
         session_id = model.model_id.split(":", 1)[0]
-        sampler_id = f"{session_id}:sample:{int(body['sampling_session_seq_id'])}"
+        sampler_id = f"{session_id}:sample:{request.sampling_session_seq_id}"
         reply = await model.learner.save_weights(f"snapshot-{seq_id}", overwrite=True)
         snapshot = Path(reply.path)
         model.unnamed_snapshots.append(snapshot)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from coordinator.gateway.bodies import NewSampler, Sample, SampleEnvelope, SamplingParams, parse
 from coordinator.gateway.checkpoints import CheckpointStore
 from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.futures import FutureStore
@@ -49,11 +50,12 @@ class Sampling:
         """The rollout replicas; None on a trainer job's gateway (it samples through a deployment)."""
 
     def create_session(self, body: dict[str, Any]) -> dict[str, Any]:
-        session = self.sessions.get(body["session_id"])
-        sampler_id = f"{session.session_id}:sample:{int(body['sampling_session_seq_id'])}"
+        envelope = parse(NewSampler, body)
+        session = self.sessions.get(envelope.session_id)
+        sampler_id = f"{session.session_id}:sample:{envelope.sampling_session_seq_id}"
         if sampler_id not in session.samplers:
-            if body.get("model_path"):
-                record = self.checkpoints.get(body["model_path"])
+            if envelope.model_path:
+                record = self.checkpoints.get(envelope.model_path)
                 if record.kind != "sampler_weights":
                     raise FailedPrecondition(
                         f"{record.path} is a training state; sample from a save_weights_for_sampler path "
@@ -61,7 +63,7 @@ class Sampling:
                     )
                 sampler = SamplingSession(sampler_id, record.base_model, Path(record.local_path), record.path)
             else:
-                base_model = self.config.check_base_model(body.get("base_model"), self.model_dir)
+                base_model = self.config.check_base_model(envelope.base_model, self.model_dir)
                 sampler = SamplingSession(sampler_id, base_model, self.model_dir)
             session.samplers[sampler_id] = sampler
         return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
@@ -71,38 +73,33 @@ class Sampling:
         return {"sampler_id": sampler_id, "base_model": sampler.base_model, "model_path": sampler.model_path}
 
     def asample(self, body: dict[str, Any]) -> dict[str, Any]:
-        sampler_id = body.get("sampling_session_id")
-        if not sampler_id:
-            raise InvalidArgument("asample needs a sampling_session_id (create a sampling client first)")
-        sampler = self.sessions.sampler(sampler_id)
-        num_samples = int(body.get("num_samples", 1))
-        seq_id = int(body.get("seq_id", 0))
+        envelope = parse(SampleEnvelope, body)  # a bad id or count is a 4xx; the rest fails the future
+        sampler = self.sessions.sampler(envelope.sampling_session_id)
+        seq_id = envelope.seq_id
         if seq_id not in sampler.requests:
             sampler.requests[seq_id] = self.futures.run("sample", lambda: self._sample(sampler, body))
-        ids = [f"{sampler_id}:{seq_id}:{index}" for index in range(num_samples)]
+        ids = [f"{sampler.sampling_session_id}:{seq_id}:{index}" for index in range(envelope.num_samples)]
         return {"request_id": sampler.requests[seq_id], "sample_sequence_ids": ids}
 
     async def _sample(self, sampler: SamplingSession, body: dict[str, Any]) -> SampleResult:
+        given = parse(Sample, body)
         for field, what in UNSUPPORTED_FIELDS:
-            if body.get(field):
+            if getattr(given, field):
                 raise InvalidArgument(f"{field} ({what}) is not supported by this server; leave it at 0")
-        if body.get("target_prompt_logprobs"):
+        if given.target_prompt_logprobs:
             raise InvalidArgument("target_prompt_logprobs is not supported by this server")
         prompt = []
-        for chunk in (body.get("prompt") or {}).get("chunks") or []:
-            if chunk.get("type", "encoded_text") != "encoded_text":
-                raise InvalidArgument(f"prompt has a {chunk.get('type')!r} chunk; Anvil's models read text tokens")
-            prompt.extend(int(t) for t in chunk.get("tokens") or [])
+        for chunk in given.prompt.chunks:
+            if chunk.type != "encoded_text":
+                raise InvalidArgument(f"prompt has a {chunk.type!r} chunk; Anvil's models read text tokens")
+            prompt.extend(chunk.tokens)
         if not prompt:
             raise InvalidArgument("the prompt is empty; send at least one token")
-        num_samples = int(body.get("num_samples", 1))
-        if num_samples < 1:
-            raise InvalidArgument(f"num_samples is {num_samples}; it must be >= 1")
-        params = self._sampling_params(body.get("sampling_params") or {})
-        want_prompt_logprobs = bool(body.get("prompt_logprobs"))
+        params = self._sampling_params(given.sampling_params or SamplingParams())
+        want_prompt_logprobs = bool(given.prompt_logprobs)
         request = rollout_pb2.SampleRequest(
             prompt_tokens=prompt,
-            num_samples=num_samples,
+            num_samples=given.num_samples,
             sampling_params=params,
             include_prompt_logprobs=want_prompt_logprobs,
         )
@@ -110,18 +107,22 @@ class Sampling:
             raise FailedPrecondition("this trainer has no sampler; sample from a deployment (hot-load a snapshot)")
         reply = await self.router.run(sampler.snapshot, lambda stub: stub.Sample(request))
         prompt_logprobs = (
-            prompt_logprobs_of(reply, len(prompt), body.get("prompt_logprobs_last_n")) if want_prompt_logprobs else None
+            prompt_logprobs_of(reply, len(prompt), given.prompt_logprobs_last_n) if want_prompt_logprobs else None
         )
         return SampleResult(reply, prompt_logprobs)
 
-    def _sampling_params(self, given: dict[str, Any]) -> common_pb2.SamplingParams:
+    def _sampling_params(self, given: SamplingParams) -> common_pb2.SamplingParams:
+        from coordinator.client import types
         from coordinator.client.convert import sampling_params_to_proto
-        from coordinator.client.types import SamplingParams
 
-        unknown = sorted(set(given) - SAMPLING_FIELDS)
+        fields = given.model_dump(exclude_unset=True)
+        unknown = sorted(set(fields) - SAMPLING_FIELDS)
         if unknown:
             raise InvalidArgument(f"sampling_params has unknown field(s) {unknown}; allowed: {sorted(SAMPLING_FIELDS)}")
-        params = SamplingParams(**{k: v for k, v in given.items() if v is not None or k == "stop"})
+        params = types.SamplingParams(**{k: v for k, v in fields.items() if v is not None or k == "stop"})
         if params.max_tokens is None:
             params.max_tokens = self.config.default_max_tokens
-        return sampling_params_to_proto(params)
+        try:
+            return sampling_params_to_proto(params)
+        except (TypeError, ValueError) as exc:  # a value out of the wire's range (protobuf says which)
+            raise InvalidArgument(f"sampling_params: {exc}") from None

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from coordinator.client.learner_api import LearnerSession
+from coordinator.gateway.bodies import ModelSettings, NewModel, OptimizerConfig, parse
 from coordinator.gateway.checkpoints import CheckpointStore, utc_now
 from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.futures import FutureStore
@@ -56,7 +57,7 @@ class TinkerService:
         """The model name the learner knows (its directory when this process started it)."""
         self.model_dir = model_dir
         self.router = router
-        self.futures = FutureStore()
+        self.futures = FutureStore(private_roots=(config.state_dir, model_dir))
         self.sessions = SessionRegistry()
         self.checkpoints = CheckpointStore(config.state_dir)
         self.training_runs = TrainingRuns(config.state_dir)
@@ -65,10 +66,12 @@ class TinkerService:
         self.sampling = Sampling(config, model_dir, self.sessions, self.futures, self.checkpoints, router)
 
     def _create_model_once(self, body: dict[str, Any], kind: str, make_work: MakeWork) -> dict[str, Any]:
-        """Start `make_work(session, model_id)` once per (session, model_seq_id); retries get its request id."""
-        session = self.sessions.get(body["session_id"])
-        model_id = f"{session.session_id}:train:{int(body['model_seq_id'])}"
-        key = f"model:{body['model_seq_id']}"
+        """Start `make_work(session, model_id)` once per (session, model_seq_id); retries get its request id.
+        A bad session_id / model_seq_id raises here (a 4xx); the rest of the body is checked by the work."""
+        envelope = parse(NewModel, body)
+        session = self.sessions.get(envelope.session_id)
+        model_id = f"{session.session_id}:train:{envelope.model_seq_id}"
+        key = f"model:{envelope.model_seq_id}"
         if key not in session.requests:
             session.requests[key] = self.futures.run(kind, make_work(session, model_id))
         return {"request_id": session.requests[key], "model_id": model_id}
@@ -76,16 +79,17 @@ class TinkerService:
     def create_model(self, body: dict[str, Any]) -> dict[str, Any]:
         def make_work(session: Session, model_id: str):
             async def work() -> dict[str, Any]:
-                rank = (body.get("lora_config") or {}).get("rank", 0)
+                settings = parse(ModelSettings, body)
+                rank = settings.lora_config.rank if settings.lora_config else 0
                 if rank:
                     raise InvalidArgument(
                         f"LoRA rank {rank} requested, but Anvil trains full-parameter models only (lora_rank = 0): "
                         "service-mode trainers are full-parameter only. Pass rank=0."
                     )
-                _check_optimizer(body.get("optimizer_config"))
-                base_model = self.config.check_base_model(body.get("base_model"), self.model_dir)
-                seed = (body.get("lora_config") or {}).get("seed") or 0
-                await self._open_model(session, model_id, base_model, seed, body.get("user_metadata"))
+                _check_optimizer(settings.optimizer_config)
+                base_model = self.config.check_base_model(settings.base_model, self.model_dir)
+                seed = (settings.lora_config.seed if settings.lora_config else None) or 0
+                await self._open_model(session, model_id, base_model, seed, settings.user_metadata)
                 return {"model_id": model_id, "type": "create_model"}
 
             return work
@@ -97,12 +101,15 @@ class TinkerService:
 
         def make_work(session: Session, model_id: str):
             async def work() -> dict[str, Any]:
-                record = self.checkpoints.get(self.checkpoints.resolve_state(str(body.get("path", "")), None))
-                _check_optimizer(body.get("optimizer_config"))
-                base_model = self.config.check_base_model(body.get("base_model") or record.base_model, self.model_dir)
-                model = await self._open_model(session, model_id, base_model, 0, body.get("user_metadata"))
+                settings = parse(ModelSettings, body)
+                if not settings.path:
+                    raise InvalidArgument("the request needs 'path': a tinker://…/weights/… path or a checkpoint name")
+                record = self.checkpoints.get(self.checkpoints.resolve_state(settings.path, None))
+                _check_optimizer(settings.optimizer_config)
+                base_model = self.config.check_base_model(settings.base_model or record.base_model, self.model_dir)
+                model = await self._open_model(session, model_id, base_model, 0, settings.user_metadata)
                 try:
-                    return await self.training.load_state(model, record.path, bool(body.get("optimizer")))
+                    return await self.training.load_state(model, record.path, settings.optimizer)
                 except BaseException:
                     session.models.pop(model_id, None)
                     await model.executor.close("the load failed")
@@ -158,6 +165,6 @@ class TinkerService:
         return self.training_runs.describe(run_id, self.checkpoints, live)
 
 
-def _check_optimizer(optimizer: dict | None) -> None:
-    if optimizer and optimizer.get("type", "adamw") != "adamw":
-        raise InvalidArgument(f"optimizer {optimizer.get('type')!r} is not available; use AdamOptimizerConfig")
+def _check_optimizer(optimizer: OptimizerConfig | None) -> None:
+    if optimizer and optimizer.type != "adamw":
+        raise InvalidArgument(f"optimizer {optimizer.type!r} is not available; use AdamOptimizerConfig")

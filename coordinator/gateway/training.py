@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.gateway.bodies import OptimStep, SaveWeights, parse
 from coordinator.gateway.checkpoints import CheckpointStore
 from coordinator.gateway.results import ForwardResult
 from coordinator.gateway.sessions import TrainingModel
 from coordinator.gateway.wire import ForwardCall, numeric_loss_config
 from protos.adam import WIRE_FIELDS, adam_params
-from protos.errors import InvalidArgument
+from protos.errors import AlreadyExists, InvalidArgument
 
 UNSUPPORTED_LOSSES = {
     "stable_reinforce": "loss_fn 'stable_reinforce' is Tinker's proprietary loss (its maths is unpublished) and "
@@ -57,14 +58,15 @@ class TrainingOps:
         return ForwardResult(logprobs, shapes, metrics, output_type)
 
     async def optim_step(self, model: TrainingModel, body: dict[str, Any]) -> dict[str, Any]:
-        if body.get("optimizer_params"):
+        request = parse(OptimStep, body)
+        if request.optimizer_params:
             raise InvalidArgument("only Adam is available; pass adam_params (AdamParams)")
-        given = dict(body.get("adam_params") or {})
+        given = dict(request.adam_params or {})
         given.pop("emit_grad_norm_metrics", None)  # Fireworks: grad_norm:mean is always reported
         unknown = sorted(set(given) - set(WIRE_FIELDS))
         if unknown:
             raise InvalidArgument(f"adam_params has unknown field(s) {unknown}; allowed: {sorted(WIRE_FIELDS)}")
-        mode = body.get("grad_accumulation_normalization") or "none"
+        mode = request.grad_accumulation_normalization or "none"
         counts = {"none": 0, "num_loss_tokens": model.loss_tokens, "num_sequences": model.loss_sequences}
         if mode not in counts:
             raise InvalidArgument(f"grad_accumulation_normalization {mode!r}; choose one of {sorted(counts)}")
@@ -74,10 +76,23 @@ class TrainingOps:
         return {"metrics": dict(reply.metrics), "type": "optim_step"}
 
     async def save_state(self, model: TrainingModel, body: dict[str, Any]) -> dict[str, Any]:
-        name = str(body.get("path") or "")
-        reply = await model.learner.save_state(name, overwrite=bool(body.get("overwrite")))
+        request = parse(SaveWeights, body)
+        name = request.path or ""
+        try:
+            reply = await model.learner.save_state(name, overwrite=request.overwrite)
+        except AlreadyExists:  # the learner's message names its directory; the client knows the name
+            raise AlreadyExists(
+                f"checkpoint {name!r} of this training run already exists; choose another name or pass overwrite=true"
+            ) from None
         record = self.checkpoints.add(model.model_id, "weights", name, reply.path, model.base_model)
         return {"path": name if self.bare_checkpoint_names else record.path, "type": "save_weights"}
+
+    async def load(self, model: TrainingModel, body: dict[str, Any]) -> dict[str, Any]:
+        """`load_weights` into an existing training client."""
+        request = parse(SaveWeights, body)
+        if not request.path:
+            raise InvalidArgument("the request needs 'path': a tinker://…/weights/… path or a checkpoint name")
+        return await self.load_state(model, request.path, request.optimizer)
 
     async def load_state(self, model: TrainingModel, path: str, with_optimizer: bool) -> dict[str, Any]:
         path = self.checkpoints.resolve_state(path, model.model_id)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.gateway.bodies import DatumJson, ForwardEnvelope, ForwardInput, parse
 from protos.anvil.tinker.v1 import tinker_public_pb2 as tpb
 from protos.anvil.v1 import common_pb2, rollout_pb2
 from protos.datums import datum_row
@@ -39,10 +40,14 @@ class ForwardCall:
     loss_fn_config: dict[str, float]
     forward_only: bool
     data: list[Any]
-    """Protobuf `Datum`s or JSON datum dicts."""
+    """Protobuf `Datum`s or checked JSON datums (`DatumJson`)."""
+    rejection: str | None = None
+    """Why the request's input is malformed; raised by `rows()`, so inside the request's future."""
 
     def rows(self) -> tuple[list[dict[str, Any]], list[tuple[int, ...]]]:
         """Arrow rows and each datum's target shape ([N] or [N, K]), which the outputs take."""
+        if self.rejection is not None:
+            raise InvalidArgument(self.rejection)
         if not self.data:
             raise InvalidArgument("the request has no datums; send at least one Datum")
         decode = _proto_datum if self.data and isinstance(self.data[0], tpb.Datum) else _json_datum
@@ -70,26 +75,30 @@ def forward_call_from_proto(body: bytes) -> ForwardCall:
 
 
 def forward_call_from_json(body: dict[str, Any], forward_only: bool) -> ForwardCall:
-    """The Tinker <= 0.2x JSON body: {"forward_backward_input"|"forward_input": {...}, "model_id", "seq_id"}."""
-    inner = body.get("forward_input" if forward_only else "forward_backward_input") or body.get("forward_input")
-    if not isinstance(inner, dict):
-        key = "forward_input" if forward_only else "forward_backward_input"
+    """The Tinker <= 0.2x JSON body: {"forward_backward_input"|"forward_input": {...}, "model_id", "seq_id"}.
+
+    A bad model_id / seq_id / input object raises here (a 400: the request cannot be queued); a bad field
+    inside the input is kept as the call's `rejection`, which fails its future in seq_id order."""
+    envelope = parse(ForwardEnvelope, body)
+    key = "forward_input" if forward_only else "forward_backward_input"
+    inner = (None if forward_only else envelope.forward_backward_input) or envelope.forward_input
+    if inner is None:
         raise InvalidArgument(f"the JSON body needs an object {key!r} with data, loss_fn and loss_fn_config")
-    return ForwardCall(
-        model_id=str(body.get("model_id", "")),
-        seq_id=int(body.get("seq_id", 0)),
-        loss_fn=str(inner.get("loss_fn", "")),
-        loss_fn_config=dict(inner.get("loss_fn_config") or {}),
-        forward_only=forward_only,
-        data=list(inner.get("data") or []),
-    )
+    call = ForwardCall(envelope.model_id, envelope.seq_id, "", {}, forward_only, [])
+    try:
+        checked = parse(ForwardInput, inner, where=key)
+    except InvalidArgument as exc:
+        call.rejection = str(exc)
+        return call
+    call.loss_fn, call.loss_fn_config, call.data = checked.loss_fn, dict(checked.loss_fn_config or {}), checked.data
+    return call
 
 
 def numeric_loss_config(config: dict[str, Any]) -> dict[str, float]:
-    """The built-in losses take numbers only."""
+    """The built-in losses take numbers only (a bool is a JSON true/false, not a number)."""
     numbers = {}
     for key, value in config.items():
-        if isinstance(value, str) or not isinstance(value, int | float) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise InvalidArgument(f"loss_fn_config[{key!r}] = {value!r}; the built-in losses take finite numbers")
         numbers[key] = float(value)
     return numbers
@@ -148,23 +157,21 @@ def _proto_datum(index: int, datum: tpb.Datum) -> tuple[dict[str, Any], tuple[in
     return datum_row(tokens, inputs, f"datum {index}")
 
 
-def _json_datum(index: int, datum: Any) -> tuple[dict[str, Any], tuple[int, ...]]:
-    if not isinstance(datum, dict):
-        raise InvalidArgument(f"datum {index} is not an object with model_input and loss_fn_inputs")
+def _json_datum(index: int, datum: DatumJson) -> tuple[dict[str, Any], tuple[int, ...]]:
     tokens: list[int] = []
-    for chunk in (datum.get("model_input") or {}).get("chunks") or []:
-        if chunk.get("type", "encoded_text") != "encoded_text":
-            raise InvalidArgument(f"datum {index}: model_input has a {chunk.get('type')!r} chunk; Anvil reads text")
-        tokens.extend(chunk.get("tokens") or [])
+    for chunk in datum.model_input.chunks:
+        if chunk.type != "encoded_text":
+            raise InvalidArgument(f"datum {index}: model_input has a {chunk.type!r} chunk; Anvil reads text")
+        tokens.extend(chunk.tokens)
     inputs = {}
-    for key, value in (datum.get("loss_fn_inputs") or {}).items():
+    for key, value in datum.loss_fn_inputs.items():
         where = f"datum {index} loss_fn_inputs[{key!r}]"
-        if not isinstance(value, dict) or value.get("dtype") not in _JSON_DTYPES:
-            raise InvalidArgument(f"{where}: expected {{'data': [...], 'dtype': 'int64'|'float32', 'shape': [...]}}")
+        if value.dtype not in _JSON_DTYPES:
+            raise InvalidArgument(f"{where}: dtype {value.dtype!r}; send 'int64' or 'float32'")
         try:
-            array = np.asarray(value.get("data") or [], dtype=_JSON_DTYPES[value["dtype"]])
-            inputs[key] = array.reshape(value["shape"]) if value.get("shape") else array
-        except (TypeError, ValueError) as exc:
+            array = np.asarray(value.data, dtype=_JSON_DTYPES[value.dtype])
+            inputs[key] = array.reshape(value.shape) if value.shape else array
+        except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidArgument(f"{where}: {exc}") from exc
     return datum_row(np.asarray(tokens, dtype=np.int64), inputs, f"datum {index}")
 

@@ -29,8 +29,11 @@ TINKER_KEY = "tml-gateway-test"
 class Stack:
     """Handles of the running stack, for tests that look behind the REST API."""
 
-    def __init__(self, threaded: ThreadedServers, gateway, learner, learner_address: str) -> None:
+    def __init__(
+        self, threaded: ThreadedServers, gateway, learner, learner_address: str, rollout_address: str = ""
+    ) -> None:
         self.threaded, self.gateway, self.learner, self.learner_address = threaded, gateway, learner, learner_address
+        self.rollout_address = rollout_address
         self.base_url = f"http://{gateway.address}"
 
     def run(self, coroutine, timeout: float = 120):
@@ -63,7 +66,7 @@ def build_stack(tmp: Path, model_dir: Path, **gateway_settings) -> Stack:
     gateway = asyncio.run_coroutine_threadsafe(
         start_gateway(config, learner_address, [rollout_address], SERVICE_KEY), threaded.loop
     ).result(60)
-    return Stack(threaded, gateway, learner, learner_address)
+    return Stack(threaded, gateway, learner, learner_address, rollout_address)
 
 
 def stop_stack(stack: Stack) -> None:
