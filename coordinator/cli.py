@@ -73,10 +73,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from coordinator.config import RunConfig
+    from coordinator.failures import report_failure
     from coordinator.run import CONFIG_FILE, run
-    from protos.errors import AnvilError
     from servicekit.config import load_config
 
+    run_dir: Path | None = None
     try:
         if args.resume is not None:
             run_dir = args.resume
@@ -90,12 +91,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             run_dir = args.run_dir or Path("runs") / f"{stamp}-{args.config.stem}"
         asyncio.run(run(config, run_dir, resume=args.resume is not None))
-    except AnvilError as exc:
-        print(f"anvil run: {exc}", file=sys.stderr)
-        return 2
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("anvil run: stopped; the services it started were stopped too", file=sys.stderr)
         return 130
+    except Exception as exc:  # one line naming the failed service (exit 2), or a bug's traceback file (1)
+        return report_failure(exc, run_dir)
     return 0
 
 

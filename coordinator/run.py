@@ -4,10 +4,13 @@ The run directory holds config.json (the resolved config), metrics.jsonl, consum
 checkpoints.jsonl (one line per SaveState: step, next batch, path), logs/ of started services,
 learner/ (the learner's checkpoints when this run started it), tensorboard/ and curves.png.
 
-Resume (`anvil run --resume RUN_DIR`): the latest checkpoint is loaded with its optimizer state, the
-data cursor stored in it (the next batch) tells the loop where to continue, metrics and consumption
-logs are cut back to that step, and the restored weights are published to rollout before sampling
-resumes - so no prompt is lost and none is trained twice.
+Resume (`anvil run --resume RUN_DIR`): the newest checkpoint that verifies is loaded with its optimizer
+state (a newer one that does not - truncated, never finished, deleted - is skipped, and the skip
+printed), the data cursor stored in it (the next batch) tells the loop where to continue, metrics,
+consumption and checkpoint logs are cut back to its step, and the restored weights are published to
+rollout before sampling resumes - so no prompt is lost and none is trained twice.
+
+A service that fails mid-run ends it with a `ServiceFailure` naming the service (coordinator/failures.py).
 """
 
 from __future__ import annotations
@@ -23,23 +26,45 @@ from coordinator.client.learner_api import LearnerSession
 from coordinator.config import RunConfig
 from coordinator.envs import build_source
 from coordinator.envs.answer_env import AnswerEnv
+from coordinator.failures import CHECKPOINTS_FILE, identify_failure
 from coordinator.fleet.replica_set import ReplicaSet
 from coordinator.loop import RLLoop
 from coordinator.models import resolve_model
 from coordinator.recorder import CONSUMED_FILE, METRICS_FILE, Recorder, read_jsonl, truncate_to_step
 from coordinator.services import launch_services
+from protos.anvil.v1 import learner_pb2
 from protos.channels import open_channel
-from protos.errors import NotFound
+from protos.errors import FailedPrecondition, NotFound
 
 CONFIG_FILE = "config.json"
-CHECKPOINTS_FILE = "checkpoints.jsonl"
 
 
-def latest_checkpoint(run_dir: Path) -> dict:
+def recorded_checkpoints(run_dir: Path) -> list[dict]:
+    """checkpoints.jsonl, oldest first; checked before any service starts, so a resume with nothing to
+    resume from fails at once."""
     checkpoints = read_jsonl(run_dir / CHECKPOINTS_FILE)
     if not checkpoints:
         raise NotFound(f"{run_dir} has no checkpoint to resume from ({CHECKPOINTS_FILE} is empty or missing)")
-    return checkpoints[-1]
+    return checkpoints
+
+
+async def load_newest_intact(
+    session: LearnerSession, checkpoints: list[dict], console: Console
+) -> tuple[learner_pb2.LoadStateResponse, dict]:
+    """LoadState the newest checkpoint the learner verifies, skipping (and saying so) newer ones that fail
+    verification. The learner checks every file against the checkpoint's manifest before it loads
+    anything, so a refused checkpoint leaves the session untouched for the next try."""
+    reasons = []
+    for checkpoint in reversed(checkpoints):
+        try:
+            return await session.load_state(checkpoint["path"], with_optimizer=True), checkpoint
+        except (FailedPrecondition, NotFound) as exc:
+            reasons.append(f"step {checkpoint['step']}: {exc}")
+            console.print(
+                f"skipping the checkpoint of step {checkpoint['step']}: {exc}",
+                markup=False, soft_wrap=True, style="yellow",
+            )  # fmt: skip
+    raise FailedPrecondition(f"no checkpoint in {CHECKPOINTS_FILE} verifies ({'; '.join(reasons)})")
 
 
 async def run(config: RunConfig, run_dir: Path, resume: bool = False, console: Console | None = None) -> list[dict]:
@@ -50,7 +75,7 @@ async def run(config: RunConfig, run_dir: Path, resume: bool = False, console: C
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(config.model_dump_json(indent=2))
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    checkpoints = recorded_checkpoints(run_dir) if resume else []
 
     model_dir = resolve_model(config.model)
     from transformers import AutoTokenizer
@@ -68,11 +93,12 @@ async def run(config: RunConfig, run_dir: Path, resume: bool = False, console: C
         base_model = config.model if config.services.learner_address else str(model_dir)
         session = await LearnerSession.create(learner_channel, base_model, lora_rank=0, seed=config.seed)
         start_batch = 0
-        if checkpoint is not None:
-            loaded = await session.load_state(checkpoint["path"], with_optimizer=True)
+        if checkpoints:
+            loaded, checkpoint = await load_newest_intact(session, checkpoints, console)
             start_batch = json.loads(loaded.client_state)["next_batch"]
             session.info.step = loaded.step
-            for log in (METRICS_FILE, CONSUMED_FILE):
+            # Work after the checkpoint (and checkpoints after it, if one was skipped) is redone.
+            for log in (METRICS_FILE, CONSUMED_FILE, CHECKPOINTS_FILE):
                 truncate_to_step(run_dir / log, loaded.step)
             if loaded.step > 0:  # the replicas serve the restored weights before sampling resumes
                 await rollout.publish(
@@ -81,7 +107,10 @@ async def run(config: RunConfig, run_dir: Path, resume: bool = False, console: C
                         target_timeout_s=config.services.fleet.publish_timeout_s,
                     )
                 )  # fmt: skip
-            console.print(f"resumed from step {loaded.step} ({checkpoint['path']}), next batch {start_batch}")
+            console.print(
+                f"resumed from step {loaded.step} ({checkpoint['path']}), next batch {start_batch}",
+                markup=False, soft_wrap=True,
+            )  # fmt: skip
 
         async def save_checkpoint(step: int, next_batch: int) -> None:
             state = json.dumps({"next_batch": next_batch, "step": step}).encode()
@@ -101,6 +130,11 @@ async def run(config: RunConfig, run_dir: Path, resume: bool = False, console: C
             on_checkpoint=save_checkpoint,
         )
         await loop.run()
+    except Exception as exc:
+        failure = await identify_failure(exc, services, rollout)
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
         if supervisor is not None:
             await supervisor.close()
