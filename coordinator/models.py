@@ -24,12 +24,13 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from protos.errors import NotFound
+from protos.errors import InvalidArgument, NotFound
 
 ANVIL_HOME_ENV = "ANVIL_HOME"
 BUILD_RECIPE_VERSION = 1
@@ -98,8 +99,34 @@ def anvil_home() -> Path:
     return Path(os.environ.get(ANVIL_HOME_ENV) or Path.home() / ".cache" / "anvil")
 
 
+ACCOUNT_MODEL = re.compile(r"^accounts/[^/]+/models/(?P<name>[^/]+)$")
+"""Fireworks' form of a model name (the reference workflow's `accounts/fireworks/models/<name>`)."""
+
+
+def model_name_of(base_model: str) -> str:
+    """The model a request's `base_model` names: `anvil-tiny`, `accounts/<account>/models/anvil-tiny` and
+    `anvil-tiny:<tag>` all name the built-in anvil-tiny; a local directory names itself. Every route that
+    takes a base model (deployments, trainer jobs, the Tinker layer, sampling) goes through this."""
+    if not base_model:
+        raise InvalidArgument("base_model is empty; name the model to serve or train (e.g. anvil-tiny)")
+    match = ACCOUNT_MODEL.match(base_model)
+    name = match.group("name") if match else base_model
+    return name if Path(name).expanduser().is_dir() else name.split(":")[0]
+
+
+def same_model(base_model: str, served: str, served_dir: Path) -> bool:
+    """Whether `base_model`, in any accepted form, names the model served as `served` from `served_dir`."""
+    name = model_name_of(base_model)
+    if name in (model_name_of(served), str(served_dir)):
+        return True
+    path = Path(name).expanduser()
+    return path.is_dir() and path.resolve() == served_dir.resolve()
+
+
 def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
-    """Map a built-in name or a local Hugging Face directory to a model directory, building if needed."""
+    """Map a built-in name (in any form model_name_of accepts) or a local Hugging Face directory to a
+    model directory, building a built-in one if needed."""
+    name_or_path = model_name_of(name_or_path)
     if name_or_path in BUILTIN_MODELS:
         return ensure_builtin_model(BUILTIN_MODELS[name_or_path], cache_dir)
     path = Path(name_or_path).expanduser()

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.config import ServicesConfig
+from coordinator.models import model_name_of, same_model
 from protos.errors import InvalidArgument
 
 API_KEYS_ENV = "ANVIL_TINKER_API_KEYS"
@@ -58,9 +59,12 @@ class GatewayConfig(BaseModel):
         return [*self.api_keys, *from_env]
 
     def check_base_model(self, base_model: str | None, model_dir: Path) -> str:
-        """The served model's name for a request's `base_model` (unset, the name, or its directory);
+        """The served model's name for a request's `base_model` (unset, or any form coordinator.models
+        accepts: the name, `accounts/<account>/models/<name>`, its directory);
         InvalidArgument for any other model: one gateway serves one base model."""
-        name = base_model or self.model
-        if name.split(":")[0] not in {self.model, str(model_dir)}:
-            raise InvalidArgument(f"base_model {name!r} is not served here; this server serves {self.model!r}")
+        if base_model and not same_model(base_model, self.model, model_dir):
+            raise InvalidArgument(
+                f"base_model {base_model!r} is not served here; this server serves {self.model!r} "
+                f"(also accepted as accounts/<account>/models/{model_name_of(self.model)})"
+            )
         return self.model

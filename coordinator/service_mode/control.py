@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from pathlib import Path
 from typing import Any
 
 from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.snapshot_store import SnapshotStore
-from coordinator.models import resolve_model
+from coordinator.models import model_name_of, resolve_model
 from coordinator.service_mode.deployments import DeploymentRuntime
 from coordinator.service_mode.jobs import TrainerJobRuntime
 from coordinator.service_mode.store import ResourceStore
@@ -29,13 +28,6 @@ DEPLOYMENTS, JOBS = "deployments", "trainer_jobs"
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
-
-
-def model_name_of(base_model: str) -> str:
-    """`accounts/fireworks/models/anvil-tiny` and `anvil-tiny` both name the built-in anvil-tiny."""
-    if not base_model:
-        raise InvalidArgument("baseModel is empty; name the model to serve or train (e.g. anvil-tiny)")
-    return base_model if Path(base_model).is_dir() else base_model.rsplit("/", 1)[-1]
 
 
 class ServiceMode:

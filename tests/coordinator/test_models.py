@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from coordinator.models import BUILTIN_MODELS, EOS_TOKEN, ensure_builtin_model, resolve_model
-from protos.errors import NotFound
+from coordinator.models import BUILTIN_MODELS, EOS_TOKEN, ensure_builtin_model, model_name_of, resolve_model, same_model
+from protos.errors import InvalidArgument, NotFound
 
 
 def sha256(path: Path) -> str:
@@ -115,3 +115,16 @@ def test_unknown_names_and_non_model_directories_are_not_found(tmp_path: Path):
         resolve_model("anvil-huge")
     with pytest.raises(NotFound, match=r"has no config\.json"):
         resolve_model(str(tmp_path))
+
+
+def test_every_form_of_a_model_name_resolves_to_the_same_model(tmp_path):
+    served = resolve_model("anvil-tiny")
+    for form in ("anvil-tiny", "accounts/fireworks/models/anvil-tiny", "accounts/me/models/anvil-tiny",
+                 "anvil-tiny:v2", str(served)):  # fmt: skip
+        assert same_model(form, "anvil-tiny", served), form
+        assert resolve_model(form) == served, form
+    assert model_name_of("accounts/fireworks/models/anvil-tiny") == "anvil-tiny"
+    for other in ("anvil-small", "accounts/fireworks/models/llama-v3", "Qwen/anvil-tiny", str(tmp_path)):
+        assert not same_model(other, "anvil-tiny", served), other
+    with pytest.raises(InvalidArgument, match="base_model is empty"):
+        model_name_of("")

@@ -56,7 +56,9 @@ def size(path: Path) -> int:
 
 def test_the_sdk_only_driver_end_to_end(serve):
     baseline = serve.children()
-    completed = run_driver(serve)
+    # The seed workflow's model names: every route (deployment, trainer job, its Tinker layer, sampling)
+    # resolves `accounts/<account>/models/<name>` to the served model.
+    completed = run_driver(serve, "--base-model", "accounts/fireworks/models/anvil-tiny")
     assert completed.returncode == 0, completed.stderr[-4000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])
 
