@@ -220,8 +220,7 @@ class ReplicaSet(RolloutCalls):
                 await asyncio.wait_for(self._changed.wait_for(lambda: bool(self.health.routable())), timeout)
         except TimeoutError:
             raise Unavailable(
-                f"no healthy rollout replica for {timeout:g}s ({self.describe()}); restart the replicas or add "
-                "one, then resume the run"
+                f"no healthy rollout replica for {timeout:g}s ({self.describe()}); restart a replica or add one"
             ) from None
 
     # --- weights ------------------------------------------------------------------------------------
