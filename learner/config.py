@@ -19,6 +19,13 @@ class TorchBackendConfig(BaseModel):
     """Backend selector."""
     device: str = "auto"
     """"auto" (CUDA when present, else CPU), "cpu", or a torch device string such as "cuda:1"."""
+    max_tokens_per_micro_batch: int = Field(default=8192, ge=1)
+    """A ForwardBackward request runs in packed micro-batches of at most this many tokens (a longer
+    sequence alone), gradients accumulated: memory is bounded by this, not by the request's size."""
+    logprob_chunk_tokens: int = Field(default=1024, ge=1)
+    """Positions whose vocabulary logits exist at once while taking logprobs (bounds the logits' memory)."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in backward instead of keeping them: less memory, ~1/3 more compute."""
 
 
 class MegatronBackendConfig(BaseModel):

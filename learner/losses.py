@@ -69,6 +69,8 @@ class LossSpec:
     """Accepts K > 1 targets per position (only cross_entropy does)."""
     optional_inputs: frozenset[str] = frozenset()
     """Per-token inputs the loss uses when present."""
+    per_datum_metrics: frozenset[str] = frozenset()
+    """`:mean` metrics averaged over datums rather than tokens (so micro-batches combine them exactly)."""
 
 
 def _ratio(logprobs_T: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
@@ -148,6 +150,7 @@ LOSSES: dict[str, LossSpec] = {
             gspo,
             {"clip_low_threshold": 1 - 3e-4, "clip_high_threshold": 1 + 4e-4},
             optional_inputs=frozenset({"sequence_ratio_mask"}),
+            per_datum_metrics=frozenset({"sequence_ratio:mean", "clip_fraction:mean"}),
         ),
     )
 }

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import shutil
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from learner.backends.base import ForwardResult, LearnerBackend, ModelDescription, clip_and_step
-from learner.batch import TrainingBatch
+from learner.backends.packing import combine_metrics, pack, plan_micro_batches, target_logprobs
+from learner.batch import Datum, TrainingBatch
 from learner.config import TorchBackendConfig
 from learner.losses import LossSpec, loss_inputs_T
 from protos.adam import AdamParams
@@ -40,6 +44,15 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _without_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout of a Hugging Face model to 0 (modules, and attention's own dropout rates)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 class TorchBackend(LearnerBackend):
     def __init__(self, model_path: Path, config: TorchBackendConfig, seed: int) -> None:
         from transformers import AutoModelForCausalLM
@@ -50,6 +63,16 @@ class TorchBackend(LearnerBackend):
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self._device)
         self.model.eval()  # no dropout: Forward and ForwardBackward see the same function
         self.model.requires_grad_(True)
+        self._config = config
+        if config.activation_checkpointing:  # recompute each layer's activations in backward
+            # Hugging Face checkpoints layers only in train mode; with every dropout at 0, train mode
+            # computes the same function as eval mode.
+            _without_dropout(self.model)
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.train()
+        # The decoder and output projection apart, so logprobs never hold a full [tokens, vocab] block.
+        self._decoder = getattr(self.model, self.model.base_model_prefix)
+        self._head = self.model.get_output_embeddings()
         self.optimizer = self._new_optimizer()
         self._step = 0
         model_config = self.model.config
@@ -81,29 +104,59 @@ class TorchBackend(LearnerBackend):
     def forward(
         self, batch: TrainingBatch, loss: LossSpec, loss_config: Mapping[str, float], backward: bool
     ) -> ForwardResult:
+        """The request in token-budget micro-batches (learner.backends.packing), gradients accumulated:
+        equal to one whole batch, since every loss is a sum of per-datum terms."""
+        start = time.perf_counter()
+        if self._device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._device)
         lengths = [len(datum.model_input) for datum in batch.data]
-        input_ids_BL = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-        attention_mask_BL = torch.zeros_like(input_ids_BL)
-        for row, datum in enumerate(batch.data):  # right padding keeps real tokens at positions 0..N-1
-            input_ids_BL[row, : lengths[row]] = torch.from_numpy(datum.model_input)
-            attention_mask_BL[row, : lengths[row]] = 1
-        grad_mode = torch.enable_grad() if backward else torch.no_grad()
-        with grad_mode:
+        groups = plan_micro_batches(lengths, self._config.max_tokens_per_micro_batch)
+        logprobs: list[np.ndarray] = [np.empty(0, np.float32)] * len(batch.data)
+        parts = []
+        for group in groups:
+            data = [batch.data[index] for index in group]
+            group_logprobs, metrics = self._micro_batch(data, batch.input_names, loss, loss_config, backward)
+            for index, values in zip(group, group_logprobs, strict=True):
+                logprobs[index] = values
+            parts.append((metrics, sum(lengths[index] for index in group), len(group)))
+        metrics = combine_metrics(parts, loss.per_datum_metrics)
+        metrics["learner/micro_batches:sum"] = float(len(groups))
+        metrics["learner/tokens_per_s:mean"] = sum(lengths) / max(time.perf_counter() - start, 1e-9)
+        metrics["learner/peak_memory_gib:max"] = self._peak_memory_gib()
+        return ForwardResult(logprobs, metrics)
+
+    def _micro_batch(
+        self,
+        data: list[Datum],
+        input_names: frozenset[str],
+        loss: LossSpec,
+        loss_config: Mapping[str, float],
+        backward: bool,
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
+        """One packed row through the model; its loss (and backward, adding to the gradients)."""
+        row = pack([datum.model_input for datum in data], self.model.config._attn_implementation, self._device)
+        targets_TK = torch.cat([torch.from_numpy(d.target_tokens).view(len(d.model_input), -1) for d in data]).to(
+            self._device
+        )
+        with torch.enable_grad() if backward else torch.no_grad():
             with self._autocast():
-                logits_BLV = self.model(
-                    input_ids=input_ids_BL.to(self._device), attention_mask=attention_mask_BL.to(self._device)
-                ).logits
-            per_datum = []
-            for row, datum in enumerate(batch.data):
-                logprobs_NV = torch.log_softmax(logits_BLV[row, : lengths[row]].float(), dim=-1)
-                targets_NK = torch.from_numpy(datum.target_tokens).to(self._device).view(lengths[row], -1)
-                per_datum.append(logprobs_NV.gather(1, targets_NK).reshape(-1))
-            logprobs_T = torch.cat(per_datum)
-            inputs_T = loss_inputs_T(batch.data, batch.input_names, self._device)
+                hidden_TH = self._decoder(
+                    input_ids=row.input_ids, position_ids=row.position_ids, attention_mask=row.attention_mask
+                ).last_hidden_state[0]
+            logprobs_TK = target_logprobs(hidden_TH, targets_TK, self._head, self._config.logprob_chunk_tokens)
+            logprobs_T = logprobs_TK.reshape(-1)
+            inputs_T = loss_inputs_T(data, input_names, self._device)
             loss_value, metrics = loss.fn(logprobs_T, inputs_T, loss_config)
             if backward:
                 loss_value.backward()
-        return ForwardResult([lp.detach().cpu().numpy() for lp in per_datum], metrics)
+        pieces = torch.split(logprobs_TK.detach(), row.lengths)
+        return [piece.reshape(-1).cpu().numpy() for piece in pieces], metrics
+
+    def _peak_memory_gib(self) -> float:
+        """This step's peak on a CUDA device; on CPU the process's peak resident set so far."""
+        if self._device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self._device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
     def _new_optimizer(self) -> torch.optim.AdamW:
         defaults = AdamParams()

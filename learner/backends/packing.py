@@ -1,0 +1,107 @@
+"""Token-budget micro-batches, padding-free packing and memory-lean logprobs for the torch backend.
+
+A ForwardBackward request can be far larger than what fits in memory at once (an RL batch is hundreds
+of sequences of mixed lengths), and right-padding it spends compute on nothing. So a request is split,
+in datum order, into micro-batches of at most `max_tokens` tokens (a single longer datum goes alone);
+each micro-batch runs as ONE packed row: its sequences back to back, positions restarting at 0 per
+sequence, and attention kept inside each sequence (a block-diagonal causal mask on SDPA/eager; flash
+attention's varlen path takes the restarting positions alone). Every built-in loss is a sum of per-datum
+terms, so summing the micro-batches' losses and accumulating their gradients equals the whole batch
+(to fp32 rounding); the metrics are combined by what they are (`:sum` added, `:mean` weighted by what
+it averages over).
+
+Logprobs never materialise a [tokens, vocabulary] log-softmax: the final hidden states go through the
+output projection `chunk_tokens` at a time, each chunk's target logit minus its logsumexp (recomputed
+in backward under activation checkpointing, so a chunk's logits are freed once used).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def plan_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Datum indices grouped, in order, so each group's tokens fit `max_tokens` (a longer datum alone)."""
+    groups: list[list[int]] = []
+    used = 0
+    for index, length in enumerate(lengths):
+        if groups and used + length <= max_tokens:
+            groups[-1].append(index)
+            used += length
+        else:
+            groups.append([index])
+            used = length
+    return groups
+
+
+@dataclass(frozen=True)
+class PackedRow:
+    """One micro-batch as model inputs: [1, T] ids and positions, and the attention mask to use."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    lengths: list[int]
+
+
+def pack(sequences: Sequence[np.ndarray], attention: str, device: torch.device) -> PackedRow:
+    """Sequences back to back in one row; positions restart per sequence; no attention across them."""
+    lengths = [len(sequence) for sequence in sequences]
+    input_ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64)).unsqueeze(0)
+    position_ids = torch.cat([torch.arange(length) for length in lengths]).unsqueeze(0)
+    mask = None
+    if attention not in FLASH_ATTENTION:  # flash's varlen kernel finds the boundaries from position_ids
+        segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        total = int(segment.numel())
+        causal = torch.ones(total, total, dtype=torch.bool).tril_()
+        mask = (causal & (segment[:, None] == segment[None, :]))[None, None].to(device)
+    return PackedRow(input_ids.to(device), position_ids.to(device), mask, lengths)
+
+
+def _chunk_logprobs(hidden_NH: torch.Tensor, targets_NK: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    logits_NV = head(hidden_NH).float()
+    return logits_NV.gather(1, targets_NK) - torch.logsumexp(logits_NV, dim=-1, keepdim=True)
+
+
+def target_logprobs(
+    hidden_TH: torch.Tensor, targets_TK: torch.Tensor, head: torch.nn.Module, chunk_tokens: int
+) -> torch.Tensor:
+    """log p(target) for every position and target ([T, K]), `chunk_tokens` positions at a time."""
+    pieces = []
+    for start in range(0, hidden_TH.shape[0], chunk_tokens):
+        hidden, targets = hidden_TH[start : start + chunk_tokens], targets_TK[start : start + chunk_tokens]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_logprobs, hidden, targets, head, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(hidden, targets, head))
+    return torch.cat(pieces) if pieces else hidden_TH.new_zeros((0, targets_TK.shape[1]))
+
+
+def combine_metrics(
+    parts: Iterable[tuple[Mapping[str, float], int, int]], per_datum: frozenset[str] = frozenset()
+) -> dict[str, float]:
+    """One request's metrics from its micro-batches' (metrics, tokens, datums): `:sum` metrics add up,
+    `:max` / `:min` take the extreme, others are averages weighted by the tokens (or, for `per_datum`
+    names, the datums) they cover."""
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for metrics, tokens, datums in parts:
+        for name, value in metrics.items():
+            if name.endswith(":sum"):
+                totals[name] = totals.get(name, 0.0) + value
+                continue
+            if name.endswith((":max", ":min")):
+                pick = max if name.endswith(":max") else min
+                totals[name] = pick(totals[name], value) if name in totals else value
+                continue
+            weight = float(datums if name in per_datum else tokens)
+            totals[name] = totals.get(name, 0.0) + value * weight
+            weights[name] = weights.get(name, 0.0) + weight
+    return {name: value / weights[name] if weights.get(name) else value for name, value in totals.items()}

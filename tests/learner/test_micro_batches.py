@@ -1,0 +1,127 @@
+"""The torch backend's token-budget micro-batches, packing and chunked logprobs against an independent
+computation: each datum alone through a plain Hugging Face forward (no packing, no padding), its
+log-softmax, the loss summed, and torch.autograd's gradients. Whole request, many micro-batches,
+activation checkpointing and tiny logprob chunks must all give the same logprobs, loss, metrics,
+gradients and AdamW step (fp32; tolerances below)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from learner.backends.packing import combine_metrics, plan_micro_batches
+from learner.backends.torch_backend import TorchBackend
+from learner.batch import Datum, TrainingBatch
+from learner.config import TorchBackendConfig
+from learner.losses import DATUM_INDEX, LOSSES
+from protos.adam import AdamParams
+
+LENGTHS = [5, 31, 2, 17, 40, 9, 23, 3]
+ATOL = 2e-5
+
+
+def make_batch(vocab: int, targets_per_position: int = 1, seed: int = 0) -> TrainingBatch:
+    rng = np.random.default_rng(seed)
+    data = []
+    for length in LENGTHS:
+        inputs = {
+            "logprobs": rng.normal(-3.0, 0.5, length).astype(np.float32),
+            "advantages": rng.normal(0.0, 1.0, length).astype(np.float32),
+        }
+        if targets_per_position > 1:
+            inputs = {"weights": rng.random(length * targets_per_position).astype(np.float32)}
+        data.append(
+            Datum(
+                model_input=rng.integers(5, vocab, length).astype(np.int64),
+                target_tokens=rng.integers(5, vocab, length * targets_per_position).astype(np.int64),
+                targets_per_position=targets_per_position,
+                loss_inputs=inputs,
+            )
+        )
+    return TrainingBatch(data, frozenset(data[0].loss_inputs))
+
+
+def reference(model_dir, batch: TrainingBatch, loss_name: str) -> tuple[list[np.ndarray], float, dict]:
+    """Each datum alone through Hugging Face, the loss over all of them, and the gradients."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    logprobs = []
+    for datum in batch.data:
+        logits = model(input_ids=torch.from_numpy(datum.model_input)[None]).logits[0]
+        targets = torch.from_numpy(datum.target_tokens).view(len(datum.model_input), -1)
+        logprobs.append(torch.log_softmax(logits, -1).gather(1, targets).reshape(-1))
+    inputs = {
+        name: torch.from_numpy(np.concatenate([d.loss_inputs[name] for d in batch.data])) for name in batch.input_names
+    }
+    inputs[DATUM_INDEX] = torch.cat([torch.full((len(d.target_tokens),), i) for i, d in enumerate(batch.data)])
+    spec = LOSSES[loss_name]
+    loss, _ = spec.fn(torch.cat(logprobs), inputs, dict(spec.defaults))
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return [lp.detach().numpy() for lp in logprobs], loss.item(), grads
+
+
+def run(model_dir, batch: TrainingBatch, loss_name: str, **settings) -> tuple[TorchBackend, object]:
+    backend = TorchBackend(model_dir, TorchBackendConfig(device="cpu", **settings), seed=0)
+    spec = LOSSES[loss_name]
+    return backend, backend.forward(batch, spec, dict(spec.defaults), backward=True)
+
+
+SETTINGS = {
+    "whole request": {},
+    "8 micro-batches": {"max_tokens_per_micro_batch": 16},
+    "micro-batches + checkpointing + 7-token logprob chunks": {
+        "max_tokens_per_micro_batch": 48,
+        "activation_checkpointing": True,
+        "logprob_chunk_tokens": 7,
+    },
+}
+
+
+@pytest.mark.parametrize("loss_name", ["ppo", "gspo"])
+@pytest.mark.parametrize("label", list(SETTINGS))
+def test_micro_batched_packed_equals_each_datum_alone(tiny_model_dir, loss_name: str, label: str):
+    batch = make_batch(vocab=512)
+    expected_logprobs, expected_loss, expected_grads = reference(tiny_model_dir, batch, loss_name)
+    backend, result = run(tiny_model_dir, batch, loss_name, **SETTINGS[label])
+    for got, want in zip(result.logprobs, expected_logprobs, strict=True):
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    assert result.metrics["loss:sum"] == pytest.approx(expected_loss, abs=1e-4)
+    expected_batches = len(plan_micro_batches(LENGTHS, backend._config.max_tokens_per_micro_batch))
+    assert result.metrics["learner/micro_batches:sum"] == expected_batches
+    for name, parameter in backend.model.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected_grads[name], atol=5e-5, rtol=1e-4, msg=name)
+
+
+def test_micro_batches_change_nothing_in_metrics_or_the_optimizer_step(tiny_model_dir):
+    batch = make_batch(vocab=512, seed=1)
+    whole, whole_result = run(tiny_model_dir, batch, "gspo")
+    split, split_result = run(tiny_model_dir, batch, "gspo", max_tokens_per_micro_batch=20)
+    for name in ("loss:sum", "sequence_ratio:mean", "clip_fraction:mean"):
+        assert split_result.metrics[name] == pytest.approx(whole_result.metrics[name], abs=1e-5), name
+    params = AdamParams(learning_rate=1e-2)  # Tinker's eps (1e-12): the update is ~lr * sign(gradient)
+    whole.optim_step(params)
+    split.optim_step(params)
+    # Adam normalises every gradient element, so fp32 rounding of a near-zero gradient (the micro-batched
+    # gradients differ by ~1e-7 at most) can move its update by a fraction of lr: within 1 % of lr.
+    for (name, a), (_, b) in zip(whole.model.named_parameters(), split.model.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-2 * params.learning_rate, rtol=0, msg=name)
+
+
+def test_multi_target_cross_entropy_packed_and_chunked(tiny_model_dir):
+    batch = make_batch(vocab=512, targets_per_position=3, seed=2)
+    expected_logprobs, expected_loss, _ = reference(tiny_model_dir, batch, "cross_entropy")
+    _, result = run(tiny_model_dir, batch, "cross_entropy", max_tokens_per_micro_batch=24, logprob_chunk_tokens=5)
+    for got, want in zip(result.logprobs, expected_logprobs, strict=True):
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    assert result.metrics["loss:sum"] == pytest.approx(expected_loss, abs=1e-4)
+
+
+def test_plan_and_metric_combination():
+    assert plan_micro_batches([5, 5, 5, 20, 1], 10) == [[0, 1], [2], [3], [4]]
+    assert plan_micro_batches([], 10) == []
+    parts = [({"loss:sum": 1.0, "ratio:mean": 1.0, "seq:mean": 2.0, "m:max": 3.0}, 10, 1),
+             ({"loss:sum": 2.0, "ratio:mean": 4.0, "seq:mean": 5.0, "m:max": 1.0}, 30, 3)]  # fmt: skip
+    combined = combine_metrics(parts, per_datum=frozenset({"seq:mean"}))
+    assert combined == {"loss:sum": 3.0, "ratio:mean": 3.25, "seq:mean": 4.25, "m:max": 3.0}
