@@ -20,7 +20,8 @@ from coordinator.launcher import start_service, toml_value
 from learner.transports.stream import tensors_as_bytes
 from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
 from protos.channels import open_channel
-from protos.weights_codec import digest, framed_push_requests, push_weight_update
+from protos.weights_codec import framed_push_requests, push_weight_update
+from protos.weights_digest import tree_digest
 from rollout.config import RolloutConfig, TorchEngineConfig, VllmEngineConfig
 from rollout.server import start_rollout
 
@@ -53,7 +54,7 @@ async def stream_phases(replica: Replica, named: list[tuple[str, torch.Tensor]],
         with watch.phase("serialize"):
             snapshot = sorted(tensors_as_bytes(named), key=lambda tensor: tensor.name)
             requests = list(framed_push_requests(version, snapshot, chunk_bytes))
-            expected = digest([(t.name, t.data) for t in snapshot])
+            expected = tree_digest([(t.name, t.dtype, t.shape, t.data) for t in snapshot])
         with watch.phase("transfer"):
             await stub.BeginWeightUpdate(rollout_pb2.BeginWeightUpdateRequest(version=version))
             await channel.stream_unary(PUSH_METHOD, request_serializer=None)(iter(requests))

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from protos.anvil.v1 import rollout_pb2_grpc
 from protos.rpc import RunningServer, ServerConfig, ServiceSpec, serve_until_signal, start_server
 from rollout.engines.base import EngineDescription, RolloutEngine, SampleResult, SamplingSpec
-from rollout.service import RolloutServicer
+from rollout.service import RolloutServicer, add_rollout_service
 from rollout.weights import WeightUpdater
 from servicekit.process import die_with_parent
 
@@ -105,7 +104,7 @@ async def start_sink(params: int) -> RunningServer:
     shapes = synthetic_shapes(params)
     engine = BufferEngine(shapes)
     servicer = RolloutServicer(engine, WeightUpdater(engine, shapes), "synthetic")
-    spec = ServiceSpec(rollout_pb2_grpc.add_RolloutServiceServicer_to_server, servicer, "anvil.v1.RolloutService")
+    spec = ServiceSpec(add_rollout_service, servicer, "anvil.v1.RolloutService")
     return await start_server(ServerConfig(), [spec])
 
 

@@ -2,30 +2,26 @@
 
 A tensor travels as raw little-endian bytes in `WeightChunk`s of at most `chunk_bytes` each, named by
 its Hugging Face parameter name, with its dtype (torch's name without `torch.`) and full shape on every
-chunk and the byte offset of the piece. The digest CommitWeightUpdate verifies is
+chunk and the byte offset of the piece. CommitWeightUpdate verifies a named digest
+(`protos.weights_digest`: `xxh3-128-tree-v1:...` from Anvil's senders, a bare sha256 from older
+ones); neither depends on chunk size or send order. Nothing here imports torch: tensors are bytes.
 
-    sha256( for name in sorted(names): utf8(name) + b"\\0" + tensor_bytes(name) )
-
-so it does not depend on chunk size or send order. Nothing here imports torch: tensors are bytes.
-
-Speed (bench/weight_sync.py measures it): sha256 runs at ~1.3 GB/s a core on the reference machine,
-slower than the gRPC stream itself, so neither side makes a separate pass over the weights for it.
-The sender sends tensors in name order and hashes in a worker thread while the chunks stream; the
-receiver (`ChunkAssembler`) hashes each piece as soon as everything before it in name order has
-arrived, so with an in-order stream the digest is ready when the last chunk lands. Requests are framed
-by hand around the tensor bytes (`framed_push_requests`), one copy instead of protobuf's two.
+Copies (bench/weight_sync.py measures them): the sender frames requests by hand around the tensor
+bytes (`framed_push_requests`, one copy where protobuf makes two) and hashes on a worker thread while
+the chunks stream; the receiver parses requests without copying the data (`parse_push_request`) and
+copies each chunk once, into a preallocated tensor (`protos.weights_assembler.ChunkAssembler`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from protos.anvil.v1 import common_pb2
 from protos.errors import InvalidArgument
+from protos.weights_digest import sha256_digest, tree_digest
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -114,122 +110,88 @@ def framed_push_requests(
 
 
 def digest(tensors: Mapping[str, bytes | memoryview] | Iterable[tuple[str, bytes | memoryview]]) -> str:
-    """Hex sha256 of name-sorted (name, NUL, bytes) records: the CommitWeightUpdate digest."""
-    items = tensors.items() if isinstance(tensors, Mapping) else tensors
-    hasher = hashlib.sha256()
-    for name, data in sorted(items, key=lambda item: item[0]):
-        hasher.update(name.encode())
-        hasher.update(b"\0")
-        hasher.update(data)
-    return hasher.hexdigest()
+    """The original sha256 digest format (kept: snapshots are named by it, and receivers still accept it)."""
+    return sha256_digest(tensors)
 
 
-@dataclass
-class _Staged:
+@dataclass(frozen=True)
+class RawChunk:
+    """A WeightChunk whose data is a view into the received message: nothing copied yet."""
+
+    name: str
     dtype: str
     shape: tuple[int, ...]
-    buffer: bytearray
-    received: list[tuple[int, int]] = field(default_factory=list)
-
-    def covered_prefix(self) -> int:
-        """How many bytes from offset 0 have arrived without a gap."""
-        covered = 0
-        for start, end in sorted(self.received):
-            if start > covered:
-                break
-            covered = max(covered, end)
-        return covered
-
-    @property
-    def complete(self) -> bool:
-        return self.covered_prefix() == len(self.buffer)
+    offset: int
+    data: memoryview
 
 
-class ChunkAssembler:
-    """Reassembles a stream of WeightChunks into whole tensors, rejecting anything inconsistent.
+@dataclass(frozen=True)
+class RawPush:
+    """A PushWeightsRequest as `parse_push_request` returns it (same attributes as the protobuf)."""
 
-    `expected` maps each parameter name the receiver serves to its shape: unknown names and wrong
-    shapes are rejected as they arrive, overlapping or out-of-range pieces too, and `finish` demands
-    that every expected parameter arrived complete.
+    version: int
+    chunk: RawChunk
+
+
+def _read_varint(view: memoryview, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= len(view):
+            raise InvalidArgument("malformed PushWeightsRequest: truncated varint")
+        byte = view[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if not byte & 0x80:
+            return value, at
+
+
+def _fields(view: memoryview) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, wire type, start, end) of each field; for varints start..end is the value's bytes."""
+    at = 0
+    while at < len(view):
+        key, at = _read_varint(view, at)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, end = _read_varint(view, at)
+        elif wire == 2:
+            length, at = _read_varint(view, at)
+            end = at + length
+        elif wire in (1, 5):
+            end = at + (8 if wire == 1 else 4)
+        else:
+            raise InvalidArgument(f"malformed PushWeightsRequest: wire type {wire} of field {number}")
+        if end > len(view):
+            raise InvalidArgument("malformed PushWeightsRequest: a field runs past the message")
+        yield number, wire, at, end
+        at = end
+
+
+def parse_push_request(message: bytes) -> RawPush:
+    """The PushWeights request deserializer: the chunk's data stays a view into `message` (zero copy).
+
+    protobuf's parser copies a bytes field into the message, and every read of `chunk.data` copies it
+    again; at 1 GB a publication those copies cost more than the wire. Here only the small header fields
+    go through protobuf (the data field cut out), and the receiver copies the data once, into its
+    preallocated tensor. Fields may come in any order, as protobuf allows; the last `data` wins.
     """
-
-    def __init__(self, expected: Mapping[str, tuple[int, ...]]) -> None:
-        self._expected = expected
-        self._staged: dict[str, _Staged] = {}
-        self.num_chunks = 0
-        self.num_bytes = 0
-        self._hasher = hashlib.sha256()
-        self._hash_order = sorted(expected)
-        self._hash_cursor = 0
-        """Index in `_hash_order` of the tensor being hashed; every tensor before it is in the digest."""
-        self._hashed_bytes = 0
-        """Bytes of the cursor's tensor already in the digest."""
-        self._name_hashed = False
-        """Whether the cursor's name record (name, NUL) is in the digest."""
-
-    def add(self, chunk: common_pb2.WeightChunk) -> None:
-        name, shape = chunk.name, tuple(chunk.shape)
-        data = chunk.data  # each read of a bytes field makes a new bytes object: read it once
-        if name not in self._expected:
-            raise InvalidArgument(f"unknown parameter {name!r}: the served model has no such weight")
-        if shape != tuple(self._expected[name]):
-            raise InvalidArgument(
-                f"parameter {name!r} has shape {list(shape)} but the served model expects {list(self._expected[name])}"
-            )
-        size = expected_bytes(chunk.dtype, shape)
-        staged = self._staged.get(name)
-        if staged is None:
-            staged = self._staged[name] = _Staged(chunk.dtype, shape, bytearray(size))
-        elif staged.dtype != chunk.dtype:
-            raise InvalidArgument(f"parameter {name!r} changed dtype mid-stream ({staged.dtype} -> {chunk.dtype})")
-        start, end = chunk.offset, chunk.offset + len(data)
-        if start < 0 or end > size:
-            raise InvalidArgument(f"chunk of {name!r} covers bytes [{start}, {end}) outside the tensor's {size} bytes")
-        if any(start < seen_end and seen_start < end for seen_start, seen_end in staged.received):
-            raise InvalidArgument(f"chunk of {name!r} at offset {start} overlaps bytes already received")
-        staged.buffer[start:end] = data
-        staged.received.append((start, end))
-        self.num_chunks += 1
-        self.num_bytes += len(data)
-        self._advance_digest()
-
-    def _advance_digest(self) -> None:
-        """Hash every byte that is next in digest order and has arrived (in-order streams: this chunk)."""
-        while self._hash_cursor < len(self._hash_order):
-            staged = self._staged.get(self._hash_order[self._hash_cursor])
-            if staged is None:
-                return
-            if not self._name_hashed:
-                self._hasher.update(self._hash_order[self._hash_cursor].encode())
-                self._hasher.update(b"\0")
-                self._name_hashed = True
-            covered = staged.covered_prefix()
-            if covered > self._hashed_bytes:
-                self._hasher.update(memoryview(staged.buffer)[self._hashed_bytes : covered])
-                self._hashed_bytes = covered
-            if covered < len(staged.buffer):
-                return
-            self._hash_cursor, self._hashed_bytes, self._name_hashed = self._hash_cursor + 1, 0, False
-
-    def finish(self, expected_digest: str = "") -> dict[str, TensorBytes]:
-        """Every expected tensor, complete and matching the digest (when one is given), or InvalidArgument."""
-        missing = sorted(set(self._expected) - set(self._staged))
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise InvalidArgument(f"{len(missing)} parameter(s) never arrived: {shown}; push the full set of weights")
-        incomplete = sorted(name for name, staged in self._staged.items() if not staged.complete)
-        if incomplete:
-            raise InvalidArgument(f"parameter(s) arrived incomplete (bytes missing): {', '.join(incomplete[:5])}")
-        tensors = {
-            name: TensorBytes(name, staged.dtype, staged.shape, staged.buffer) for name, staged in self._staged.items()
-        }
-        if expected_digest:
-            # Every expected tensor is complete, so the running digest has taken in all of them, in order.
-            assert self._hash_cursor == len(self._hash_order), "running digest fell behind a complete set"
-            actual = self._hasher.hexdigest()
-            if actual != expected_digest:
-                raise InvalidArgument(f"digest mismatch: the staged weights hash to {actual}, not {expected_digest}")
-        return tensors
+    view = memoryview(message).cast("B")
+    version, chunk_view = 0, memoryview(b"")
+    for number, wire, start, end in _fields(view):
+        if number == 1 and wire == 0:
+            version = _read_varint(view, start)[0]
+        elif number == 2 and wire == 2:
+            chunk_view = view[start:end]
+    header, data = bytearray(), memoryview(b"")
+    at = 0
+    for number, wire, start, end in _fields(chunk_view):
+        field_start = at
+        at = end
+        if number == 5 and wire == 2:
+            data = chunk_view[start:end]
+        else:
+            header += chunk_view[field_start:end]
+    parsed = common_pb2.WeightChunk.FromString(bytes(header))
+    return RawPush(version, RawChunk(parsed.name, parsed.dtype, tuple(parsed.shape), parsed.offset, data))
 
 
 async def push_weight_update(
@@ -237,9 +199,9 @@ async def push_weight_update(
 ) -> int:
     """Run Begin -> Push -> Commit against one RolloutService; return the bytes sent.
 
-    The digest is computed from the same bytes that are sent, so the receiver verifies end to end; it is
-    computed in a worker thread while the chunks stream (hashlib releases the GIL), and tensors go in
-    name order so the receiver's running digest keeps up with the stream.
+    The digest (`xxh3-128-tree-v1`) is computed from the same bytes that are sent, so the receiver
+    verifies end to end; it is computed in a worker thread while the chunks stream (xxhash releases the
+    GIL). Tensors go in name order (the receiver does not need it; it keeps runs reproducible).
     On any failure the update is aborted (best effort) and the error propagates.
     """
     from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
@@ -252,7 +214,9 @@ async def push_weight_update(
         response_deserializer=rollout_pb2.PushWeightsResponse.FromString,
     )
     await stub.BeginWeightUpdate(rollout_pb2.BeginWeightUpdateRequest(version=version))
-    hashing = asyncio.ensure_future(asyncio.to_thread(digest, [(t.name, t.data) for t in ordered]))
+    hashing = asyncio.ensure_future(
+        asyncio.to_thread(tree_digest, [(t.name, t.dtype, t.shape, t.data) for t in ordered])
+    )
     try:
         pushed = await push_framed(framed_push_requests(version, ordered, chunk_bytes))
         expected = await hashing

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from protos.anvil.v1 import rollout_pb2_grpc
 from protos.rpc import RunningServer, ServiceSpec, serve_until_signal, start_server
 from rollout.config import RolloutConfig
 from rollout.engines import build_engine
-from rollout.service import RolloutServicer
+from rollout.service import RolloutServicer, add_rollout_service
 from rollout.weights import WeightUpdater, checkpoint_shapes
 
 SERVICE_NAME = "anvil.v1.RolloutService"
@@ -17,7 +16,7 @@ async def start_rollout(config: RolloutConfig) -> tuple[RunningServer, RolloutSe
     shapes = checkpoint_shapes(model_path)
     engine = await build_engine(config.engine, model_path)
     servicer = RolloutServicer(engine, WeightUpdater(engine, shapes), config.model_name or str(model_path))
-    spec = ServiceSpec(rollout_pb2_grpc.add_RolloutServiceServicer_to_server, servicer, SERVICE_NAME)
+    spec = ServiceSpec(add_rollout_service, servicer, SERVICE_NAME)
     try:
         running = await start_server(config.server, [spec])
     except BaseException:

@@ -10,11 +10,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import grpc
+
 from protos.anvil.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 from protos.errors import InvalidArgument
+from protos.weights_codec import parse_push_request
 from rollout.engines.base import RolloutEngine, SamplingSpec
 from rollout.weights import WeightUpdater
 
+SERVICE_NAME = "anvil.v1.RolloutService"
 STOP_REASONS = {"stop": common_pb2.STOP_REASON_STOP, "length": common_pb2.STOP_REASON_LENGTH}
 
 
@@ -133,3 +137,28 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             raise InvalidArgument("path is empty; pass the directory SaveWeights returned")
         seconds = await self.updater.load_directory(Path(request.path), request.version)
         return rollout_pb2.LoadWeightsResponse(version=request.version, load_duration_s=seconds)
+
+
+def add_rollout_service(servicer: RolloutServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, except that PushWeights requests are parsed without copying the data.
+
+    The generated stub decodes each PushWeightsRequest with protobuf, which copies the chunk's bytes; the
+    receive path instead keeps a view into the gRPC message and copies it once, into the staged tensor
+    (`protos.weights_codec.parse_push_request`). `updater.push` reads both forms alike.
+    """
+
+    class Capture:
+        handlers: dict
+
+        def add_generic_rpc_handlers(self, handlers) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+            self.handlers = handlers
+
+    capture = Capture()
+    rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer, capture)
+    handlers = dict(capture.handlers)
+    handlers["PushWeights"] = handlers["PushWeights"]._replace(request_deserializer=parse_push_request)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -25,7 +25,8 @@ import torch
 from safetensors import safe_open
 
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
-from protos.weights_codec import ChunkAssembler, TensorBytes
+from protos.weights_assembler import ChunkAssembler
+from protos.weights_codec import TensorBytes
 from rollout.engines.base import RolloutEngine
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,6 +94,8 @@ class WeightUpdater:
         self._open_version: int | None = None
         self._assembler: ChunkAssembler | None = None
         self._last_abort_reason = ""
+        self._spare: dict = {}
+        """Staging buffers of the last update, written into by the next one (warm pages: see ChunkAssembler)."""
 
     @property
     def version(self) -> int:
@@ -114,12 +117,16 @@ class WeightUpdater:
         return self._assembler
 
     def _discard(self, reason: str) -> None:
+        if self._assembler is not None:
+            self._spare = self._assembler.spare_buffers()
         self._open_version, self._assembler, self._last_abort_reason = None, None, reason
 
     async def begin(self, version: int) -> None:
         async with self._lock:
             self._require_newer(version)
-            self._open_version, self._assembler, self._last_abort_reason = version, ChunkAssembler(self._expected), ""
+            self._discard("")
+            assembler = ChunkAssembler(self._expected, self._spare)
+            self._open_version, self._assembler, self._spare = version, assembler, {}
 
     async def push(self, requests: AsyncIterator) -> tuple[int, int]:
         """Stage a stream of PushWeightsRequests; any error (or a cut stream) discards the staging area."""
@@ -145,7 +152,7 @@ class WeightUpdater:
         async with self._lock:
             assembler = self._require_open(version)
             try:
-                staged = assembler.finish(digest)
+                staged = await asyncio.to_thread(assembler.finish, digest)  # a sha256 digest is a full pass
             except InvalidArgument as exc:
                 self._discard(f"its commit was rejected: {exc}")
                 raise

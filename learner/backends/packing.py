@@ -3,12 +3,12 @@
 A ForwardBackward request can be far larger than what fits in memory at once (an RL batch is hundreds
 of sequences of mixed lengths), and right-padding it spends compute on nothing. So a request is split,
 in datum order, into micro-batches of at most `max_tokens` tokens (a single longer datum goes alone);
-each micro-batch runs as ONE packed row: its sequences back to back, positions restarting at 0 per
-sequence, and attention kept inside each sequence (a block-diagonal causal mask on SDPA/eager; flash
-attention's varlen path takes the restarting positions alone). Every built-in loss is a sum of per-datum
-terms, so summing the micro-batches' losses and accumulating their gradients equals the whole batch
-(to fp32 rounding); the metrics are combined by what they are (`:sum` added, `:mean` weighted by what
-it averages over).
+each micro-batch runs as packed rows: sequences back to back in rows as long as its longest sequence,
+positions restarting at 0 per sequence, and attention kept inside each sequence (a block-diagonal causal
+mask on SDPA/eager; flash attention's varlen path takes one row and the restarting positions alone).
+Every built-in loss is a sum of per-datum terms, so summing the micro-batches' losses and accumulating
+their gradients equals the whole batch (to fp32 rounding); the metrics are combined by what they are
+(`:sum` added, `:mean` weighted by what it averages over).
 
 Logprobs never materialise a [tokens, vocabulary] log-softmax: the final hidden states go through the
 output projection `chunk_tokens` at a time, each chunk's target logit minus its logsumexp (recomputed
@@ -42,27 +42,64 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int
 
 
 @dataclass(frozen=True)
-class PackedRow:
-    """One micro-batch as model inputs: [1, T] ids and positions, and the attention mask to use."""
+class PackedRows:
+    """A micro-batch as model inputs: [B, R] ids and positions, the attention mask to use (None: flash
+    varlen), and where each sequence's tokens are in the flattened [B * R] positions, in input order."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | None
+    token_index: torch.Tensor
     lengths: list[int]
 
 
-def pack(sequences: Sequence[np.ndarray], attention: str, device: torch.device) -> PackedRow:
-    """Sequences back to back in one row; positions restart per sequence; no attention across them."""
+def _first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if lengths[index] <= free), None)
+        if row is None:
+            rows.append([index])
+            room.append(capacity - lengths[index])
+        else:
+            rows[row].append(index)
+            room[row] -= lengths[index]
+    return rows
+
+
+def pack(sequences: Sequence[np.ndarray], attention: str, device: torch.device) -> PackedRows:
+    """Sequences packed into rows as long as the longest one (first fit, longest first), positions
+    restarting per sequence, no attention across sequences. Rows no longer than the longest sequence
+    keep attention's cost where the padded batch had it (a 16-token sequence never attends over a
+    thousand masked positions); flash attention's varlen kernel takes everything as one row."""
     lengths = [len(sequence) for sequence in sequences]
-    input_ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64)).unsqueeze(0)
-    position_ids = torch.cat([torch.arange(length) for length in lengths]).unsqueeze(0)
+    varlen = attention in FLASH_ATTENTION  # the kernel finds the boundaries from the positions
+    rows = [list(range(len(lengths)))] if varlen else _first_fit_decreasing(lengths, max(lengths))
+    width = sum(lengths) if varlen else max(lengths)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    position_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)
+    starts = [0] * len(lengths)
+    for row, members in enumerate(rows):
+        offset = 0
+        for index in members:
+            length = lengths[index]
+            input_ids[row, offset : offset + length] = torch.from_numpy(sequences[index].astype(np.int64))
+            position_ids[row, offset : offset + length] = torch.arange(length)
+            segment[row, offset : offset + length] = index
+            starts[index] = row * width + offset
+            offset += length
+    token_index = torch.cat(
+        [torch.arange(start, start + length) for start, length in zip(starts, lengths, strict=True)]
+    )
     mask = None
-    if attention not in FLASH_ATTENTION:  # flash's varlen kernel finds the boundaries from position_ids
-        segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-        total = int(segment.numel())
-        causal = torch.ones(total, total, dtype=torch.bool).tril_()
-        mask = (causal & (segment[:, None] == segment[None, :]))[None, None].to(device)
-    return PackedRow(input_ids.to(device), position_ids.to(device), mask, lengths)
+    if not varlen:
+        # Padding gets a segment of its own per position (it attends to itself only: no empty rows of -inf).
+        pad = segment < 0
+        segment[pad] = -1 - torch.arange(int(pad.sum()))
+        causal = torch.ones(width, width, dtype=torch.bool).tril_()
+        mask = (causal & (segment[:, :, None] == segment[:, None, :]))[:, None].to(device)
+    return PackedRows(input_ids.to(device), position_ids.to(device), mask, token_index.to(device), lengths)
 
 
 def _chunk_logprobs(hidden_NH: torch.Tensor, targets_NK: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:

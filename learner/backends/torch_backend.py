@@ -134,22 +134,23 @@ class TorchBackend(LearnerBackend):
         backward: bool,
     ) -> tuple[list[np.ndarray], dict[str, float]]:
         """One packed row through the model; its loss (and backward, adding to the gradients)."""
-        row = pack([datum.model_input for datum in data], self.model.config._attn_implementation, self._device)
+        rows = pack([datum.model_input for datum in data], self.model.config._attn_implementation, self._device)
         targets_TK = torch.cat([torch.from_numpy(d.target_tokens).view(len(d.model_input), -1) for d in data]).to(
             self._device
         )
         with torch.enable_grad() if backward else torch.no_grad():
             with self._autocast():
-                hidden_TH = self._decoder(
-                    input_ids=row.input_ids, position_ids=row.position_ids, attention_mask=row.attention_mask
-                ).last_hidden_state[0]
+                hidden_BRH = self._decoder(
+                    input_ids=rows.input_ids, position_ids=rows.position_ids, attention_mask=rows.attention_mask
+                ).last_hidden_state
+            hidden_TH = hidden_BRH.reshape(-1, hidden_BRH.shape[-1]).index_select(0, rows.token_index)
             logprobs_TK = target_logprobs(hidden_TH, targets_TK, self._head, self._config.logprob_chunk_tokens)
             logprobs_T = logprobs_TK.reshape(-1)
             inputs_T = loss_inputs_T(data, input_names, self._device)
             loss_value, metrics = loss.fn(logprobs_T, inputs_T, loss_config)
             if backward:
                 loss_value.backward()
-        pieces = torch.split(logprobs_TK.detach(), row.lengths)
+        pieces = torch.split(logprobs_TK.detach(), rows.lengths)
         return [piece.reshape(-1).cpu().numpy() for piece in pieces], metrics
 
     def _peak_memory_gib(self) -> float:

@@ -10,7 +10,8 @@ import pytest
 
 from protos.anvil.v1 import rollout_pb2
 from protos.errors import InvalidArgument
-from protos.weights_codec import ChunkAssembler, TensorBytes, digest, encode_chunks, framed_push_requests
+from protos.weights_assembler import ChunkAssembler
+from protos.weights_codec import TensorBytes, digest, encode_chunks, framed_push_requests
 
 SHAPES = {"b.weight": (3, 5), "a.bias": (7,), "empty": (0, 4), "c.weight": (64, 33)}
 
