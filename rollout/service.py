@@ -135,7 +135,11 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     async def LoadWeights(self, request, context):
         if not request.path:
             raise InvalidArgument("path is empty; pass the directory SaveWeights returned")
-        seconds = await self.updater.load_directory(Path(request.path), request.version)
+        path = Path(request.path)
+        if path.is_file():  # a shared-memory segment of the learner's shm transport
+            seconds = await self.updater.load_segment(path, request.version)
+        else:
+            seconds = await self.updater.load_directory(path, request.version)
         return rollout_pb2.LoadWeightsResponse(version=request.version, load_duration_s=seconds)
 
 

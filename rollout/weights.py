@@ -27,6 +27,7 @@ from safetensors import safe_open
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
 from protos.weights_assembler import ChunkAssembler
 from protos.weights_codec import TensorBytes
+from protos.weights_segment import MappedSegment
 from rollout.engines.base import RolloutEngine
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -188,6 +189,30 @@ class WeightUpdater:
                 await self.engine.load_weights_from_directory(path)
                 self.engine.weight_version = version
             return time.perf_counter() - start
+
+
+    async def load_segment(self, path: Path, version: int) -> float:
+        """Hot-load an `anvil-shm-v1` segment the learner's shm transport wrote: checked against the served
+        names and shapes, its mapped bytes hashed against the learner's digest, then swapped in from the
+        mapping itself (the engine's copy into its parameters is the only one)."""
+        segment = await asyncio.to_thread(MappedSegment, path)
+        try:
+            if segment.version != version:
+                raise InvalidArgument(f"segment {path} holds version {segment.version}, not {version}")
+            views = segment.tensors(self._expected)
+            await asyncio.to_thread(segment.verify, views)
+            tensors = {name: _to_torch(tensor) for name, tensor in views.items()}
+            del views
+            async with self._lock:
+                self._require_newer(version)
+                start = time.perf_counter()
+                async with self.gate.writing():
+                    await self.engine.load_weights(tensors)
+                    self.engine.weight_version = version
+                return time.perf_counter() - start
+        finally:
+            tensors = {}
+            segment.close()
 
 
 def _to_torch(tensor: TensorBytes) -> torch.Tensor:

@@ -10,10 +10,13 @@ from learner.transports.base import (
     raise_first_failure,
 )
 from learner.transports.checkpoint import CheckpointTransport
+from learner.transports.shm import AutoTransport, ShmTransport
 from learner.transports.stream import StreamTransport
 from protos.errors import InvalidArgument
 
-TRANSPORTS: dict[str, type[WeightTransport]] = {t.name: t for t in (StreamTransport, CheckpointTransport)}
+TRANSPORTS: dict[str, type[WeightTransport]] = {
+    t.name: t for t in (StreamTransport, CheckpointTransport, ShmTransport, AutoTransport)
+}
 DEFAULT_TRANSPORT = StreamTransport.name
 
 

@@ -73,15 +73,17 @@ class WeightTransport(ABC):
         """Make every target serve `source`'s current weights as `version`; raise naming a failed target."""
 
     async def on_each_replica(
-        self, targets: list[str], update: Callable[[grpc.aio.Channel], Awaitable[int]]
+        self, targets: list[str], update: Callable[..., Awaitable[int]], pass_address: bool = False
     ) -> list[ReplicaResult]:
-        """Run `update` (returning bytes sent) on a channel to every target at once; errors name the target."""
+        """Run `update(channel)` (or `update(channel, address)` with `pass_address`), returning bytes sent,
+        on a channel to every target at once; errors name the target."""
 
         async def one(address: str) -> ReplicaResult:
             start = time.perf_counter()
             async with open_channel(address, api_key=self.context.api_key) as channel:
                 try:
-                    num_bytes = await asyncio.wait_for(update(channel), self.context.target_timeout_s)
+                    call = update(channel, address) if pass_address else update(channel)
+                    num_bytes = await asyncio.wait_for(call, self.context.target_timeout_s)
                 except TimeoutError:
                     error = Unavailable(f"rollout {address} did not take the weights within "
                                         f"{self.context.target_timeout_s:g}s")  # fmt: skip

@@ -1,15 +1,20 @@
 """The rollout engine interface: sample with per-token logprobs, score sequences, take new weights.
 
 Engines know nothing of gRPC or of update transactions. The service validates requests before they
-reach an engine (token ids in range, lengths within the context), and it calls `load_weights*` only
-when no request is in flight (rollout/weights.py's gate), so an engine may swap weights in place.
+reach an engine (token ids in range, lengths within the context). rollout/weights.py calls `load_weights*`
+only inside the engine's `swapping()` window, and, with `swap_mode = "drain"`, also only when no request
+is in flight (its gate). An engine that supports in-flight swaps makes `swapping()` a token boundary:
+running requests pause between two tokens, the weights and `weight_version` change, and they go on, each
+token labelled with the version that produced it (GeneratedSequence.token_versions).
 Logprobs are the model's raw log-softmax (temperature 1), like vLLM's default and the learner's.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +41,9 @@ class GeneratedSequence:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: Literal["stop", "length"]
+    token_versions: list[int] = field(default_factory=list)
+    """Weight version that produced each token; empty from an engine that cannot swap in flight (the
+    service then labels every token with the version served when the request started)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,16 @@ class EngineDescription:
 
 class RolloutEngine(ABC):
     weight_version: int = 0
-    """The version being served; only rollout/weights.py changes it, right after a swap."""
+    """The version being served; only rollout/weights.py changes it, inside `swapping()`."""
+    swap_mode: Literal["inflight", "drain"] = "drain"
+    """"inflight" when `swapping()` is a token boundary that running requests survive; "drain" (the safe
+    default for engines without one) makes the updater wait for running requests before a swap."""
+
+    @contextlib.asynccontextmanager
+    async def swapping(self) -> AsyncIterator[None]:
+        """The window a swap runs in: no token is computed inside it, and tokens computed after it carry the
+        `weight_version` set inside it. The default does nothing (the updater's drain makes it safe)."""
+        yield
 
     @property
     @abstractmethod

@@ -5,11 +5,17 @@ It exists for machines without vLLM and for exact-parity tests: its logprobs are
 log-softmax the learner computes. Requests run one at a time (an asyncio lock) in a worker thread;
 the `num_samples` of one request decode together as a batch. Sampling order matches vLLM's: temperature,
 then top-k, then top-p, then a draw from a generator seeded per request.
+
+In-flight swaps: every forward pass is one step of a TokenBoundary, and a swap holds the boundary, so it
+waits for the step in progress only. The version read inside a step labels the token sampled from that
+step's logits. With `inflight_kv = "recompute"`, the first step after a swap re-runs the whole sequence so
+far (prompt and tokens) with the new weights instead of extending the KV cache the old ones computed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from pathlib import Path
 
@@ -17,6 +23,7 @@ import torch
 
 from rollout.config import TorchEngineConfig
 from rollout.engines.base import EngineDescription, GeneratedSequence, RolloutEngine, SampleResult, SamplingSpec
+from rollout.engines.boundary import TokenBoundary
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -59,6 +66,13 @@ class TorchEngine(RolloutEngine):
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
         )
         self._lock = asyncio.Lock()
+        """One request at a time (the samples of a request form the batch)."""
+        self._boundary = TokenBoundary()
+        self.swap_mode = config.swap
+        self._recompute_kv = config.inflight_kv == "recompute"
+
+    def swapping(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._boundary.swapping()
 
     @property
     def description(self) -> EngineDescription:
@@ -74,7 +88,9 @@ class TorchEngine(RolloutEngine):
     def _sample(self, prompt: list[int], n: int, spec: SamplingSpec, include_prompt_logprobs: bool) -> SampleResult:
         generator = torch.Generator().manual_seed(spec.seed if spec.seed is not None else random.getrandbits(63))
         input_ids_NL = torch.tensor([prompt] * n, device=self._device)
-        out = self.model(input_ids=input_ids_NL, use_cache=True)
+        with self._boundary.step():
+            out = self.model(input_ids=input_ids_NL, use_cache=True)
+            version = self.weight_version
         prompt_logprobs = None
         if include_prompt_logprobs:
             prompt_lp_LV = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
@@ -82,6 +98,7 @@ class TorchEngine(RolloutEngine):
         past, next_logits_NV = out.past_key_values, out.logits[:, -1].float()
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
+        versions: list[list[int]] = [[] for _ in range(n)]
         stopped = [False] * n
         for _ in range(spec.max_tokens):
             raw_logprobs_NV = torch.log_softmax(next_logits_NV, dim=-1)
@@ -92,13 +109,21 @@ class TorchEngine(RolloutEngine):
                     continue
                 tokens[row].append(token)
                 logprobs[row].append(chosen_logprobs[row])
+                versions[row].append(version)
                 stopped[row] = self._is_stop(tokens[row], spec)
             if all(stopped):
                 break
-            out = self.model(input_ids=chosen_N[:, None], past_key_values=past, use_cache=True)
+            input_ids_NL = torch.cat([input_ids_NL, chosen_N[:, None]], dim=1)
+            with self._boundary.step():
+                if self._recompute_kv and self.weight_version != version:
+                    out = self.model(input_ids=input_ids_NL, use_cache=True)
+                else:
+                    out = self.model(input_ids=chosen_N[:, None], past_key_values=past, use_cache=True)
+                version = self.weight_version
             past, next_logits_NV = out.past_key_values, out.logits[:, -1].float()
         sequences = [
-            GeneratedSequence(tokens[row], logprobs[row], "stop" if stopped[row] else "length") for row in range(n)
+            GeneratedSequence(tokens[row], logprobs[row], "stop" if stopped[row] else "length", versions[row])
+            for row in range(n)
         ]
         return SampleResult(sequences, prompt_logprobs)
 
@@ -120,12 +145,15 @@ class TorchEngine(RolloutEngine):
     @torch.no_grad()
     def _compute_logprobs(self, tokens: list[int]) -> list[float]:
         ids_1L = torch.tensor([tokens], device=self._device)
-        logprobs_LV = torch.log_softmax(self.model(input_ids=ids_1L).logits[0, :-1].float(), dim=-1)
+        with self._boundary.step():
+            logits_LV = self.model(input_ids=ids_1L).logits[0, :-1]
+        logprobs_LV = torch.log_softmax(logits_LV.float(), dim=-1)
         return logprobs_LV.gather(1, ids_1L[0, 1:, None])[:, 0].tolist()
 
     async def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        async with self._lock:
-            await asyncio.to_thread(self._copy_in, tensors)
+        """Copy in place; the caller holds `swapping()`, so no step reads the parameters meanwhile (not the
+        request lock: that would wait for the whole generation in progress)."""
+        await asyncio.to_thread(self._copy_in, tensors)
 
     @torch.no_grad()
     def _copy_in(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -4,6 +4,7 @@ version = step and its logprobs equal the learner's forward logprobs for the sam
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def rollout_process(engine):
     assert stop_process(process) == 0
 
 
-@pytest.mark.parametrize("transport", ["stream", "checkpoint"])
+@pytest.mark.parametrize("transport", ["stream", "checkpoint", "shm", "auto"])
 async def test_learner_publishes_to_rollout_with_logprob_parity(learner_config, rollout_process, transport):
     running, servicer = await start_learner(learner_config)
     try:
@@ -100,6 +101,8 @@ async def test_learner_publishes_to_rollout_with_logprob_parity(learner_config, 
             async with open_channel(rollout_process) as rollout_channel:
                 stub = rollout_pb2_grpc.RolloutServiceStub(rollout_channel)
                 assert (await stub.GetInfo(rollout_pb2.RolloutServiceGetInfoRequest())).weight_version == 2
+            # Shared-memory segments are gone after a success, a refusal and dead or hung targets.
+            assert not list(Path("/dev/shm").glob(f"anvil-weights-{os.getpid()}-*"))
     finally:
         await running.stop(0)
 

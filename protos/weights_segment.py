@@ -1,0 +1,136 @@
+"""The shared-memory segment of the `shm` transport (format `anvil-shm-v1`): written once by the learner,
+mapped by every replica on the host.
+
+    b"ANVILSHM" | header length (8 bytes, little-endian) | JSON header, space-padded | tensor bytes
+
+The header is `{"format", "version", "digest", "tensors": [{"name", "dtype", "shape", "offset",
+"nbytes"}]}`; each tensor's raw little-endian bytes start at its `offset`, 64-byte aligned. `digest` is
+the `xxh3-128-tree-v1` digest (protos.weights_digest) the learner computed from its own tensors, not
+from the segment, so a replica that hashes what it mapped verifies the weights end to end.
+
+Why a file in /dev/shm and not a gRPC stream: on one host the bytes need not cross a socket at all;
+the learner copies them once, and a replica reads them in place (numpy views over the mapping, no copy
+until the engine's own swap copies them into its parameters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from protos.errors import InvalidArgument, NotFound
+from protos.weights_codec import TensorBytes, expected_bytes
+from protos.weights_digest import combine_tree, tensor_hash, tree_record, verify
+
+MAGIC = b"ANVILSHM"
+FORMAT = "anvil-shm-v1"
+ALIGN = 64
+SEGMENT_PREFIX = "anvil-weights-"
+"""Every segment's file name starts with this (tests and sweeps find them by it)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    header: bytes
+    offsets: list[int]
+    total: int
+
+
+def layout(version: int, tensors: Sequence[TensorBytes], digest: str) -> Layout:
+    """Where each tensor goes; `digest` may be a same-length placeholder until the real one is known."""
+    entries = [
+        {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "nbytes": memoryview(t.data).nbytes} for t in tensors
+    ]
+    body = {"format": FORMAT, "version": version, "digest": digest, "tensors": entries}
+    sized = json.dumps({**body, "tensors": [{**e, "offset": 10**15} for e in entries]}).encode()
+    start = -(-(16 + len(sized)) // ALIGN) * ALIGN
+    offsets, at = [], start
+    for entry in entries:
+        entry["offset"] = at
+        offsets.append(at)
+        at += -(-entry["nbytes"] // ALIGN) * ALIGN
+    header = json.dumps(body).encode().ljust(start - 16)
+    return Layout(MAGIC + (start - 16).to_bytes(8, "little") + header, offsets, max(at, start))
+
+
+def write_into(fd: int, version: int, tensors: Sequence[TensorBytes], digest: str) -> int:
+    """Write the segment into the open file `fd` (grown as needed, never shrunk); returns its size."""
+    plan = layout(version, tensors, digest)
+    if os.fstat(fd).st_size < plan.total:
+        os.ftruncate(fd, plan.total)
+    with mmap.mmap(fd, plan.total) as mapped:
+        target = np.frombuffer(mapped, dtype=np.uint8)
+        target[: len(plan.header)] = np.frombuffer(plan.header, dtype=np.uint8)
+        for tensor, offset in zip(tensors, plan.offsets, strict=True):
+            source = np.frombuffer(tensor.data, dtype=np.uint8)
+            target[offset : offset + source.nbytes] = source
+        del target
+    return plan.total
+
+
+class MappedSegment:
+    """A segment opened by a replica: its version, digest and tensors as zero-copy views of the mapping."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            with open(path, "rb") as file:
+                self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writable views, no copy
+        except FileNotFoundError:
+            raise NotFound(f"no shared-memory segment at {path}: the learner is on another host") from None
+        except ValueError:  # an empty file cannot be mapped
+            raise InvalidArgument(f"{path} is not an {FORMAT} segment (empty)") from None
+        self.path = path
+        if self._map[:8] != MAGIC:
+            self.close()
+            raise InvalidArgument(f"{path} is not an {FORMAT} segment")
+        length = int.from_bytes(self._map[8:16], "little")
+        try:
+            header = json.loads(self._map[16 : 16 + length])
+            assert header["format"] == FORMAT
+        except (ValueError, KeyError, AssertionError):
+            self.close()
+            raise InvalidArgument(f"{path} has an unreadable {FORMAT} header") from None
+        self.version: int = header["version"]
+        self.digest: str = header["digest"]
+        self._entries: list[dict] = header["tensors"]
+
+    def tensors(self, expected: dict[str, tuple[int, ...]]) -> dict[str, TensorBytes]:
+        """Every tensor as a view, after checking names, shapes, dtypes and bounds against `expected`."""
+        names = {entry["name"] for entry in self._entries}
+        if names != set(expected) or len(names) != len(self._entries):
+            missing, unknown = sorted(set(expected) - names)[:3], sorted(names - set(expected))[:3]
+            raise InvalidArgument(f"segment {self.path} holds other parameters (missing {missing}, unknown {unknown})")
+        whole = np.frombuffer(self._map, dtype=np.uint8)
+        views = {}
+        for entry in self._entries:
+            name, shape = entry["name"], tuple(entry["shape"])
+            if shape != tuple(expected[name]):
+                raise InvalidArgument(f"parameter {name!r} has shape {list(shape)}, not {list(expected[name])}")
+            size, offset = expected_bytes(entry["dtype"], shape), entry["offset"]
+            if entry["nbytes"] != size or offset < 0 or offset + size > len(whole):
+                raise InvalidArgument(f"parameter {name!r} lies outside segment {self.path}")
+            views[name] = TensorBytes(name, entry["dtype"], shape, whole[offset : offset + size])
+        return views
+
+    def verify(self, tensors: dict[str, TensorBytes], threads: int = 2) -> None:
+        """Hash every mapped tensor (on `threads` threads: xxh3 releases the GIL) against the header's digest."""
+        with ThreadPoolExecutor(threads) as pool:
+            hashed = dict(zip(tensors, pool.map(lambda t: tensor_hash(t.data), tensors.values()), strict=True))
+
+        def tree() -> str:
+            return combine_tree({n: tree_record(n, t.dtype, t.shape, hashed[n]) for n, t in tensors.items()})
+
+        verify(self.digest, tree, lambda: "a segment's digest is always xxh3-128-tree-v1")
+
+    def close(self) -> None:
+        """Unmap, once no view is left (a view still alive keeps the mapping until it is collected)."""
+        with contextlib.suppress(BufferError):
+            self._map.close()
