@@ -190,7 +190,6 @@ class WeightUpdater:
                 self.engine.weight_version = version
             return time.perf_counter() - start
 
-
     async def load_segment(self, path: Path, version: int) -> float:
         """Hot-load an `anvil-shm-v1` segment the learner's shm transport wrote: checked against the served
         names and shapes, its mapped bytes hashed against the learner's digest, then swapped in from the
