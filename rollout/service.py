@@ -2,7 +2,8 @@
 
 Requests are validated completely here, before an engine sees them (the engine may be a vLLM process
 that would fail less clearly); every rejection is a protos.errors exception with the field named.
-Each response names the weight version that produced it.
+Each response names the weight version that produced it; Sample names it per token too, because an
+in-flight swap (rollout/weights.py) may land between two tokens of a running request.
 """
 
 from __future__ import annotations
@@ -91,18 +92,23 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         prompt = list(request.prompt_tokens)
         self._check_tokens("prompt_tokens", prompt)
         spec = self.sampling_spec(request)
-        async with self.updater.gate.reading():
+        async with self.updater.gate.reading():  # only a "drain" swap waits for it
             version = self.engine.weight_version
             result = await self.engine.sample(prompt, request.num_samples, spec, request.include_prompt_logprobs)
+        # An engine that cannot swap in flight labels no token: all of them come from the version it started on.
+        per_token = [s.token_versions or [version] * len(s.tokens) for s in result.sequences]
         return rollout_pb2.SampleResponse(
             sequences=[
                 rollout_pb2.SampledSequence(
-                    tokens=sequence.tokens, logprobs=sequence.logprobs, stop_reason=STOP_REASONS[sequence.stop_reason]
+                    tokens=sequence.tokens,
+                    logprobs=sequence.logprobs,
+                    stop_reason=STOP_REASONS[sequence.stop_reason],
+                    token_weight_versions=versions,
                 )
-                for sequence in result.sequences
+                for sequence, versions in zip(result.sequences, per_token, strict=True)
             ],
             prompt_logprobs=result.prompt_logprobs or [],
-            weight_version=version,
+            weight_version=min((v for versions in per_token for v in versions), default=version),
         )
 
     async def ComputeLogprobs(self, request, context):
@@ -112,8 +118,11 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         if len(tokens) > context_length:
             raise InvalidArgument(f"tokens has {len(tokens)} ids; the context is {context_length}")
         async with self.updater.gate.reading():
-            version = self.engine.weight_version
-            logprobs = await self.engine.compute_logprobs(tokens) if len(tokens) > 1 else []
+            while True:  # an in-flight swap between the two reads may have split the pass: score again
+                version = self.engine.weight_version
+                logprobs = await self.engine.compute_logprobs(tokens) if len(tokens) > 1 else []
+                if self.engine.weight_version == version:
+                    break
         return rollout_pb2.ComputeLogprobsResponse(logprobs=logprobs, weight_version=version)
 
     async def BeginWeightUpdate(self, request, context):

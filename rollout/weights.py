@@ -7,9 +7,11 @@ stream that errors or is cut off discards the staging area; `commit(version, dig
 digest and that every parameter arrived complete, and only then swaps the weights in. `load_directory`
 hot-loads a checkpoint directory the same way.
 
-Requests in flight finish on the old weights: every Sample/ComputeLogprobs holds a read slot of the
-ServingGate for its whole run and reports the version it read; a swap takes the write slot, which waits
-for running requests to drain and holds new ones until the new weights (and their version) are live.
+A swap happens inside the ServingGate's `swap_window`. With the engine's `swap_mode = "inflight"` (the
+default) that is the engine's token boundary: running requests pause between two tokens, the weights and
+version change, they go on, and each token carries the version that produced it. With "drain", every
+Sample/ComputeLogprobs holds a read slot of the gate for its whole run; the swap takes the write slot,
+which waits for running requests to finish and holds new ones until the new weights are live.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ def checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
 
 
 class ServingGate:
-    """Many readers (requests) or one writer (a swap); a waiting writer blocks new readers."""
+    """Many readers (requests) or one writer (a swap); a waiting writer blocks new readers.
+
+    Only swaps in "drain" mode take the write slot; in-flight swaps leave readers alone."""
 
     def __init__(self) -> None:
         self._condition = asyncio.Condition()
@@ -82,6 +86,15 @@ class ServingGate:
             async with self._condition:
                 self._writer = False
                 self._condition.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def swap_window(self, engine: RolloutEngine) -> AsyncIterator[None]:
+        """Where a swap runs: the engine's token boundary, behind the write slot when the engine drains."""
+        async with contextlib.AsyncExitStack() as stack:
+            if engine.swap_mode == "drain":
+                await stack.enter_async_context(self.writing())
+            await stack.enter_async_context(engine.swapping())
+            yield
 
 
 class WeightUpdater:
@@ -159,7 +172,7 @@ class WeightUpdater:
                 raise
             tensors = {name: _to_torch(tensor) for name, tensor in staged.items()}
             start = time.perf_counter()
-            async with self.gate.writing():
+            async with self.gate.swap_window(self.engine):
                 await self.engine.load_weights(tensors)
                 self.engine.weight_version = version
             self._discard("")
@@ -185,7 +198,7 @@ class WeightUpdater:
         async with self._lock:
             self._require_newer(version)
             start = time.perf_counter()
-            async with self.gate.writing():
+            async with self.gate.swap_window(self.engine):
                 await self.engine.load_weights_from_directory(path)
                 self.engine.weight_version = version
             return time.perf_counter() - start

@@ -5,16 +5,27 @@ load time, so parameters cannot be changed in place; new weights go through the 
 `reload_weights` (a layer-wise reload that re-packs), reached with `collective_rpc`. Pushed tensors are
 first written as safetensors to a RAM-backed staging directory. If a reload fails midway, the previous
 weights are reloaded from the directory they came from before the error is raised, so a failed update
-never leaves a half-changed model serving. The prefix cache is reset after every swap so no KV computed
-with old weights is reused.
+never leaves a half-changed model serving.
+
+In-flight swaps (`swap = "inflight"`): `swapping()` is vLLM's own token boundary,
+`pause_generation(mode="keep")` (running requests freeze between two engine steps and keep their KV), then
+the reload, then `update_weight_version` (vLLM labels every output token with the version set when its
+step ran: CompletionOutput.weight_versions spans), then `resume_generation`. With `inflight_kv =
+"recompute"` the running requests are preempted at the swap (`reset_prefix_cache(reset_running_requests=
+True)`), so their KV is recomputed by the new weights before their next token. KV is never reused across
+versions by accident: the prefix cache is reset at every swap where no request holds blocks, and every
+request salts its prefix-cache hashes with the version served when it arrived (`cache_salt`, as PRIME-RL
+does), so a request that starts after a swap never hits blocks that the old weights computed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
@@ -35,6 +46,20 @@ class VllmEngine(RolloutEngine):
         self._serving_dir = model_path
         """Where the weights being served came from: the rollback source if a reload fails."""
         self._owned_dirs: set[Path] = set()
+        self.swap_mode = config.swap
+
+    @contextlib.asynccontextmanager
+    async def swapping(self) -> AsyncIterator[None]:
+        """Pause at a step boundary (keep mode: requests stay, with their KV), swap, label, resume."""
+        await self._engine.pause_generation(mode="keep", clear_cache=False)
+        try:
+            yield
+        finally:
+            try:
+                await self._engine.reset_prefix_cache(reset_running_requests=self._config.inflight_kv == "recompute")
+                await self._engine.update_weight_version(str(self.weight_version))
+            finally:
+                await self._engine.resume_generation()
 
     @classmethod
     def create(cls, model_path: Path, config: VllmEngineConfig) -> VllmEngine:
@@ -75,9 +100,8 @@ class VllmEngine(RolloutEngine):
     async def _final_output(self, prompt_tokens: list[int], params):
         """The one RequestOutput of a FINAL_ONLY request (CUMULATIVE outputs of n > 1 can miss children)."""
         final = None
-        async for output in self._engine.generate(
-            {"prompt_token_ids": prompt_tokens}, params, request_id=uuid.uuid4().hex
-        ):
+        prompt = {"prompt_token_ids": prompt_tokens, "cache_salt": f"anvil-weights-v{self.weight_version}"}
+        async for output in self._engine.generate(prompt, params, request_id=uuid.uuid4().hex):
             final = output
         return final
 
@@ -112,6 +136,7 @@ class VllmEngine(RolloutEngine):
                     step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids, strict=True)
                 ],
                 stop_reason="length" if completion.finish_reason == "length" else "stop",
+                token_versions=_token_versions(completion.weight_versions, len(completion.token_ids)),
             )
             for completion in sorted(final.outputs, key=lambda c: c.index)
         ]
@@ -152,8 +177,8 @@ class VllmEngine(RolloutEngine):
         self._discard(previous)
 
     async def _reload(self, directory: Path) -> None:
+        """The caller holds `swapping()`, which resets the prefix cache and labels the version after it."""
         await self._engine.collective_rpc(RELOAD_WEIGHTS_RPC, kwargs={"weights_path": str(directory)})
-        await self._engine.reset_prefix_cache()
 
     def _discard(self, directory: Path) -> None:
         if directory in self._owned_dirs:
@@ -164,6 +189,17 @@ class VllmEngine(RolloutEngine):
         self._engine.shutdown()
         for directory in list(self._owned_dirs):
             self._discard(directory)
+
+
+def _token_versions(spans, num_tokens: int) -> list[int]:
+    """vLLM's [start, end) version spans as one version per token; [] when vLLM labelled none. A label that
+    is not a number is vLLM's initial "default": the base weights, version 0."""
+    versions: list[int] = []
+    for span in spans or []:
+        versions.extend([int(span.version) if span.version.isdigit() else 0] * (span.end - span.start))
+    if versions and len(versions) != num_tokens:  # never seen; keep the lengths in step rather than fail
+        versions = (versions + [versions[-1]] * num_tokens)[:num_tokens]
+    return versions
 
 
 def _prompt_logprobs(per_position, tokens: list[int]) -> list[float]:
