@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 from bench.common import Stopwatch, Timing
 from bench.sink_rollout import PARAMS_ENV, start_sink
 from coordinator.launcher import start_service, toml_value
+from learner.transports.base import PublishContext, raise_first_failure
+from learner.transports.shm import ShmTransport
 from learner.transports.stream import tensors_as_bytes
 from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
 from protos.channels import open_channel
@@ -127,3 +129,24 @@ async def start_replica(
         process.stop()
 
     return Replica(label, process.address, stop_process, process.pid)
+
+
+async def shm_publish(replica: Replica, named: list[tuple[str, torch.Tensor]], scratch: Path) -> None:
+    """The learner's shm transport from these tensors to the replica, as PublishWeights runs it."""
+    context = PublishContext(scratch_dir=scratch, base_model="synthetic", api_key=None)
+    source = _Tensors(named)
+    results = await ShmTransport(context).publish(replica.next_version(), source, [replica.address])
+    raise_first_failure(results)
+
+
+class _Tensors:
+    """A WeightSource over a fixed list of named tensors."""
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        self.named = named
+
+    def named_weights(self):
+        return iter(self.named)
+
+    def save_weights(self, directory: Path) -> None:
+        raise NotImplementedError("the shm transport never writes a directory")

@@ -4,8 +4,8 @@ Two weight sets: the built-in `anvil-small` (float32, served by real rollout pro
 and vLLM engines, published by a real learner's PublishWeights) and a synthetic ~0.5 B-parameter bf16
 state dict with Qwen2.5-0.5B's shapes (served by `bench.sink_rollout`: the real RolloutServicer and
 WeightUpdater over an engine that only holds the tensors). Two transports: "stream" (Begin/Push/Commit
-over gRPC, digest-checked) and "checkpoint" (SaveWeights into /dev/shm, then LoadWeights: the
-same-host shared-memory path).
+over gRPC, digest-checked), "shm" (the learner writes one shared-memory segment, the replica maps and
+verifies it: the same-host path) and "checkpoint" (SaveWeights into /dev/shm, then LoadWeights).
 
 End to end = from the publish call until the replica answers that the new version is serving.
 Phases of the stream (measured by running the same steps one after the other, so they add up to a
@@ -55,6 +55,7 @@ from bench.publication import (
     e2e_stream_direct,
     nbytes,
     repeat_phases,
+    shm_publish,
     start_replica,
     stream_phases,
 )
@@ -125,6 +126,9 @@ async def bench_synthetic(
                 lambda: checkpoint_phases(replica, state, Path(shm) / f"v{next(counter)}"),
                 size,
             )
+            shm_e2e = await time_async(
+                f"{label} shm · end to end", lambda: shm_publish(replica, named, Path(shm)), repeats, num_bytes=size
+            )
     finally:
         await replica.stop()
 
@@ -139,7 +143,8 @@ async def bench_synthetic(
         size,
     )
     profile = component_costs(state, size, repeats)
-    timings = [*baselines, e2e, phased_total, *phases.values(), transport, ckpt_total, *ckpt_phases.values(), *profile]
+    timings = [*baselines, e2e, phased_total, *phases.values(), transport, ckpt_total, *ckpt_phases.values(), shm_e2e]
+    timings += profile
     ratios = [
         throughput_ratio(
             "synthetic stream e2e / raw gRPC", e2e, raw, "stream publication end to end vs raw gRPC bytes stream", 0.8
@@ -152,11 +157,18 @@ async def bench_synthetic(
             None,
         ),
         throughput_ratio(
+            "synthetic shm e2e / memcpy",
+            shm_e2e,
+            memcpy_timing,
+            "same-host path (one write into a shared segment, the replica maps, verifies and swaps) vs memcpy",
+            0.5,
+        ),
+        throughput_ratio(
             "synthetic checkpoint(tmpfs) e2e / memcpy",
             ckpt_total,
             memcpy_timing,
-            "same-host path (SaveWeights->tmpfs->LoadWeights) vs one memcpy",
-            0.5,
+            "context: the older same-host path (SaveWeights->tmpfs->LoadWeights) vs one memcpy",
+            None,
         ),
         throughput_ratio("raw gRPC / memcpy", raw, memcpy_timing, "context: the gRPC floor vs memory", None),
         throughput_ratio(
@@ -229,12 +241,18 @@ async def bench_model(
                             repeats,
                             num_bytes=size,
                         )
+                        shm = await time_async(
+                            f"{label} shm · PublishWeights e2e", lambda: publish("shm"), repeats, num_bytes=size
+                        )
                     finally:
                         await replica.stop()
-                    timings += [raw, stream, *phases.values(), ckpt]
+                    timings += [raw, stream, *phases.values(), ckpt, shm]
                     ratios += [
                         throughput_ratio(
                             f"{label} stream e2e / raw gRPC", stream, raw, "PublishWeights(stream) vs raw gRPC", None
+                        ),
+                        throughput_ratio(
+                            f"{label} shm e2e / memcpy", shm, memcpy_timing, "PublishWeights(shm) vs memcpy", None
                         ),
                         throughput_ratio(
                             f"{label} checkpoint e2e / memcpy",
