@@ -6,9 +6,11 @@
     samplers  a pool (asyncio-pool's AioPool) of at most `sampler_concurrency` tasks, one per prompt,
               each calling Sample (n = group_size) on a rollout replica and scoring every completion
               with the prompt's Env (a second pool bounds reward calls to `scoring_concurrency`);
-    trainer   assembles batch b from its groups, drops any group whose sampler version is older than
-              the bound (counted), hands the fresh groups to the run's Objective (datums, loss and the
-              forward/backward passes: coordinator/objectives/), runs OptimStep, and publishes the new
+    trainer   assembles batch b from its groups, drops any group whose oldest token was sampled by a
+              version older than the bound (counted; an in-flight weight update can give one completion
+              tokens of two versions, and the oldest decides), hands the fresh groups to the run's
+              Objective (datums, loss and the forward/backward passes: coordinator/objectives/), runs
+              OptimStep, and publishes the new
               weights to every replica before releasing the next batch.
 
 The loop never decides where services run or how state is stored: `on_step` receives each step's
@@ -29,7 +31,7 @@ import numpy as np
 from asyncio_pool import AioPool
 
 from coordinator.client.learner_api import LearnerSession
-from coordinator.client.types import SamplingParams
+from coordinator.client.types import SampledSequence, SamplingParams
 from coordinator.config import LoopConfig
 from coordinator.envs.base import Env, Problem, ProblemSource
 from coordinator.fleet.replica_set import ReplicaSet
@@ -139,7 +141,7 @@ class RLLoop:
             sequences=response.sequences,
             rewards=[s.reward for s in scores],
             correct=[s.metrics.get("correct", float("nan")) for s in scores],
-            sampler_version=response.weight_version,
+            sampler_version=oldest_token_version(response.sequences, response.weight_version),
             sample_s=sample_s,
         )
 
@@ -176,12 +178,17 @@ class RLLoop:
         bound = config.max_off_policy_steps
         fresh = [g for g in groups if self.step - g.sampler_version <= bound]
         staleness = [self.step - g.sampler_version for g in fresh]
+        token_staleness = [self.step - v for g in fresh for s in g.sequences for v in s.token_weight_versions or []]
         metrics: dict[str, float] = {
             "reward/mean": float(np.mean([r for g in groups for r in g.rewards])),
             "reward/std": float(np.std([r for g in groups for r in g.rewards])),
             "correct/mean": float(np.nanmean([c for g in groups for c in g.correct])),
             "staleness/mean": float(np.mean(staleness)) if staleness else 0.0,
             "staleness/max": float(max(staleness, default=0)),
+            "staleness/token_mean": float(np.mean(token_staleness)) if token_staleness else 0.0,
+            "sequences/mixed_versions": float(
+                sum(len(set(s.token_weight_versions or [])) > 1 for g in fresh for s in g.sequences)
+            ),
             "groups/dropped_stale": float(len(groups) - len(fresh)),
             "time/sample_mean_s": float(np.mean([g.sample_s for g in groups])),
         }
@@ -212,6 +219,12 @@ class RLLoop:
         metrics.update(self.rollout.metrics())
         indices = [g.problem.index for g in groups]
         return StepResult(step=self.step, batch=batch, metrics=metrics, problem_indices=indices)
+
+
+def oldest_token_version(sequences: list[SampledSequence], default: int) -> int:
+    """The staleness of a group is that of its oldest token: the version that produced it, per token when
+    the replica labels tokens, else the response's version."""
+    return min((v for s in sequences for v in s.token_weight_versions or []), default=default)
 
 
 def learning_rate_factor(schedule: str, step: int, total_steps: int) -> float:

@@ -14,7 +14,10 @@ Columns (only the first two are required; which optional ones a loss needs is th
     advantages           list<float32>  N per-token advantages (RL losses)
     sequence_ratio_mask  list<float32>  N, 1 on the tokens whose ratio forms GSPO's sequence ratio
     targets_per_position int32          K, default 1
-    sampler_version      int64          weight version that sampled the row
+    sampler_version      int64          weight version that sampled the row (the oldest, with per-token ones)
+    sampler_versions     list<int64>    N, the weight version that sampled each target token; -1 where the
+                                        target was not sampled (prompt positions). An in-flight weight update
+                                        splits a completion between two versions (docs/weight-sync.md)
     group_id             int64          rollout group the row belongs to
     reward               float32        the row's scalar reward
 
@@ -47,6 +50,7 @@ BATCH_SCHEMA = pa.schema(
         pa.field("sequence_ratio_mask", pa.list_(pa.float32())),
         pa.field("targets_per_position", pa.int32()),
         pa.field("sampler_version", pa.int64()),
+        pa.field("sampler_versions", pa.list_(pa.int64())),
         pa.field("group_id", pa.int64()),
         pa.field("reward", pa.float32()),
     ]
@@ -58,7 +62,7 @@ OUTPUT_SCHEMA = pa.schema([pa.field("logprobs", pa.list_(pa.float32()), nullable
 
 # Columns whose per-token length must equal len(target_tokens) (the flattened N*K), or N.
 _TARGET_SHAPED = ("weights",)
-_POSITION_SHAPED = ("logprobs", "advantages", "sequence_ratio_mask")
+_POSITION_SHAPED = ("logprobs", "advantages", "sequence_ratio_mask", "sampler_versions")
 
 
 def make_batch(rows: Sequence[Mapping[str, Any]]) -> pa.Table:

@@ -62,7 +62,13 @@ def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParam
 
 def sample_response_from_proto(reply: rollout_pb2.SampleResponse, include_prompt_logprobs: bool) -> SampleResponse:
     sequences = [
-        SampledSequence(_STOP_REASONS[s.stop_reason], list(s.tokens), list(s.logprobs)) for s in reply.sequences
+        SampledSequence(
+            _STOP_REASONS[s.stop_reason],
+            list(s.tokens),
+            list(s.logprobs),
+            list(s.token_weight_versions) or [reply.weight_version] * len(s.tokens),  # an older replica labels none
+        )
+        for s in reply.sequences
     ]
     prompt_logprobs = [None, *reply.prompt_logprobs] if include_prompt_logprobs else None
     return SampleResponse(sequences, prompt_logprobs, reply.weight_version)

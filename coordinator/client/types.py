@@ -126,6 +126,8 @@ class SampledSequence:
     stop_reason: Literal["stop", "length"]
     tokens: list[int]
     logprobs: list[float] | None = None
+    token_weight_versions: list[int] | None = None
+    """Anvil extra: the weight version that produced each token (an in-flight update can split a sequence)."""
 
 
 @dataclass
@@ -133,7 +135,7 @@ class SampleResponse:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None
     weight_version: int = 0
-    """Anvil extra: the weight version that produced the sequences."""
+    """Anvil extra: the oldest weight version that produced any token of the sequences."""
 
 
 @dataclass

@@ -56,7 +56,7 @@ class Custom(Objective):
         entries = self.config.entries(groups)
         if not entries:
             return None
-        data = [policy_datum(p, s.tokens, s.logprobs, a) for p, s, a in entries]
+        data = [policy_datum(p, s.tokens, s.logprobs, a, s.token_weight_versions) for p, s, a in entries]
         result = await forward_backward_custom(session, data, self.loss)
         metrics["loss/sum"] = result.metrics["loss:sum"]
         metrics.update({f"custom/{k.split(':')[0]}": v for k, v in result.metrics.items() if "loss:sum" not in k})

@@ -46,19 +46,23 @@ def policy_datum(
     completion: Sequence[int],
     sampler_logprobs_T: Sequence[float],
     advantage_T: Sequence[float] | float,
+    sampler_versions_T: Sequence[int] | None = None,
 ) -> Datum:
-    """A datum for importance_sampling / ppo / cispo; `advantage_T` may be one value or one per token."""
+    """A datum for importance_sampling / ppo / cispo; `advantage_T` may be one value or one per token.
+    `sampler_versions_T` (the version of each completion token) becomes the batch's `sampler_versions`
+    column, -1 on prompt positions, so staleness and importance corrections can work per token."""
     num_prompt_targets = len(prompt) - 1
     tokens = [*prompt, *completion]
     advantages = [advantage_T] * len(completion) if isinstance(advantage_T, float | int) else list(advantage_T)
-    return Datum(
-        model_input=ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": TensorData(tokens[1:], "int64", [len(tokens) - 1]),
-            "logprobs": TensorData([0.0] * num_prompt_targets + list(sampler_logprobs_T), "float32", [len(tokens) - 1]),
-            "advantages": TensorData([0.0] * num_prompt_targets + advantages, "float32", [len(tokens) - 1]),
-        },
-    )
+    inputs = {
+        "target_tokens": TensorData(tokens[1:], "int64", [len(tokens) - 1]),
+        "logprobs": TensorData([0.0] * num_prompt_targets + list(sampler_logprobs_T), "float32", [len(tokens) - 1]),
+        "advantages": TensorData([0.0] * num_prompt_targets + advantages, "float32", [len(tokens) - 1]),
+    }
+    if sampler_versions_T:
+        versions = [-1] * num_prompt_targets + list(sampler_versions_T)
+        inputs["sampler_versions"] = TensorData(versions, "int64", [len(tokens) - 1])
+    return Datum(model_input=ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=inputs)
 
 
 def truncated_is_weights(learner_T: np.ndarray, sampler_T: np.ndarray, cap: float) -> np.ndarray:

@@ -59,11 +59,13 @@ class PolicyGradient(Objective):
         entries = config.entries(groups)
         if not entries:
             return None
-        data = [policy_datum(p, s.tokens, s.logprobs, a) for p, s, a in entries]
+        data = [policy_datum(p, s.tokens, s.logprobs, a, s.token_weight_versions) for p, s, a in entries]
         if config.tis_cap is not None:
             data = await self._truncated_is(session, entries, data, metrics)
         result = await session.forward_backward(data, config.type, config.loss_config)
         metrics["loss/sum"] = result.metrics["loss:sum"]
+        # The learner's own: tokens/s, peak memory, micro-batches of the step (learner/backends/packing.py).
+        metrics.update({k.split(":")[0]: v for k, v in result.metrics.items() if k.startswith("learner/")})
         return completion_logprobs(result.loss_fn_outputs, [s for _, s, _ in entries])
 
     async def _truncated_is(
@@ -74,6 +76,9 @@ class PolicyGradient(Objective):
         for (prompt, sequence, advantage), output in zip(entries, learner.loss_fn_outputs, strict=True):
             learner_lp = output["logprobs"].to_numpy()[-len(sequence.tokens) :]
             weights = truncated_is_weights(learner_lp, np.asarray(sequence.logprobs), self.config.tis_cap)
-            weighted.append(policy_datum(prompt, sequence.tokens, sequence.logprobs, (advantage * weights).tolist()))
+            advantage_T = (advantage * weights).tolist()
+            weighted.append(
+                policy_datum(prompt, sequence.tokens, sequence.logprobs, advantage_T, sequence.token_weight_versions)
+            )
         metrics["tis/weight_mean"] = float(np.mean([w for d in weighted for w in d.loss_fn_inputs["advantages"].data]))
         return weighted
