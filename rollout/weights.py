@@ -218,7 +218,7 @@ class WeightUpdater:
             async with self._lock:
                 self._require_newer(version)
                 start = time.perf_counter()
-                async with self.gate.writing():
+                async with self.gate.swap_window(self.engine):
                     await self.engine.load_weights(tensors)
                     self.engine.weight_version = version
                 return time.perf_counter() - start

@@ -161,6 +161,9 @@ def test_other_objectives_run(tmp_path, settings, expected_metric):
     assert all(expected_metric in r for r in metrics)
     if expected_metric == "tis/weight_mean":
         assert all(r["staleness/max"] == 0 for r in metrics)
+        # the learner reports its own throughput and memory per step (token-budget micro-batches)
+        assert all(r["learner/tokens_per_s"] > 0 and r["learner/peak_memory_gib"] > 0 for r in metrics)
+        assert all(r["learner/micro_batches"] >= 1 for r in metrics)
 
 
 def test_run_connects_to_a_running_learner(tmp_path, tiny_model_dir):
