@@ -102,12 +102,15 @@ class RLLoop:
         """Spawn one sampling task per prompt, in order; the pool holds `sampler_concurrency` in flight, so
         this waits for room (and for the staleness bound) before the next prompt."""
         size, bound = self.config.groups_per_batch, self.config.max_off_policy_steps
-        for batch in range(self.start_batch, self.end_batch):
-            async with self._released_changed:
-                await self._released_changed.wait_for(lambda b=batch: b <= self._released + bound)
-            for offset in range(size):
-                problem = self.source.problem(batch * size + offset)
-                await samplers.spawn(self._sample(batch, problem, scorers, scored))
+        try:
+            for batch in range(self.start_batch, self.end_batch):
+                async with self._released_changed:
+                    await self._released_changed.wait_for(lambda b=batch: b <= self._released + bound)
+                for offset in range(size):
+                    problem = self.source.problem(batch * size + offset)
+                    await samplers.spawn(self._sample(batch, problem, scorers, scored))
+        except Exception as exc:  # a task source that fails must end the run, not leave the trainer waiting
+            await scored.put(exc)
 
     async def _sample(self, batch: int, problem: Problem, scorers: AioPool, scored: asyncio.Queue) -> None:
         """Sample and score one group; a failure goes to the trainer, which ends the run with it."""
