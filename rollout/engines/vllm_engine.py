@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from safetensors.torch import save_file
 
 from rollout.config import VllmEngineConfig
 from rollout.engines.base import EngineDescription, GeneratedSequence, RolloutEngine, SampleResult, SamplingSpec
+from rollout.staging import new_staging_dir, remove_orphans
 
 RELOAD_WEIGHTS_RPC = "reload_weights"
 """The vLLM worker method that reloads weights layer-wise (vllm.v1.worker.*.reload_weights)."""
@@ -47,6 +47,7 @@ class VllmEngine(RolloutEngine):
         """Where the weights being served came from: the rollback source if a reload fails."""
         self._owned_dirs: set[Path] = set()
         self.swap_mode = config.swap
+        remove_orphans(config.staging_dir)  # what replicas killed before us left in tmpfs
 
     @contextlib.asynccontextmanager
     async def swapping(self) -> AsyncIterator[None]:
@@ -156,8 +157,7 @@ class VllmEngine(RolloutEngine):
         return _prompt_logprobs(final.prompt_logprobs, tokens)
 
     async def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._config.staging_dir.mkdir(parents=True, exist_ok=True)
-        directory = Path(tempfile.mkdtemp(prefix="anvil-weights-", dir=self._config.staging_dir))
+        directory = new_staging_dir(self._config.staging_dir)
         try:
             save_file({name: t.contiguous() for name, t in tensors.items()}, directory / "model.safetensors")
         except BaseException:

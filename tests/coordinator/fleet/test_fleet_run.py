@@ -84,6 +84,8 @@ def test_a_run_survives_a_killed_and_a_stopped_replica(tmp_path, anvil_home):
         killed = json.loads((run_dir / "services.json").read_text())["rollout-0"]["pid"]
         engine_processes = descendants(killed)
         assert engine_processes, "a vLLM replica runs its engine in child processes"
+        staged = list(Path("/dev/shm").glob(f"anvil-staging-{killed}-*"))
+        assert staged, "the replica staged the streamed weights in tmpfs for vLLM"
         os.kill(killed, signal.SIGKILL)
         assert wait_gone(engine_processes, timeout_s=60) == [], "no process of the killed replica's tree is left"
         # On a cluster the replacement starts on a machine of its own. Here it shares 2 cores with a busy run,
@@ -98,6 +100,7 @@ def test_a_run_survives_a_killed_and_a_stopped_replica(tmp_path, anvil_home):
             process,
         )
         os.kill(learner, signal.SIGCONT)
+        assert not any(path.exists() for path in staged), "the replacement removed the killed one's staged weights"
         paused = None
         back = wait_for(
             lambda: (
