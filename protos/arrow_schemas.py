@@ -67,24 +67,31 @@ _POSITION_SHAPED = ("logprobs", "advantages", "sequence_ratio_mask", "sampler_ve
 
 def make_batch(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     """Build a typed batch from dicts of Python lists / numpy arrays (keys are column names)."""
+    names = batch_column_names(rows)
+    arrays = [column_array(name, [row.get(name) for row in rows]) for name in names]
+    return pa.Table.from_arrays(arrays, schema=pa.schema([BATCH_SCHEMA.field(n) for n in names]))
+
+
+def batch_column_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The schema's columns that `rows` carry, in schema order; InvalidArgument for no rows or unknown keys."""
     if not rows:
         raise InvalidArgument("batch is empty: send at least one datum")
-    names = [f.name for f in BATCH_SCHEMA if any(f.name in row for row in rows)]
     unknown = sorted({key for row in rows for key in row} - set(BATCH_SCHEMA.names))
     if unknown:
         raise InvalidArgument(f"unknown column(s) {unknown}; allowed columns are {BATCH_SCHEMA.names}")
-    arrays = []
-    for name in names:
-        field = BATCH_SCHEMA.field(name)
-        column = [row.get(name) for row in rows]
-        array = _list_array_from_numpy(column, field.type) if pa.types.is_list(field.type) else None
-        if array is None:
-            try:
-                array = pa.array([_to_python(value) for value in column], type=field.type)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
-                raise InvalidArgument(f"column {name!r} cannot be stored as {field.type}: {exc}") from exc
-        arrays.append(array)
-    return pa.Table.from_arrays(arrays, schema=pa.schema([BATCH_SCHEMA.field(n) for n in names]))
+    return [f.name for f in BATCH_SCHEMA if any(f.name in row for row in rows)]
+
+
+def column_array(name: str, column: list[Any]) -> pa.Array:
+    """One column of `make_batch` (a value per row, None where a row lacks it), typed as BATCH_SCHEMA says."""
+    field = BATCH_SCHEMA.field(name)
+    array = _list_array_from_numpy(column, field.type) if pa.types.is_list(field.type) else None
+    if array is None:
+        try:
+            array = pa.array([_to_python(value) for value in column], type=field.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+            raise InvalidArgument(f"column {name!r} cannot be stored as {field.type}: {exc}") from exc
+    return array
 
 
 def _list_array_from_numpy(column: list[Any], list_type: pa.ListType) -> pa.ListArray | None:
@@ -95,9 +102,7 @@ def _list_array_from_numpy(column: list[Any], list_type: pa.ListType) -> pa.List
     """
     if not all(isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iuf" for value in column):
         return None
-    lengths = np.fromiter((len(value) for value in column), dtype=np.int64, count=len(column))
-    offsets = np.zeros(len(column) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    offsets = np.cumsum([0, *(len(value) for value in column)], dtype=np.int64)
     if offsets[-1] > np.iinfo(np.int32).max:
         return None
     try:
@@ -108,19 +113,36 @@ def _list_array_from_numpy(column: list[Any], list_type: pa.ListType) -> pa.List
 
 
 def _to_python(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):  # torch tensors, numpy scalars
-        return value.tolist()
-    return value
+    """numpy arrays and scalars, torch tensors -> Python values; anything else as it is."""
+    return value.tolist() if hasattr(value, "tolist") and not isinstance(value, (list, tuple)) else value
+
+
+class PartsSink:
+    """A write-only file for pyarrow's IPC writer that keeps each write as given: small metadata as bytes,
+    column buffers as zero-copy `pa.Buffer`s. Joining the parts is the one copy of the payload
+    (BufferOutputStream copies every buffer in, grows by reallocating, and `to_pybytes` copies again)."""
+
+    def __init__(self) -> None:
+        self.parts: list[Any] = []
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        self.parts.append(data)
+        return len(data)
+
+    def flush(self) -> None:  # nothing is buffered
+        pass
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def encode_batch(table: pa.Table | pa.RecordBatch) -> bytes:
     """Serialise a table as Arrow IPC *stream* bytes (the DataBatch.arrow_ipc_stream payload)."""
-    sink = pa.BufferOutputStream()
+    sink = PartsSink()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write(table)
-    return sink.getvalue().to_pybytes()
+    return b"".join(sink.parts)
 
 
 def decode_batch(payload: bytes) -> pa.Table:
@@ -226,23 +248,32 @@ def _check_lengths(table: pa.Table, name: str, expected: np.ndarray, what: str) 
 
 def _check_token_range(table: pa.Table, name: str, vocab_size: int | None) -> None:
     column = table[name]
-    values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(column)
+    low_high = pc.min_max(flat)  # one pass, no temporaries: the common case (all in range) stops here
+    low, high = low_high["min"].as_py(), low_high["max"].as_py()
+    if low is None or (low >= 0 and (vocab_size is None or high < vocab_size)):
+        return
+    values = flat.to_numpy(zero_copy_only=False)
     bad = values < 0
     if vocab_size is not None:
         bad |= values >= vocab_size
-    if bad.any():
-        flat_index = int(np.flatnonzero(bad)[0])
-        row = _row_of_flat_index(column, flat_index)
-        limit = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
-        raise InvalidArgument(
-            f"row {row}: column {name!r} holds token id {values[flat_index]}; token ids must be in {limit}"
-        )
+    flat_index = int(np.flatnonzero(bad)[0])
+    row = _row_of_flat_index(column, flat_index)
+    limit = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+    raise InvalidArgument(
+        f"row {row}: column {name!r} holds token id {values[flat_index]}; token ids must be in {limit}"
+    )
 
 
 def _check_finite(table: pa.Table, name: str) -> None:
     column = table[name]
     is_list = pa.types.is_list(column.type)
     values = (pc.list_flatten(column) if is_list else column).to_numpy(zero_copy_only=False)
+    # A finite sum proves every value finite (NaN and inf propagate through IEEE addition): one pass, no
+    # temporaries. A sum that overflows float32 only sends a valid batch on to the exact check below.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(values)):
+            return
     bad = ~np.isfinite(values)
     if bad.any():
         flat_index = int(np.flatnonzero(bad)[0])
@@ -251,8 +282,7 @@ def _check_finite(table: pa.Table, name: str) -> None:
 
 
 def _row_of_flat_index(column: pa.ChunkedArray | pa.Array, flat_index: int) -> int:
-    parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
-    return int(parents[flat_index])
+    return int(pc.list_parent_indices(column).to_numpy(zero_copy_only=False)[flat_index])
 
 
 def encode_outputs(logprobs_per_row: Iterable[Sequence[float] | np.ndarray]) -> bytes:

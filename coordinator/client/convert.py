@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import struct
 from typing import Any
 
 import numpy as np
@@ -22,10 +24,39 @@ _STOP_REASONS = {common_pb2.STOP_REASON_STOP: "stop", common_pb2.STOP_REASON_LEN
 
 
 def datum_row(datum: Datum, index: int = 0) -> dict[str, Any]:
-    """One Arrow row (protos.datums): [N, K] targets and their inputs flattened with targets_per_position."""
-    tokens = np.asarray(datum.model_input.to_ints(), dtype=np.int64)
-    inputs = {key: value.to_numpy() for key, value in datum.loss_fn_inputs.items()}
+    """One Arrow row (protos.datums): [N, K] targets and their inputs flattened with targets_per_position.
+
+    Tinker's types hold Python lists, so reading every element is the cost of this conversion: each list
+    is packed by `struct` (about twice as fast as numpy's list conversion) straight into the Arrow column
+    type (int32 ids, float32 inputs), so `make_batch` / `encode_rows` splice the arrays without a cast.
+    """
+    chunks = datum.model_input.chunks
+    ids = chunks[0].tokens if len(chunks) == 1 else list(itertools.chain.from_iterable(c.tokens for c in chunks))
+    tokens = _pack(ids, "i", np.int32)
+    if tokens is None:  # ids beyond int32 or not ints: the general path words the error
+        tokens = np.asarray(datum.model_input.to_ints(), dtype=np.int64)
+    inputs = {key: _tensor_numpy(value) for key, value in datum.loss_fn_inputs.items()}
     return protos_datum_row(tokens, inputs, f"datum {index}")[0]
+
+
+def _tensor_numpy(tensor: TensorData) -> np.ndarray:
+    """`tensor.to_numpy()` with the values packed as int32 / float32 where they fit exactly."""
+    values = tensor.data
+    array = _pack(values, "i", np.int32) if tensor.dtype == "int64" else _pack(values, "f", np.float32)
+    if array is None:
+        return tensor.to_numpy()
+    return array.reshape(tensor.shape) if tensor.shape is not None else array
+
+
+def _pack(values: Any, code: str, dtype: type[np.generic]) -> np.ndarray | None:
+    """A 1-D array of a list of Python numbers, or None where struct refuses one (out of range, wrong type):
+    struct rounds floats to float32 as numpy does, and refuses ids that int32 cannot hold."""
+    if not isinstance(values, list):
+        return None
+    try:
+        return np.frombuffer(struct.pack(f"{len(values)}{code}", *values), dtype=dtype)
+    except (struct.error, OverflowError, TypeError):
+        return None
 
 
 def output_from_logprobs(
