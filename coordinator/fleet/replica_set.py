@@ -27,6 +27,7 @@ from protos.anvil.v1 import learner_pb2, rollout_pb2, rollout_pb2_grpc
 from protos.channels import open_channel
 from protos.errors import DeadlineExceeded, Unavailable
 from protos.status import call
+from servicekit.changes import Changes
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class ReplicaSet(RolloutCalls):
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._running: dict[str, set[asyncio.Future]] = {}
         """Requests in flight per replica: cancelled (and retried elsewhere) when it is declared dead."""
-        self._changed = asyncio.Condition()
+        self._changed = Changes()
         self._publishing = asyncio.Lock()
         self._prober: asyncio.Task | None = None
 
@@ -154,8 +155,7 @@ class ReplicaSet(RolloutCalls):
         return int(info.weight_version)
 
     async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+        self._changed.notify()
 
     def describe(self) -> str:
         return ", ".join(f"{r.name} {r.state.value} v{r.version}" for r in self.health.replicas.values()) or "none"
@@ -215,13 +215,10 @@ class ReplicaSet(RolloutCalls):
             return  # every healthy replica failed this request once: they get another try
         timeout = self.config.no_replica_timeout_s
         logger.warning("no healthy rollout replica (%s); waiting up to %gs for one", self.describe(), timeout)
-        try:
-            async with self._changed:
-                await asyncio.wait_for(self._changed.wait_for(lambda: bool(self.health.routable())), timeout)
-        except TimeoutError:
+        if not await self._changed.wait_until(lambda: bool(self.health.routable()), timeout):
             raise Unavailable(
                 f"no healthy rollout replica for {timeout:g}s ({self.describe()}); restart a replica or add one"
-            ) from None
+            )
 
     # --- weights ------------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from coordinator.fleet.replica_set import ReplicaSet
 from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
 from protos.errors import DeadlineExceeded, NotFound, Unavailable
 from protos.status import call
+from servicekit.changes import Changes
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,7 +64,9 @@ class SnapshotRouter:
         self.replicas = replicas
         self.base = base
         self._serving: dict[str, _Serving] = {}
-        self._changed = asyncio.Condition()
+        self._changed = Changes()
+        self._waiting: Counter[Path] = Counter()
+        """Requests waiting in _acquire, per snapshot."""
         self._last_wanted: dict[Path, float] = {}
         self._spreading: set[asyncio.Task] = set()
         self.loads = 0
@@ -102,9 +106,9 @@ class SnapshotRouter:
                 self.replicas.health.failed(name)
                 failed.add(name)
             finally:
-                async with self._changed:
+                if name in self.replicas.health.replicas:  # (not removed meanwhile)
                     self._state(name).inflight -= 1
-                    self._changed.notify_all()
+                self._changed.notify()
 
     def _candidates(self, failed: set[str]) -> list[str]:
         names = [r.name for r in self.replicas.health.routable() if r.name not in failed]
@@ -114,8 +118,11 @@ class SnapshotRouter:
         return names
 
     async def _acquire(self, snapshot: Path, failed: set[str]) -> str:
-        waited = 0.0
-        async with self._changed:
+        """A replica to run on for `snapshot`: one serving it (least in flight), or an idle one to load it
+        onto, or - all busy - one marked draining (no new requests) so it becomes idle for the swap."""
+        deadline = time.monotonic() + self.replicas.config.no_replica_timeout_s
+        self._waiting[snapshot] += 1
+        try:
             while True:
                 names = self._candidates(failed)
                 states = {name: self._state(name) for name in names}
@@ -127,26 +134,40 @@ class SnapshotRouter:
                     if states[name].inflight > 1:
                         self._spread(snapshot, states)
                     return name
+                needs_swap = not any(s.loaded == snapshot or s.swapping for s in states.values())
                 idle = [n for n, s in states.items() if s.inflight == 0 and not s.swapping]
-                if not any(s.loaded == snapshot or s.swapping for s in states.values()) and idle:
+                if needs_swap and idle:
                     name = idle[0]
                     states[name].swapping, states[name].draining = True, False
                     break
-                if names and not idle and not any(s.swapping for s in states.values()):
+                if not needs_swap and not self._swap_wanted(states):
+                    # This snapshot's replicas drain for a swap nobody waits for any more: serve again.
+                    for state in states.values():
+                        state.draining = state.draining and state.loaded != snapshot
+                    if any(s.loaded == snapshot and not s.draining and not s.swapping for s in states.values()):
+                        continue
+                if needs_swap and names and not idle and not any(s.swapping for s in states.values()):
                     states[min(names, key=lambda n: states[n].inflight)].draining = True
-                if waited >= self.replicas.config.no_replica_timeout_s:
+                if time.monotonic() >= deadline:
                     raise Unavailable(
                         f"no healthy rollout replica could serve this sample ({self.replicas.describe()})"
                     )
-                try:  # woken by finished requests, or re-checked as the fleet's health changes
-                    await asyncio.wait_for(self._changed.wait(), timeout=1.0)
-                except TimeoutError:
-                    waited += 1.0
+                # woken by finished requests and loads, or re-checked as the fleet's health changes
+                await self._changed.wait(timeout=1.0)
+        finally:
+            self._waiting[snapshot] -= 1
         return await self._load(name, snapshot)
+
+    def _swap_wanted(self, states: dict[str, _Serving]) -> bool:
+        """Whether a request waits for a snapshot that no replica serves or is loading."""
+        return any(
+            count > 0 and not any(s.loaded == wanted or s.swapping for s in states.values())
+            for wanted, count in self._waiting.items()
+        )
 
     def _spread(self, snapshot: Path, states: dict[str, _Serving]) -> None:
         """Every replica serving `snapshot` is busy: load it onto an idle replica whose own snapshot is not
-        in use (no request in flight, none asked for lately), in the background. Called under _changed."""
+        in use (no request in flight, none asked for lately), in the background."""
         if any(state.swapping for state in states.values()):
             return  # one load at a time: a spread already under way may be for this very snapshot
         quiet_since = time.monotonic() - SPREAD_QUIET_S
@@ -190,14 +211,12 @@ class SnapshotRouter:
                 raise _LoadFailed(name, str(exc)) from exc
             self.loads += 1
         except BaseException:
-            async with self._changed:
-                state.swapping = False
-                self._changed.notify_all()
+            state.swapping = False
+            self._changed.notify()
             raise
-        async with self._changed:
-            state.version, state.loaded, state.swapping = version, snapshot, False
-            state.inflight += 1 if claim else 0
-            self._changed.notify_all()
+        state.version, state.loaded, state.swapping = version, snapshot, False
+        state.inflight += 1 if claim else 0
+        self._changed.notify()
         return name
 
     async def close(self) -> None:
