@@ -19,7 +19,8 @@ export const BATCH_COLUMNS = {
   advantages: () => listOf(new Float32()), // N per-token advantages (RL losses)
   sequence_ratio_mask: () => listOf(new Float32()), // N, 1 where a token forms gspo's sequence ratio
   targets_per_position: () => new Int32(), // K, default 1
-  sampler_version: () => new Int64(), // weight version that sampled the row
+  sampler_version: () => new Int64(), // weight version that sampled the row (its oldest token's)
+  sampler_versions: () => listOf(new Int64()), // N, the version that sampled each target; -1 on prompt positions
   group_id: () => new Int64(), // rollout group of the row
   reward: () => new Float32(), // scalar reward of the row
 };

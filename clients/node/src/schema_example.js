@@ -18,6 +18,7 @@ const example = {
   sequence_ratio_mask: [1, 1],
   targets_per_position: 1,
   sampler_version: 1,
+  sampler_versions: [-1, 1],
   group_id: 0,
   reward: 1,
 };
