@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 
 from bench.common import Ratio, Timing, base_parser, console, run_main, timing_table, write_results
 from coordinator.models import resolve_model
+from learner.backends.packing import peak_rss_gib
 from learner.backends.torch_backend import TorchBackend
 from learner.batch import Datum, TrainingBatch
 from learner.config import TorchBackendConfig
@@ -95,7 +95,7 @@ def interleaved(backend: TorchBackend, batch: TrainingBatch, repeats: int, step:
     return padded, packed
 
 
-def peak_rss_gib(tokens: int, budget: int) -> tuple[float, float]:
+def step_memory_gib(tokens: int, budget: int) -> tuple[float, float]:
     """A fresh process: one forward+backward of `tokens` tokens (in 256-token sequences) at `budget`;
     its peak resident set, and how much of it came after the model was loaded (GiB)."""
     probe = f"memory_probe({tokens}, {budget})"
@@ -111,7 +111,7 @@ def memory_probe(tokens: int, budget: int) -> tuple[float, float]:
     batch = rl_batch([256] * (tokens // 256), backend.description.vocab_size)
     loaded = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
     packed_forward_backward(backend, batch)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, loaded
+    return peak_rss_gib(), loaded
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -135,7 +135,7 @@ async def main(args: argparse.Namespace) -> None:
     step_after = Timing("main job learner step, packed (after)", step_after_s)
 
     budget = 1024 if args.quick else 4096
-    (peak_1x, grown_1x), (peak_4x, grown_4x) = peak_rss_gib(budget, budget), peak_rss_gib(4 * budget, budget)
+    (peak_1x, grown_1x), (peak_4x, grown_4x) = step_memory_gib(budget, budget), step_memory_gib(4 * budget, budget)
     console.print(timing_table("learner scaling", [padded, packed, step_before, step_after]))
     console.print(
         f"peak RSS: {peak_1x:.3f} GiB at 1x the budget ({budget} tokens), {peak_4x:.3f} GiB at 4x; "

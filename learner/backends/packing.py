@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -142,3 +143,12 @@ def combine_metrics(
             totals[name] = totals.get(name, 0.0) + value * weight
             weights[name] = weights.get(name, 0.0) + weight
     return {name: value / weights[name] if weights.get(name) else value for name, value in totals.items()}
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set (VmHWM), GiB. Not getrusage's ru_maxrss: a process started with
+    vfork + exec inherits its parent's high-water mark there, so a learner would report the launcher's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # kB
+    return 0.0

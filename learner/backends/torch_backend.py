@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import resource
 import shutil
 import time
 from collections.abc import Iterator, Mapping
@@ -26,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from learner.backends.base import ForwardResult, LearnerBackend, ModelDescription, clip_and_step
-from learner.backends.packing import combine_metrics, pack, plan_micro_batches, target_logprobs
+from learner.backends.packing import combine_metrics, pack, peak_rss_gib, plan_micro_batches, target_logprobs
 from learner.batch import Datum, TrainingBatch
 from learner.config import TorchBackendConfig
 from learner.losses import LossSpec, loss_inputs_T
@@ -157,7 +156,7 @@ class TorchBackend(LearnerBackend):
         """This step's peak on a CUDA device; on CPU the process's peak resident set so far."""
         if self._device.type == "cuda":
             return torch.cuda.max_memory_allocated(self._device) / 2**30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        return peak_rss_gib()
 
     def _new_optimizer(self) -> torch.optim.AdamW:
         defaults = AdamParams()
