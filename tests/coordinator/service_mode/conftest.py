@@ -64,3 +64,19 @@ def serve(tmp_path_factory, anvil_home) -> Iterator[Serve]:
     running = start_serve(workdir, workdir / "state")
     yield running
     assert running.stop() == 0, running.log.read_text()[-3000:]
+
+
+def trained_policy(serve: Serve, prompt: list[int], learning_rate: float):
+    """An RLOR trainer job on `serve`, its Tinker training client, and one cross_entropy step on `prompt`
+    (so its weights differ from the base model's): (trainers, endpoint, service client, policy, data)."""
+    import fireworks.training.sdk as fw
+
+    trainers = fw.TrainerJobManager(api_key=KEY, base_url=serve.base_url)
+    endpoint = trainers.create_and_wait(fw.TrainerJobConfig(base_model="anvil-tiny", lora_rank=0))
+    service = fw.FiretitanServiceClient(base_url=endpoint.base_url, api_key=KEY)
+    policy = service.create_training_client(base_model="anvil-tiny", lora_rank=0)
+    data = [fw.Datum(model_input=fw.ModelInput.from_ints(prompt[:-1]),
+                     loss_fn_inputs={"target_tokens": prompt[1:], "weights": [1.0] * (len(prompt) - 1)})]  # fmt: skip
+    policy.forward_backward(data, "cross_entropy").result()
+    policy.optim_step(fw.AdamParams(learning_rate=learning_rate)).result()
+    return trainers, endpoint, service, policy, data

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.coordinator.service_mode.conftest import KEY, start_serve
+from tests.coordinator.conftest import wait
+from tests.coordinator.service_mode.conftest import KEY, start_serve, trained_policy
 
 fw = pytest.importorskip("fireworks.training.sdk", reason="fireworks-ai[training-sdk]==1.2.30 is a dev dependency")
 
@@ -47,15 +47,6 @@ def complete(base_url: str, deployment_id: str) -> dict:
     return reply.json()
 
 
-def wait(condition, what: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.integration
 def test_a_killed_deployment_replica_is_restarted_at_the_served_snapshot(tmp_path: Path, anvil_home: Path):
     serve = start_serve(tmp_path, tmp_path / "state", *FLEET)
@@ -65,14 +56,7 @@ def test_a_killed_deployment_replica_is_restarted_at_the_served_snapshot(tmp_pat
             fw.DeploymentConfig(deployment_id="pair", base_model="anvil-tiny", min_replica_count=2, max_replica_count=2)
         )
         deployments.wait_for_ready("pair")
-        trainers = fw.TrainerJobManager(api_key=KEY, base_url=serve.base_url)
-        endpoint = trainers.create_and_wait(fw.TrainerJobConfig(base_model="anvil-tiny", lora_rank=0))
-        service = fw.FiretitanServiceClient(base_url=endpoint.base_url, api_key=KEY)
-        policy = service.create_training_client(base_model="anvil-tiny", lora_rank=0)
-        data = [fw.Datum(model_input=fw.ModelInput.from_ints(PROMPT[:-1]),
-                         loss_fn_inputs={"target_tokens": PROMPT[1:], "weights": [1.0] * 4})]  # fmt: skip
-        policy.forward_backward(data, "cross_entropy").result()
-        policy.optim_step(fw.AdamParams(learning_rate=1e-2)).result()
+        trainers, endpoint, service, policy, data = trained_policy(serve, PROMPT, learning_rate=1e-2)
         syncer = fw.WeightSyncer(policy_client=policy, deploy_mgr=deployments, deployment_id="pair",
                                  base_model="anvil-tiny")  # fmt: skip
         trained = syncer.save_and_hotload("trained")
@@ -98,7 +82,7 @@ def test_a_killed_deployment_replica_is_restarted_at_the_served_snapshot(tmp_pat
             replicas = hot_load_status(serve.base_url, "pair")
             return all(r["readiness"] and r["current_snapshot_identity"] == trained for r in replicas)
 
-        wait(resynced, "replica 1 to be restarted and resynced")
+        wait(resynced, "replica 1 to be restarted and resynced", timeout_s=180)
         assert not Path(f"/proc/{killed}").exists() or "Z" in Path(f"/proc/{killed}/stat").read_text().split()[2]
         after = [sampler.compute_logprobs(fw.ModelInput.from_ints(PROMPT)).result() for _ in range(4)]
         assert after == served  # the restarted replica serves the trained snapshot, not the base model
