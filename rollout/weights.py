@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import torch
@@ -171,12 +171,18 @@ class WeightUpdater:
                 self._discard(f"its commit was rejected: {exc}")
                 raise
             tensors = {name: _to_torch(tensor) for name, tensor in staged.items()}
-            start = time.perf_counter()
-            async with self.gate.swap_window(self.engine):
-                await self.engine.load_weights(tensors)
-                self.engine.weight_version = version
+            seconds = await self._swap(version, lambda: self.engine.load_weights(tensors))
             self._discard("")
-            return time.perf_counter() - start
+            return seconds
+
+    async def _swap(self, version: int, load: Callable[[], Awaitable[None]]) -> float:
+        """Put new weights in as `version` inside the engine's swap window (the caller holds `_lock`);
+        the seconds it took."""
+        start = time.perf_counter()
+        async with self.gate.swap_window(self.engine):
+            await load()
+            self.engine.weight_version = version
+        return time.perf_counter() - start
 
     async def abort(self, version: int) -> None:
         async with self._lock:
@@ -197,11 +203,7 @@ class WeightUpdater:
             )
         async with self._lock:
             self._require_newer(version)
-            start = time.perf_counter()
-            async with self.gate.swap_window(self.engine):
-                await self.engine.load_weights_from_directory(path)
-                self.engine.weight_version = version
-            return time.perf_counter() - start
+            return await self._swap(version, lambda: self.engine.load_weights_from_directory(path))
 
     async def load_segment(self, path: Path, version: int) -> float:
         """Hot-load an `anvil-shm-v1` segment the learner's shm transport wrote: checked against the served
@@ -217,11 +219,7 @@ class WeightUpdater:
             del views
             async with self._lock:
                 self._require_newer(version)
-                start = time.perf_counter()
-                async with self.gate.swap_window(self.engine):
-                    await self.engine.load_weights(tensors)
-                    self.engine.weight_version = version
-                return time.perf_counter() - start
+                return await self._swap(version, lambda: self.engine.load_weights(tensors))
         finally:
             tensors = {}
             segment.close()
