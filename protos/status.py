@@ -7,6 +7,7 @@ through `call`, which raises the domain error a status stands for, so callers ca
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -43,9 +44,22 @@ def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError) -> errors.AnvilErr
     return cls(exc.details()) if cls else exc
 
 
+def being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled. grpc.aio also raises CancelledError from a call
+    whose channel was closed under it (a restarted or removed server): that one is a failed call."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 async def call(awaitable: Awaitable[T]) -> T:
-    """Await a stub call, raising the domain error a status stands for (other failures as RpcError)."""
+    """Await a stub call, raising the domain error a status stands for (other failures as RpcError); a call
+    cut off by its channel closing is Unavailable, so it fails over like any unreachable server."""
     try:
         return await awaitable
     except grpc.aio.AioRpcError as exc:
         raise error_from_rpc(exc) from exc
+    except asyncio.CancelledError:
+        if being_cancelled():
+            raise
+        closed = "the call's channel was closed while it ran (its server restarted or was removed)"
+        raise errors.Unavailable(closed) from None

@@ -25,8 +25,8 @@ from coordinator.fleet.config import FleetConfig
 from coordinator.fleet.health import FleetHealth, Replica, ReplicaState
 from protos.anvil.v1 import learner_pb2, rollout_pb2, rollout_pb2_grpc
 from protos.channels import open_channel
-from protos.errors import DeadlineExceeded, Unavailable
-from protos.status import call
+from protos.errors import AnvilError, DeadlineExceeded, Unavailable
+from protos.status import being_cancelled, call
 from servicekit.changes import Changes
 
 logger = logging.getLogger(__name__)
@@ -128,6 +128,11 @@ class ReplicaSet(RolloutCalls):
                 await self.probe()
                 if self.publisher is not None and self.health.stale():
                     await self.publish(self.publisher, only_stale=True)
+            except asyncio.CancelledError:
+                if being_cancelled():
+                    raise  # close() ends the watch
+                # A gRPC call whose channel was closed under it raises CancelledError: not ours to obey.
+                logger.warning("fleet probe round cut short by a closed channel")
             except Exception:  # a probe round must never end the watch
                 logger.exception("fleet probe round failed")
 
@@ -148,9 +153,9 @@ class ReplicaSet(RolloutCalls):
 
     async def _probe_one(self, name: str) -> int | None:
         request = rollout_pb2.RolloutServiceGetInfoRequest()
-        try:
-            info = await self.stub(name).GetInfo(request, timeout=self.config.probe_timeout_s)
-        except (grpc.aio.AioRpcError, KeyError):
+        try:  # (a channel closed mid-probe - the replica restarted or was removed - is Unavailable too)
+            info = await call(self.stub(name).GetInfo(request, timeout=self.config.probe_timeout_s))
+        except (AnvilError, grpc.aio.AioRpcError, KeyError):
             return None
         return int(info.weight_version)
 
@@ -202,8 +207,7 @@ class ReplicaSet(RolloutCalls):
         try:
             return await request
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if being_cancelled():
                 raise  # the caller itself is being cancelled
             raise _ReplicaLost(f"{name} was declared dead") from None
         finally:

@@ -5,6 +5,7 @@ weights are published to it, and with no healthy replica a request waits, then f
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import numpy as np
 import pytest
@@ -92,3 +93,23 @@ async def test_no_healthy_replica_waits_then_fails_with_the_states():
             await fleet.sample(PROMPT, 1, SamplingParams(max_tokens=1))
     finally:
         await fleet.close()
+
+
+async def test_a_replica_restarted_mid_probe_does_not_end_the_watch():
+    """grpc.aio raises CancelledError from a call whose channel is closed under it; the supervisor closes a
+    replica's channel when it restarts it. A probe in flight then must count as failed, not end the prober
+    (seen in CI: the prober died after a restart, and a later stopped replica was never declared dead)."""
+    silent = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]  # accept, never answer
+    addresses = [f"127.0.0.1:{s.getsockname()[1]}" for s in silent]
+    config = FleetConfig(probe_interval_s=0.05, probe_timeout_s=1.0, failures_to_dead=2)
+    fleet = await ReplicaSet.connect(addresses[:1], config)
+    try:
+        await asyncio.sleep(0.3)  # a probe round is waiting on the silent replica
+        await fleet.restarted("replica-0", addresses[1])
+        assert fleet.health.replicas["replica-0"].state is ReplicaState.STALE
+        await until(lambda: fleet.health.replicas["replica-0"].state is ReplicaState.DEAD, timeout_s=15)
+        assert not fleet._prober.done()
+    finally:
+        await fleet.close()
+        for server in silent:
+            server.close()
