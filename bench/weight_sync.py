@@ -3,9 +3,10 @@
 Two weight sets: the built-in `anvil-small` (float32, served by real rollout processes with the torch
 and vLLM engines, published by a real learner's PublishWeights) and a synthetic ~0.5 B-parameter bf16
 state dict with Qwen2.5-0.5B's shapes (served by `bench.sink_rollout`: the real RolloutServicer and
-WeightUpdater over an engine that only holds the tensors). Two transports: "stream" (Begin/Push/Commit
-over gRPC, digest-checked), "shm" (the learner writes one shared-memory segment, the replica maps and
-verifies it: the same-host path) and "checkpoint" (SaveWeights into /dev/shm, then LoadWeights).
+WeightUpdater over an engine that only holds the tensors). Transports: "stream" (Begin/Push/Commit
+over gRPC, digest-checked; relayed replica to replica for several targets, bench/fanout.py's part),
+"shm" (the learner writes one shared-memory segment, the replica maps and verifies it: the same-host
+path) and "checkpoint" (SaveWeights into /dev/shm, then LoadWeights).
 
 End to end = from the publish call until the replica answers that the new version is serving.
 Phases of the stream (measured by running the same steps one after the other, so they add up to a
@@ -48,6 +49,7 @@ from bench.common import (
     with_cpu_accounting,
     write_results,
 )
+from bench.fanout import bench_fanout
 from bench.publication import (
     SHM,
     Replica,
@@ -283,6 +285,7 @@ async def main(args: argparse.Namespace) -> None:
             for part in (
                 bench_synthetic(args, Path(logs), raw_server, repeats),
                 bench_model(args, Path(logs), raw_server.address, repeats, engines),
+                bench_fanout(args, Path(logs), repeats),  # one learner, N = 1 and 3 replicas: relay vs direct
             ):
                 more_timings, more_ratios = await part
                 timings += more_timings

@@ -56,8 +56,9 @@ class LoopConfig(_Strict):
     """Optimizer (Tinker's AdamParams and defaults); the learning rate is scaled by `lr_schedule`."""
     lr_schedule: Literal["constant", "linear"] = "constant"
     """"linear" decays the learning rate from adam.learning_rate at step 1 to 10% of it at the last step."""
-    publish_transport: Literal["stream", "checkpoint"] = "stream"
-    """How new weights reach rollout after each step."""
+    publish_transport: Literal["stream", "direct", "checkpoint", "shm", "auto"] = "stream"
+    """How new weights reach rollout after each step: "stream" sends them once and replicas relay them down
+    a chain; "direct" streams to each replica; "shm"/"auto" use shared memory on the learner's host."""
     checkpoint_every: int = Field(default=0, ge=0)
     """Save the full state every this many steps (0: only at the end)."""
 

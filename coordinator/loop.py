@@ -218,6 +218,11 @@ class RLLoop:
         published = await self.rollout.publish(self.rollout.publisher)
         metrics["time/weight_sync_s"] = time.perf_counter() - sync_start
         metrics["weights/published_bytes"] = float(published.num_bytes) if published is not None else 0.0
+        # What the learner itself sent, all replicas together (a relay sends the model once), per model.
+        metrics["weights/egress_bytes"] = float(published.egress_bytes) if published is not None else 0.0
+        metrics["weights/egress_per_model"] = (
+            published.egress_bytes / published.num_bytes if published is not None and published.num_bytes else 0.0
+        )
         metrics["weights/rollout_version_min"] = float(min(await self.rollout.versions(), default=-1))
         metrics.update(self.rollout.metrics())
         indices = [g.problem.index for g in groups]

@@ -156,10 +156,15 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
                 duration_s=time.perf_counter() - start,
                 targets=[
                     learner_pb2.PublishTargetResult(
-                        address=r.address, ok=r.error is None, error=str(r.error or ""), num_bytes=r.num_bytes
+                        address=r.address,
+                        ok=r.error is None,
+                        error=str(r.error or ""),
+                        num_bytes=r.num_bytes,
+                        relayed=r.relayed,
                     )
                     for r in results
                 ],
+                egress_bytes=sum(r.num_bytes for r in results),
             )
 
         return await self._sequenced(request, execute)

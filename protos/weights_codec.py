@@ -131,6 +131,8 @@ class RawPush:
 
     version: int
     chunk: RawChunk
+    raw: bytes = b""
+    """The whole wire message, as received (a relay forwards it as is)."""
 
 
 def _read_varint(view: memoryview, at: int) -> tuple[int, int]:
@@ -191,17 +193,22 @@ def parse_push_request(message: bytes) -> RawPush:
         else:
             header += chunk_view[field_start:end]
     parsed = common_pb2.WeightChunk.FromString(bytes(header))
-    return RawPush(version, RawChunk(parsed.name, parsed.dtype, tuple(parsed.shape), parsed.offset, data))
+    return RawPush(version, RawChunk(parsed.name, parsed.dtype, tuple(parsed.shape), parsed.offset, data), message)
 
 
 async def push_weight_update(
-    channel, version: int, tensors: list[TensorBytes], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    channel,
+    version: int,
+    tensors: list[TensorBytes],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    known_digest: str | None = None,
 ) -> int:
     """Run Begin -> Push -> Commit against one RolloutService; return the bytes sent.
 
     The digest (`xxh3-128-tree-v1`) is computed from the same bytes that are sent, so the receiver
     verifies end to end; it is computed in a worker thread while the chunks stream (xxhash releases the
-    GIL). Tensors go in name order (the receiver does not need it; it keeps runs reproducible).
+    GIL), or taken from `known_digest` when the caller has it. Tensors go in name order (the receiver does
+    not need it; it keeps runs reproducible).
     On any failure the update is aborted (best effort) and the error propagates.
     """
     from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
@@ -216,6 +223,8 @@ async def push_weight_update(
     await stub.BeginWeightUpdate(rollout_pb2.BeginWeightUpdateRequest(version=version))
     hashing = asyncio.ensure_future(
         asyncio.to_thread(tree_digest, [(t.name, t.dtype, t.shape, t.data) for t in ordered])
+        if known_digest is None
+        else _ready(known_digest)
     )
     try:
         pushed = await push_framed(framed_push_requests(version, ordered, chunk_bytes))
@@ -227,3 +236,7 @@ async def push_weight_update(
             await stub.AbortWeightUpdate(rollout_pb2.AbortWeightUpdateRequest(version=version))
         raise
     return pushed.num_bytes
+
+
+async def _ready(value: str) -> str:
+    return value

@@ -15,7 +15,8 @@ async def start_rollout(config: RolloutConfig) -> tuple[RunningServer, RolloutSe
     model_path = config.model.expanduser().resolve()
     shapes = checkpoint_shapes(model_path)
     engine = await build_engine(config.engine, model_path)
-    servicer = RolloutServicer(engine, WeightUpdater(engine, shapes), config.model_name or str(model_path))
+    updater = WeightUpdater(engine, shapes)
+    servicer = RolloutServicer(engine, updater, config.model_name or str(model_path), config.server.resolved_api_key())
     spec = ServiceSpec(add_rollout_service, servicer, SERVICE_NAME)
     try:
         running = await start_server(config.server, [spec])

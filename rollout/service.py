@@ -16,7 +16,9 @@ import grpc
 from protos.anvil.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 from protos.errors import InvalidArgument
 from protos.weights_codec import parse_push_request
+from protos.weights_relay import relay_chain
 from rollout.engines.base import RolloutEngine, SamplingSpec
+from rollout.relay import RelayForward
 from rollout.weights import WeightUpdater
 
 SERVICE_NAME = "anvil.v1.RolloutService"
@@ -24,10 +26,14 @@ STOP_REASONS = {"stop": common_pb2.STOP_REASON_STOP, "length": common_pb2.STOP_R
 
 
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
-    def __init__(self, engine: RolloutEngine, updater: WeightUpdater, model_name: str) -> None:
+    def __init__(
+        self, engine: RolloutEngine, updater: WeightUpdater, model_name: str, relay_api_key: str | None = None
+    ) -> None:
         self.engine = engine
         self.updater = updater
         self.model_name = model_name
+        self.relay_api_key = relay_api_key
+        """The key this replica sends when it relays weights to the next replica (the fleet shares one)."""
 
     async def GetInfo(self, request, context):
         description = self.engine.description
@@ -130,8 +136,24 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         return rollout_pb2.BeginWeightUpdateResponse(version=request.version)
 
     async def PushWeights(self, request_iterator, context):
-        chunks, num_bytes = await self.updater.push(request_iterator)
-        return rollout_pb2.PushWeightsResponse(num_chunks=chunks, num_bytes=num_bytes)
+        chain, stall_s = relay_chain(context.invocation_metadata() or ())
+        if not chain:
+            chunks, num_bytes = await self.updater.push(request_iterator)
+            return rollout_pb2.PushWeightsResponse(num_chunks=chunks, num_bytes=num_bytes)
+        relay = RelayForward(chain, stall_s, self.relay_api_key)
+
+        async def forwarded():
+            async for request in request_iterator:
+                await relay.offer(getattr(request, "raw", b"") or request.SerializeToString())  # on its way first
+                yield request
+
+        try:
+            chunks, num_bytes = await self.updater.push(forwarded())
+        except BaseException:
+            await relay.cancel()
+            raise
+        relayed = await relay.finish()
+        return rollout_pb2.PushWeightsResponse(num_chunks=chunks, num_bytes=num_bytes, relayed=relayed)
 
     async def CommitWeightUpdate(self, request, context):
         seconds = await self.updater.commit(request.version, request.digest)

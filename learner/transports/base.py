@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 
 import grpc
 import torch
@@ -24,6 +24,8 @@ import torch
 from protos.channels import open_channel
 from protos.errors import AnvilError, Unavailable
 from protos.status import error_from_rpc
+
+T = TypeVar("T")
 
 
 class WeightSource(Protocol):
@@ -42,6 +44,8 @@ class ReplicaResult:
     seconds: float
     error: AnvilError | None = None
     """Why this replica was not updated (None: it verified and serves the version)."""
+    relayed: bool = False
+    """It took the bytes from the replica before it in a relay chain (the learner sent it none)."""
 
 
 def raise_first_failure(results: list[ReplicaResult]) -> None:
@@ -81,20 +85,22 @@ class WeightTransport(ABC):
         async def one(address: str) -> ReplicaResult:
             start = time.perf_counter()
             async with open_channel(address, api_key=self.context.api_key) as channel:
-                try:
-                    call = update(channel, address) if pass_address else update(channel)
-                    num_bytes = await asyncio.wait_for(call, self.context.target_timeout_s)
-                except TimeoutError:
-                    error = Unavailable(f"rollout {address} did not take the weights within "
-                                        f"{self.context.target_timeout_s:g}s")  # fmt: skip
-                    return ReplicaResult(address, 0, time.perf_counter() - start, error)
-                except grpc.aio.AioRpcError as exc:
-                    error = error_from_rpc(exc)
-                    if isinstance(error, grpc.RpcError):
-                        error = Unavailable(f"rollout {address} failed: {exc.code().name}: {exc.details()}")
-                    else:
-                        error = type(error)(f"rollout {address}: {error}")
-                    return ReplicaResult(address, 0, time.perf_counter() - start, error)
-            return ReplicaResult(address, num_bytes, time.perf_counter() - start)
+                call = update(channel, address) if pass_address else update(channel)
+                num_bytes, error = await self.attempt(address, call)
+            return ReplicaResult(address, num_bytes or 0, time.perf_counter() - start, error)
 
         return list(await asyncio.gather(*(one(address) for address in targets)))
+
+    async def attempt(self, address: str, call: Awaitable[T]) -> tuple[T | None, AnvilError | None]:
+        """Await one call to the replica at `address` within the per-target timeout: (its value, None), or
+        (None, an error naming the replica) when it failed or took too long."""
+        try:
+            return await asyncio.wait_for(call, self.context.target_timeout_s), None
+        except TimeoutError:
+            timeout = self.context.target_timeout_s
+            return None, Unavailable(f"rollout {address} did not take the weights within {timeout:g}s")
+        except grpc.aio.AioRpcError as exc:
+            error = error_from_rpc(exc)
+            if isinstance(error, grpc.RpcError):
+                return None, Unavailable(f"rollout {address} failed: {exc.code().name}: {exc.details()}")
+            return None, type(error)(f"rollout {address}: {error}")

@@ -1,5 +1,6 @@
-"""The "stream" transport: the rollout's Begin/Push/Commit transaction over gRPC, chunked by
-protos.weights_codec, sha256 digest verified end to end before the replica swaps."""
+"""The "direct" transport: the rollout's Begin/Push/Commit transaction over gRPC to each target on its
+own, chunked by protos.weights_codec and digest-verified end to end before the replica swaps. The
+"stream" transport (learner/transports/relay.py) sends the same bytes once and lets replicas relay them."""
 
 from __future__ import annotations
 
@@ -22,9 +23,16 @@ def tensors_as_bytes(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[
     return snapshot
 
 
-class StreamTransport(WeightTransport):
-    name = "stream"
+class DirectTransport(WeightTransport):
+    name = "direct"
 
     async def publish(self, version: int, source: WeightSource, targets: list[str]) -> list[ReplicaResult]:
         snapshot = await asyncio.to_thread(tensors_as_bytes, source.named_weights())
-        return await self.on_each_replica(targets, lambda channel: push_weight_update(channel, version, snapshot))
+        return await self.send_directly(version, snapshot, targets)
+
+    async def send_directly(
+        self, version: int, snapshot: list[TensorBytes], targets: list[str], digest: str | None = None
+    ) -> list[ReplicaResult]:
+        return await self.on_each_replica(
+            targets, lambda channel: push_weight_update(channel, version, snapshot, known_digest=digest)
+        )

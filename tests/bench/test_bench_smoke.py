@@ -48,8 +48,13 @@ def test_weight_sync(tmp_path):
             "synthetic stream e2e / raw gRPC",
             "synthetic checkpoint(tmpfs) e2e / memcpy",
             "anvil-tiny → torch stream e2e / raw gRPC",
+            "stream publish N=3 / N=1",
+            "stream egress N=3 / model",
         },
     )
+    egress = {r["name"]: r["value"] for r in result["ratios"]}
+    assert egress["stream egress N=3 / model"] == 1.0, "the relay sends the model once"
+    assert egress["direct egress N=3 / model"] == 3.0
     names = {t["name"] for t in result["timings"]}
     assert any(name.endswith("· serialize") for name in names)
     assert any(name.endswith("· swap") for name in names)

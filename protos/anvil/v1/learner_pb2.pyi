@@ -254,25 +254,29 @@ class PublishWeightsRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., targets: _Optional[_Iterable[_Union[_common_pb2.WeightTarget, _Mapping]]] = ..., transport: _Optional[str] = ..., version: _Optional[int] = ..., partial_ok: _Optional[bool] = ..., target_timeout_s: _Optional[float] = ...) -> None: ...
 
 class PublishWeightsResponse(_message.Message):
-    __slots__ = ("version", "num_bytes", "duration_s", "targets")
+    __slots__ = ("version", "num_bytes", "duration_s", "targets", "egress_bytes")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    EGRESS_BYTES_FIELD_NUMBER: _ClassVar[int]
     version: int
     num_bytes: int
     duration_s: float
     targets: _containers.RepeatedCompositeFieldContainer[PublishTargetResult]
-    def __init__(self, version: _Optional[int] = ..., num_bytes: _Optional[int] = ..., duration_s: _Optional[float] = ..., targets: _Optional[_Iterable[_Union[PublishTargetResult, _Mapping]]] = ...) -> None: ...
+    egress_bytes: int
+    def __init__(self, version: _Optional[int] = ..., num_bytes: _Optional[int] = ..., duration_s: _Optional[float] = ..., targets: _Optional[_Iterable[_Union[PublishTargetResult, _Mapping]]] = ..., egress_bytes: _Optional[int] = ...) -> None: ...
 
 class PublishTargetResult(_message.Message):
-    __slots__ = ("address", "ok", "error", "num_bytes")
+    __slots__ = ("address", "ok", "error", "num_bytes", "relayed")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RELAYED_FIELD_NUMBER: _ClassVar[int]
     address: str
     ok: bool
     error: str
     num_bytes: int
-    def __init__(self, address: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., num_bytes: _Optional[int] = ...) -> None: ...
+    relayed: bool
+    def __init__(self, address: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., num_bytes: _Optional[int] = ..., relayed: _Optional[bool] = ...) -> None: ...

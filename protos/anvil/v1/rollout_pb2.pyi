@@ -97,12 +97,28 @@ class PushWeightsRequest(_message.Message):
     def __init__(self, version: _Optional[int] = ..., chunk: _Optional[_Union[_common_pb2.WeightChunk, _Mapping]] = ...) -> None: ...
 
 class PushWeightsResponse(_message.Message):
-    __slots__ = ("num_chunks", "num_bytes")
+    __slots__ = ("num_chunks", "num_bytes", "relayed")
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RELAYED_FIELD_NUMBER: _ClassVar[int]
     num_chunks: int
     num_bytes: int
-    def __init__(self, num_chunks: _Optional[int] = ..., num_bytes: _Optional[int] = ...) -> None: ...
+    relayed: _containers.RepeatedCompositeFieldContainer[RelayResult]
+    def __init__(self, num_chunks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., relayed: _Optional[_Iterable[_Union[RelayResult, _Mapping]]] = ...) -> None: ...
+
+class RelayResult(_message.Message):
+    __slots__ = ("address", "ok", "error", "num_bytes", "reached")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REACHED_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    ok: bool
+    error: str
+    num_bytes: int
+    reached: bool
+    def __init__(self, address: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., num_bytes: _Optional[int] = ..., reached: _Optional[bool] = ...) -> None: ...
 
 class CommitWeightUpdateRequest(_message.Message):
     __slots__ = ("version", "digest")

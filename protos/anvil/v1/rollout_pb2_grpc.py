@@ -131,6 +131,13 @@ class RolloutServiceServicer:
     def PushWeights(self, request_iterator, context):
         """PushWeights streams weight chunks into the open staging area.
 
+        Relay (fan-out): with call metadata `anvil-relay-to: host:port,host:port,...` this replica forwards
+        each request, as it arrives, to the first of those replicas in a PushWeights stream of its own that
+        names the rest (a chain), so a sender sends each byte once whatever the number of replicas. The
+        replicas down the chain must have an update of the same version open. A downstream replica that fails
+        or stalls (`anvil-relay-stall-s`, default 10) ends the relay, never this replica's own staging;
+        PushWeightsResponse.relayed says which replicas down the chain staged the whole stream.
+
         Errors include:
         - FAILED_PRECONDITION: no update is open for that version
         - INVALID_ARGUMENT: unknown parameter name, wrong dtype or shape, overlapping or out-of-range bytes
