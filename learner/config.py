@@ -100,3 +100,6 @@ class LearnerConfig(BaseModel):
     """How long a request waits for an earlier seq_id before failing with DEADLINE_EXCEEDED."""
     dedup_cache_size: int = Field(default=64, ge=1)
     """Completed requests per session whose results are kept to answer retries without re-executing."""
+    weight_deltas: bool = True
+    """Keep a host copy of the weights last published by stream, so the next publication sends each piece
+    as a lossless delta (xor-zstd) where that is smaller: one model's worth of host memory per session."""

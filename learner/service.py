@@ -143,6 +143,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
                 session.base_model,
                 self.config.server.resolved_api_key(),
                 request.target_timeout_s or None,
+                session.published,
             )
             transport = make_transport(request.transport, targets, context)
             version = request.version or session.backend.step
@@ -165,6 +166,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
                     for r in results
                 ],
                 egress_bytes=sum(r.num_bytes for r in results),
+                model_bytes=sum(t.numel() * t.element_size() for _, t in session.backend.named_weights()),
             )
 
         return await self._sequenced(request, execute)

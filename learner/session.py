@@ -11,6 +11,7 @@ from pathlib import Path
 from learner.backends import build_backend
 from learner.backends.base import LearnerBackend
 from learner.config import LearnerConfig
+from learner.transports.base import PublishedWeights
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
 from servicekit.sequencer import GapPolicy, Sequencer
 
@@ -26,6 +27,8 @@ class TrainingSession:
     sequencer: Sequencer
     checkpoint_root: Path
     """<checkpoint_dir>/<session_id>: SaveState writes under state/, SaveWeights under weights/."""
+    published: PublishedWeights | None = None
+    """The weights it last streamed to rollout, for lossless deltas (None when LearnerConfig.weight_deltas is off)."""
 
 
 class SessionRegistry:
@@ -78,6 +81,7 @@ class SessionRegistry:
                     self._config.sequence_gap_timeout_s, self._config.dedup_cache_size, GapPolicy.FAIL_WAITING
                 ),
                 checkpoint_root=self._config.checkpoint_dir / session_id,
+                published=PublishedWeights() if self._config.weight_deltas else None,
             )
             self._sessions[session_id] = session
             return session

@@ -9,6 +9,10 @@ buffer sized from the served shape; the buffers are handed back after the update
 reused by the next one, so steady-state updates never fault in new pages. Each tensor is hashed
 (`weights_digest.tensor_hash`, xxh3 releases the GIL) on a worker thread the moment its last byte
 lands, overlapping the rest of the transfer, in whatever order chunks arrive.
+
+A lossless delta ("xor-zstd" chunks, protos/weights_delta.py) applies in place: the reused buffers hold
+the last committed version's bytes (`spare_version`), and a chunk's XOR mask turns its piece of them into
+the new bytes. A delta from any other version, or onto a buffer that does not hold the base, is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 
 from protos.errors import InvalidArgument
 from protos.weights_codec import TensorBytes, expected_bytes
+from protos.weights_delta import ENCODING, apply_in_place
 from protos.weights_digest import combine_tree, sha256_digest, tensor_hash, tree_record, verify
 
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-digest")
@@ -31,6 +36,8 @@ _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-digest")
 class _Staged:
     dtype: str
     buffer: np.ndarray
+    holds_base: bool
+    """The buffer held the base version's bytes of this tensor when staging began (delta chunks apply)."""
     received: list[tuple[int, int]] = field(default_factory=list)
     received_bytes: int = 0
     hashed: Future[bytes] | None = None
@@ -51,9 +58,16 @@ class ChunkAssembler:
     an earlier update to write into (taken over; a size mismatch allocates anew).
     """
 
-    def __init__(self, expected: Mapping[str, tuple[int, ...]], spare: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        expected: Mapping[str, tuple[int, ...]],
+        spare: dict[str, np.ndarray] | None = None,
+        spare_version: int = 0,
+    ) -> None:
         self._expected = expected
         self._spare = spare if spare is not None else {}
+        self.base_version = spare_version
+        """The weight version whose bytes `spare` holds (0: none): what "xor-zstd" chunks may apply to."""
         self._staged: dict[str, _Staged] = {}
         self.num_chunks = 0
         self.num_bytes = 0
@@ -71,15 +85,26 @@ class ChunkAssembler:
         size = expected_bytes(chunk.dtype, shape)
         staged = self._staged.get(name)
         if staged is None:
-            staged = self._staged[name] = _Staged(chunk.dtype, self._buffer(name, size))
+            staged = self._staged[name] = _Staged(chunk.dtype, *self._buffer(name, size))
         elif staged.dtype != chunk.dtype:
             raise InvalidArgument(f"parameter {name!r} changed dtype mid-stream ({staged.dtype} -> {chunk.dtype})")
-        start, end = chunk.offset, chunk.offset + len(data)
+        delta = getattr(chunk, "encoding", "") == ENCODING
+        if not delta and getattr(chunk, "encoding", ""):
+            raise InvalidArgument(f"chunk of {name!r} has encoding {chunk.encoding!r}; send raw or {ENCODING!r}")
+        start = chunk.offset
+        end = start + (chunk.length if delta else len(data))
         if start < 0 or end > size:
             raise InvalidArgument(f"chunk of {name!r} covers bytes [{start}, {end}) outside the tensor's {size} bytes")
         if any(start < seen_end and seen_start < end for seen_start, seen_end in staged.received):
             raise InvalidArgument(f"chunk of {name!r} at offset {start} overlaps bytes already received")
-        if end > start:
+        if delta:
+            if not self.base_version or chunk.base_version != self.base_version or not staged.holds_base:
+                raise InvalidArgument(
+                    f"chunk of {name!r} is a delta from version {chunk.base_version}, but this replica holds the "
+                    f"bytes of version {self.base_version or 'none'}; send it raw"
+                )
+            apply_in_place(staged.buffer[start:end], data, end - start)
+        elif end > start:
             staged.buffer.data[start:end] = data
         staged.received.append((start, end))
         staged.received_bytes += end - start
@@ -88,9 +113,12 @@ class ChunkAssembler:
         if staged.complete:
             staged.hashed = _HASHER.submit(tensor_hash, staged.buffer.data)
 
-    def _buffer(self, name: str, size: int) -> np.ndarray:
+    def _buffer(self, name: str, size: int) -> tuple[np.ndarray, bool]:
+        """A staging buffer for `name`, and whether it holds the base version's bytes of it."""
         buffer = self._spare.pop(name, None)
-        return buffer if buffer is not None and buffer.nbytes == size else np.empty(size, dtype=np.uint8)
+        if buffer is not None and buffer.nbytes == size:
+            return buffer, bool(self.base_version)
+        return np.empty(size, dtype=np.uint8), False
 
     def spare_buffers(self) -> dict[str, np.ndarray]:
         """Every staging buffer (and the unused spares), for the next update to write into.

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from protos.anvil.v1 import common_pb2
 from protos.errors import InvalidArgument
+from protos.weights_delta import ENCODING as DELTA_ENCODING
+from protos.weights_delta import encode_piece
 from protos.weights_digest import sha256_digest, tree_digest
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
@@ -83,7 +85,11 @@ _CHUNK_DATA_TAG = b"\x2a"  # WeightChunk.data = 5, length-delimited
 
 
 def framed_push_requests(
-    version: int, tensors: Iterable[TensorBytes], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    version: int,
+    tensors: Iterable[TensorBytes],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    base: DeltaBase | None = None,
+    sent: list[int] | None = None,
 ) -> Iterator[bytes]:
     """Serialized PushWeightsRequests of `version` for `tensors`, framed by hand around the raw bytes.
 
@@ -91,6 +97,8 @@ def framed_push_requests(
     piece once and serializing the request copies it again. Here the small header (name, dtype, shape,
     offset) is serialized by protobuf and the data field is appended after it with its tag and length:
     the same wire message (protobuf allows fields in any order), built with one copy of the data.
+    With `base`, each piece goes as an "xor-zstd" delta from the base's bytes where that is smaller.
+    `sent[0]` adds up the data bytes framed (what goes on the wire besides the small headers).
     """
     version_field = _PUSH_VERSION_TAG + _varint(version) if version else b""
     for tensor in tensors:
@@ -98,15 +106,41 @@ def framed_push_requests(
         total, offset, shape = len(view), 0, list(tensor.shape)
         while True:
             piece = view[offset : offset + chunk_bytes]
-            header = common_pb2.WeightChunk(
-                name=tensor.name, dtype=tensor.dtype, shape=shape, offset=offset
-            ).SerializeToString()
+            header = common_pb2.WeightChunk(name=tensor.name, dtype=tensor.dtype, shape=shape, offset=offset)
+            delta = base.encode(tensor.name, offset, piece) if base is not None else None
+            if delta is not None:
+                header.encoding, header.base_version, header.length = DELTA_ENCODING, base.version, len(piece)
+                piece = delta
+            header = header.SerializeToString()
+            if sent is not None:
+                sent[0] += len(piece)
             data_field = _CHUNK_DATA_TAG + _varint(len(piece)) if len(piece) else b""
             chunk_length = len(header) + len(data_field) + len(piece)
             yield b"".join((version_field, _PUSH_CHUNK_TAG, _varint(chunk_length), header, data_field, piece))
-            offset += len(piece)
+            offset += chunk_bytes
             if offset >= total:
                 break
+
+
+@dataclass(frozen=True)
+class DeltaBase:
+    """The bytes of weight version `version` a receiver holds: pieces are sent as deltas from them."""
+
+    version: int
+    tensors: Mapping[str, TensorBytes]
+    digest: str
+    """Of `tensors` (weights_digest.tree_digest): a receiver's base must have been verified against it."""
+
+    def held_by(self, opened) -> bool:
+        """Whether a replica's BeginWeightUpdateResponse says it holds exactly these bytes."""
+        return opened.delta_base == self.version and opened.delta_base_digest == self.digest
+
+    def encode(self, name: str, offset: int, piece: memoryview) -> bytes | None:
+        """The piece as a delta from the base's same bytes, or None where raw is smaller or no base exists."""
+        held = self.tensors.get(name)
+        if held is None or memoryview(held.data).nbytes < offset + len(piece):
+            return None
+        return encode_piece(piece, memoryview(held.data).cast("B")[offset : offset + len(piece)])
 
 
 def digest(tensors: Mapping[str, bytes | memoryview] | Iterable[tuple[str, bytes | memoryview]]) -> str:
@@ -123,6 +157,9 @@ class RawChunk:
     shape: tuple[int, ...]
     offset: int
     data: memoryview
+    encoding: str = ""
+    base_version: int = 0
+    length: int = 0
 
 
 @dataclass(frozen=True)
@@ -193,7 +230,17 @@ def parse_push_request(message: bytes) -> RawPush:
         else:
             header += chunk_view[field_start:end]
     parsed = common_pb2.WeightChunk.FromString(bytes(header))
-    return RawPush(version, RawChunk(parsed.name, parsed.dtype, tuple(parsed.shape), parsed.offset, data), message)
+    chunk = RawChunk(
+        parsed.name,
+        parsed.dtype,
+        tuple(parsed.shape),
+        parsed.offset,
+        data,
+        parsed.encoding,
+        parsed.base_version,
+        parsed.length,
+    )
+    return RawPush(version, chunk, message)
 
 
 async def push_weight_update(
@@ -202,13 +249,15 @@ async def push_weight_update(
     tensors: list[TensorBytes],
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     known_digest: str | None = None,
+    base: DeltaBase | None = None,
 ) -> int:
     """Run Begin -> Push -> Commit against one RolloutService; return the bytes sent.
 
     The digest (`xxh3-128-tree-v1`) is computed from the same bytes that are sent, so the receiver
     verifies end to end; it is computed in a worker thread while the chunks stream (xxhash releases the
-    GIL), or taken from `known_digest` when the caller has it. Tensors go in name order (the receiver does
-    not need it; it keeps runs reproducible).
+    GIL), or taken from `known_digest` when the caller has it. With `base` (bytes the sender published
+    before), pieces go as lossless deltas from it when the replica holds that version and a delta is
+    smaller. Tensors go in name order (the receiver does not need it; it keeps runs reproducible).
     On any failure the update is aborted (best effort) and the error propagates.
     """
     from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
@@ -220,14 +269,17 @@ async def push_weight_update(
         request_serializer=None,  # the requests are already wire bytes
         response_deserializer=rollout_pb2.PushWeightsResponse.FromString,
     )
-    await stub.BeginWeightUpdate(rollout_pb2.BeginWeightUpdateRequest(version=version))
+    opened = await stub.BeginWeightUpdate(rollout_pb2.BeginWeightUpdateRequest(version=version))
+    if base is not None and not base.held_by(opened):
+        base = None  # the replica does not hold those bytes: raw
     hashing = asyncio.ensure_future(
         asyncio.to_thread(tree_digest, [(t.name, t.dtype, t.shape, t.data) for t in ordered])
         if known_digest is None
         else _ready(known_digest)
     )
     try:
-        pushed = await push_framed(framed_push_requests(version, ordered, chunk_bytes))
+        sent = [0]
+        await push_framed(framed_push_requests(version, ordered, chunk_bytes, base, sent))
         expected = await hashing
         await stub.CommitWeightUpdate(rollout_pb2.CommitWeightUpdateRequest(version=version, digest=expected))
     except BaseException:
@@ -235,7 +287,7 @@ async def push_weight_update(
         with contextlib.suppress(Exception):
             await stub.AbortWeightUpdate(rollout_pb2.AbortWeightUpdateRequest(version=version))
         raise
-    return pushed.num_bytes
+    return sent[0]
 
 
 async def _ready(value: str) -> str:

@@ -132,8 +132,10 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         return rollout_pb2.ComputeLogprobsResponse(logprobs=logprobs, weight_version=version)
 
     async def BeginWeightUpdate(self, request, context):
-        await self.updater.begin(request.version)
-        return rollout_pb2.BeginWeightUpdateResponse(version=request.version)
+        base, base_digest = await self.updater.begin(request.version)
+        return rollout_pb2.BeginWeightUpdateResponse(
+            version=request.version, delta_base=base, delta_base_digest=base_digest
+        )
 
     async def PushWeights(self, request_iterator, context):
         chain, stall_s = relay_chain(context.invocation_metadata() or ())

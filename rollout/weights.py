@@ -110,6 +110,10 @@ class WeightUpdater:
         self._last_abort_reason = ""
         self._spare: dict = {}
         """Staging buffers of the last update, written into by the next one (warm pages: see ChunkAssembler)."""
+        self._spare_version, self._spare_digest = 0, ""
+        """The version whose exact bytes `_spare` holds (its last committed push; 0: none) and the digest
+        they were verified against: the base that lossless delta chunks apply to. A failed or aborted update
+        may have written into them: 0 again."""
 
     @property
     def version(self) -> int:
@@ -130,17 +134,24 @@ class WeightUpdater:
             )
         return self._assembler
 
-    def _discard(self, reason: str) -> None:
+    def _discard(self, reason: str, committed: int = 0, digest: str = "") -> None:
+        """Close the open update; `committed` is its version when it was swapped in (its buffers then hold
+        exactly that version's bytes, verified against `digest`)."""
         if self._assembler is not None:
             self._spare = self._assembler.spare_buffers()
+            self._spare_version, self._spare_digest = (committed, digest) if digest else (0, "")
         self._open_version, self._assembler, self._last_abort_reason = None, None, reason
 
-    async def begin(self, version: int) -> None:
+    async def begin(self, version: int) -> tuple[int, str]:
+        """Open an update to `version`; the version (0: none) and digest of the bytes it holds for deltas."""
         async with self._lock:
             self._require_newer(version)
-            self._discard("")
-            assembler = ChunkAssembler(self._expected, self._spare)
+            self._discard("")  # an open update may have written into the buffers: they hold no base now
+            base = (self._spare_version, self._spare_digest)
+            assembler = ChunkAssembler(self._expected, self._spare, self._spare_version)
             self._open_version, self._assembler, self._spare = version, assembler, {}
+            self._spare_version, self._spare_digest = 0, ""
+            return base
 
     async def push(self, requests: AsyncIterator) -> tuple[int, int]:
         """Stage a stream of PushWeightsRequests; any error (or a cut stream) discards the staging area."""
@@ -172,7 +183,7 @@ class WeightUpdater:
                 raise
             tensors = {name: _to_torch(tensor) for name, tensor in staged.items()}
             seconds = await self._swap(version, lambda: self.engine.load_weights(tensors))
-            self._discard("")
+            self._discard("", committed=version, digest=digest)
             return seconds
 
     async def _swap(self, version: int, load: Callable[[], Awaitable[None]]) -> float:

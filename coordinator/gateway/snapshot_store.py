@@ -9,6 +9,7 @@ Anvil's delta format (`anvil-xor-zstd-v1`), one directory per snapshot:
 
     snapshot.json   {"format", "identity", "kind": "base"|"delta", "previous", "digest", "files"}
     delta.bin.zst   zstd( concat over tensors sorted by name of  new_bytes XOR previous_bytes )
+                    (protos/weights_delta.py: the stream transport's delta chunks use the same codec)
     (base only)     the Hugging Face files the learner wrote (config, tokenizer, model.safetensors)
 
 XOR of two float tensors is zero wherever a value did not change, so a delta of a small update
@@ -24,12 +25,13 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
-import zstandard
 from safetensors.torch import load_file, save_file
 
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
 from protos.weights_codec import digest
+from protos.weights_delta import apply_in_place, xor_zstd_encode
 
 FORMAT = "anvil-xor-zstd-v1"
 WEIGHTS = "model.safetensors"
@@ -83,19 +85,12 @@ class SnapshotStore:
         if {n: (t.dtype, t.shape) for n, t in before.items()} != {n: (t.dtype, t.shape) for n, t in after.items()}:
             raise FailedPrecondition(f"snapshot {identity!r} does not have the tensors of {previous!r}; save a base")
         old, new = _tensor_bytes(before), _tensor_bytes(after)
-        xored = b"".join(
-            (
-                torch.frombuffer(bytearray(new[n]), dtype=torch.uint8)
-                ^ torch.frombuffer(bytearray(old[n]), dtype=torch.uint8)
-            )
-            .numpy()
-            .tobytes()
-            for n in sorted(new)
-        )
+        names = sorted(new)
+        delta = xor_zstd_encode(b"".join(new[n] for n in names), b"".join(old[n] for n in names), level=3)
         target = self.path(identity)
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
-        (target / DELTA).write_bytes(zstandard.ZstdCompressor(level=3).compress(xored))
+        (target / DELTA).write_bytes(delta)
         meta = {"format": FORMAT, "identity": identity, "kind": "delta", "previous": previous, "digest": digest(new)}
         (target / META).write_text(json.dumps(meta))
         shutil.rmtree(weights_dir, ignore_errors=True)
@@ -119,23 +114,19 @@ class SnapshotStore:
             return cached
         previous_dir = self.materialize(meta["previous"])
         before = load_file(previous_dir / WEIGHTS)
+        names = sorted(before)
+        flat = np.frombuffer(bytearray(b"".join(_tensor_bytes(before)[n] for n in names)), dtype=np.uint8)
         try:
-            xored = zstandard.ZstdDecompressor().decompress(
-                (self.path(identity) / DELTA).read_bytes(), max_output_size=1 << 40
-            )
-        except zstandard.ZstdError as exc:
-            raise FailedPrecondition(f"snapshot {identity!r}: the delta is corrupted ({exc})") from exc
+            apply_in_place(flat, (self.path(identity) / DELTA).read_bytes(), flat.size)
+        except InvalidArgument as exc:  # corrupt, truncated or longer than the previous snapshot
+            raise FailedPrecondition(f"snapshot {identity!r}: the delta does not apply ({exc})") from exc
         rebuilt, offset = {}, 0
-        for name in sorted(before):
-            tensor = before[name].contiguous()
-            raw = tensor.view(torch.uint8).reshape(-1)
-            piece = torch.frombuffer(bytearray(xored[offset : offset + raw.numel()]), dtype=torch.uint8)
-            if piece.numel() != raw.numel():
-                raise FailedPrecondition(f"snapshot {identity!r}: the delta is truncated")
-            rebuilt[name] = (raw ^ piece).view(tensor.dtype).reshape(tensor.shape)
-            offset += raw.numel()
-        if offset != len(xored):
-            raise FailedPrecondition(f"snapshot {identity!r}: the delta is longer than its previous snapshot")
+        for name in names:
+            tensor = before[name]
+            size = tensor.numel() * tensor.element_size()
+            piece = torch.from_numpy(flat[offset : offset + size])
+            rebuilt[name] = piece.view(tensor.dtype).reshape(tensor.shape)
+            offset += size
         if digest(_tensor_bytes(rebuilt)) != meta["digest"]:
             raise FailedPrecondition(f"snapshot {identity!r}: rebuilt weights do not match its digest (corrupted)")
         staging = cached.with_name(f".{identity}.tmp")

@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import ClassVar, Protocol, TypeVar
 
 import grpc
+import numpy as np
 import torch
 
 from protos.channels import open_channel
 from protos.errors import AnvilError, Unavailable
 from protos.status import error_from_rpc
+from protos.weights_codec import DeltaBase, TensorBytes
+from protos.weights_digest import tree_digest
 
 T = TypeVar("T")
 
@@ -54,6 +57,20 @@ def raise_first_failure(results: list[ReplicaResult]) -> None:
             raise result.error
 
 
+@dataclass
+class PublishedWeights:
+    """A session's own copy of the weights it last streamed to rollout, as version `base.version`: a
+    replica that holds that version gets the next publication as lossless deltas from it."""
+
+    base: DeltaBase | None = None
+
+    def remember(self, version: int, snapshot: list[TensorBytes]) -> None:
+        """Copy `snapshot` (its bytes may be the live parameters, which the next step changes)."""
+        copies = {t.name: TensorBytes(t.name, t.dtype, t.shape, np.array(t.data, copy=True)) for t in snapshot}
+        digest = tree_digest([(t.name, t.dtype, t.shape, t.data) for t in copies.values()])
+        self.base = DeltaBase(version, copies, digest)
+
+
 @dataclass(frozen=True)
 class PublishContext:
     """Where a publication may write and how it authenticates to the replicas."""
@@ -64,6 +81,8 @@ class PublishContext:
     api_key: str | None
     target_timeout_s: float | None = None
     """How long one replica may take to take the weights; None: no limit."""
+    published: PublishedWeights | None = None
+    """The session's memory of what it last streamed (deltas are sent from it); None: always raw."""
 
 
 class WeightTransport(ABC):

@@ -254,18 +254,20 @@ class PublishWeightsRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., targets: _Optional[_Iterable[_Union[_common_pb2.WeightTarget, _Mapping]]] = ..., transport: _Optional[str] = ..., version: _Optional[int] = ..., partial_ok: _Optional[bool] = ..., target_timeout_s: _Optional[float] = ...) -> None: ...
 
 class PublishWeightsResponse(_message.Message):
-    __slots__ = ("version", "num_bytes", "duration_s", "targets", "egress_bytes")
+    __slots__ = ("version", "num_bytes", "duration_s", "targets", "egress_bytes", "model_bytes")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     EGRESS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
     version: int
     num_bytes: int
     duration_s: float
     targets: _containers.RepeatedCompositeFieldContainer[PublishTargetResult]
     egress_bytes: int
-    def __init__(self, version: _Optional[int] = ..., num_bytes: _Optional[int] = ..., duration_s: _Optional[float] = ..., targets: _Optional[_Iterable[_Union[PublishTargetResult, _Mapping]]] = ..., egress_bytes: _Optional[int] = ...) -> None: ...
+    model_bytes: int
+    def __init__(self, version: _Optional[int] = ..., num_bytes: _Optional[int] = ..., duration_s: _Optional[float] = ..., targets: _Optional[_Iterable[_Union[PublishTargetResult, _Mapping]]] = ..., egress_bytes: _Optional[int] = ..., model_bytes: _Optional[int] = ...) -> None: ...
 
 class PublishTargetResult(_message.Message):
     __slots__ = ("address", "ok", "error", "num_bytes", "relayed")

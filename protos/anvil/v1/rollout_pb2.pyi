@@ -83,10 +83,14 @@ class BeginWeightUpdateRequest(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class BeginWeightUpdateResponse(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "delta_base", "delta_base_digest")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     version: int
-    def __init__(self, version: _Optional[int] = ...) -> None: ...
+    delta_base: int
+    delta_base_digest: str
+    def __init__(self, version: _Optional[int] = ..., delta_base: _Optional[int] = ..., delta_base_digest: _Optional[str] = ...) -> None: ...
 
 class PushWeightsRequest(_message.Message):
     __slots__ = ("version", "chunk")
