@@ -5,7 +5,9 @@ or in this process with --quick), the two transports timed round-robin. Reported
 for each transport (target for the relay: <= 1.5) and the learner's egress per model byte at N=3, from
 PublishWeightsResponse.egress_bytes (target <= 1.1: the relay sends each byte once; "direct" sends 3).
 On 2 shared cores three replicas also share the CPU that receives, verifies and swaps: the N=3 times
-carry that, as a cluster with a machine per replica would not.
+carry that, as a cluster with a machine per replica would not. Then lossless deltas: a learner with
+deltas on takes an Adam step before each publication to the 3 replicas; reported are the bytes per sync
+over the model's and the publish time against the raw stream's.
 
     python -m bench.fanout            # anvil-small, replicas as processes
     python -m bench.fanout --quick    # anvil-tiny, replicas in this process
@@ -16,7 +18,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 from bench.common import (
     MiB,
@@ -29,22 +34,26 @@ from bench.common import (
     timing_table,
     write_results,
 )
+from bench.learner_overhead import LOSS, rl_rows
 from bench.publication import SHM, start_replica
 from coordinator.models import resolve_model
 from learner.config import LearnerConfig
 from learner.server import start_learner
 from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
+from protos.arrow_schemas import encode_batch, make_batch
 from protos.channels import open_channel
 
 REPLICAS = 3
+STEP_LR = 3e-4
+"""The main job's learning rate: how far one step moves the weights decides how well a delta compresses."""
 
 
 async def bench_fanout(args: argparse.Namespace, logs: Path, repeats: int) -> tuple[list[Timing], list[Ratio]]:
     model_dir = resolve_model(args.model)
     with tempfile.TemporaryDirectory(prefix="anvil-bench-learner-", dir=SHM) as checkpoints:
-        running, _ = await start_learner(
-            LearnerConfig(checkpoint_dir=Path(checkpoints), models={args.model: model_dir})
-        )
+        # Deltas off (the default): these cases publish the same weights again and again.
+        config = LearnerConfig(checkpoint_dir=Path(checkpoints), models={args.model: model_dir}, weight_deltas=False)
+        running, _ = await start_learner(config)
         replicas = [await start_replica(args, f"fanout-{i}", logs, model_dir, "torch") for i in range(REPLICAS)]
         try:
             async with open_channel(running.address) as channel:
@@ -78,6 +87,7 @@ async def bench_fanout(args: argparse.Namespace, logs: Path, repeats: int) -> tu
                     for count in (1, REPLICAS)
                 ]
                 timings = await time_interleaved(cases, repeats)
+            delta_timing, delta_bytes = await publish_after_steps(args, model_dir, replicas, versions, repeats)
         finally:
             for replica in replicas:
                 await replica.stop()
@@ -97,13 +107,69 @@ async def bench_fanout(args: argparse.Namespace, logs: Path, repeats: int) -> tu
         meaning = f"learner egress bytes / model bytes, {transport} to {REPLICAS} replicas"
         return Ratio(f"{transport} egress N={REPLICAS} / model", max(values), meaning, target, False)
 
-    ratios = [
+    raw = by_name[f"{args.model} stream · N={REPLICAS}"]
+    delta_timing.name = f"{args.model} stream after a step (delta) · N={REPLICAS}"
+    delta_timing.extra["egress_per_model"] = delta_bytes
+    return [*timings, delta_timing], [
         scaling("stream", 1.5),
         scaling("direct", None),
         egress_ratio("stream", 1.1),
         egress_ratio("direct", None),
+        Ratio(
+            "delta bytes per sync / model",
+            float(np.median(delta_bytes)),
+            f"learner egress / model bytes, stream to {REPLICAS} replicas after each Adam step (lr {STEP_LR:g})",
+        ),
+        Ratio(
+            "delta publish / raw publish",
+            delta_timing.median / raw.median,
+            f"PublishWeights(stream) to {REPLICAS} replicas after a step, deltas on / off (time)",
+            None,
+            False,
+        ),
     ]
-    return timings, ratios
+
+
+async def publish_after_steps(
+    args: argparse.Namespace, model_dir: Path, replicas: list, versions, repeats: int
+) -> tuple[Timing, list[float]]:
+    """A learner with deltas on: an Adam step on an RL batch, then PublishWeights to every
+    replica, timed (the step is not); the first publication is raw (nothing held yet) and not counted."""
+    with tempfile.TemporaryDirectory(prefix="anvil-bench-learner-", dir=SHM) as checkpoints:
+        config = LearnerConfig(checkpoint_dir=Path(checkpoints), models={args.model: model_dir}, weight_deltas=True)
+        running, _ = await start_learner(config)
+        try:
+            async with open_channel(running.address) as channel:
+                stub = learner_pb2_grpc.LearnerServiceStub(channel)
+                created = await stub.CreateSession(learner_pb2.CreateSessionRequest(base_model=args.model, seed=0))
+                rows = rl_rows(4, 64, created.info.vocab_size)
+                seq, seconds, ratios = itertools.count(1), [], []
+                for attempt in range(repeats + 1):
+                    batch = {"arrow_ipc_stream": encode_batch(make_batch(rows))}
+                    await stub.ForwardBackward(
+                        learner_pb2.ForwardBackwardRequest(
+                            session_id=created.session_id, seq_id=next(seq), batch=batch, loss_fn=LOSS
+                        )
+                    )
+                    adam = common_pb2.AdamParams(learning_rate=STEP_LR)
+                    await stub.OptimStep(
+                        learner_pb2.OptimStepRequest(session_id=created.session_id, seq_id=next(seq), adam_params=adam)
+                    )
+                    start = time.perf_counter()
+                    reply = await stub.PublishWeights(
+                        learner_pb2.PublishWeightsRequest(
+                            session_id=created.session_id,
+                            seq_id=next(seq),
+                            targets=[common_pb2.WeightTarget(address=r.address) for r in replicas],
+                            version=next(versions),
+                        )
+                    )
+                    if attempt:
+                        seconds.append(time.perf_counter() - start)
+                        ratios.append(reply.egress_bytes / reply.model_bytes)
+        finally:
+            await running.stop(0)
+    return Timing("delta", seconds, reply.model_bytes), ratios
 
 
 async def main(args: argparse.Namespace) -> None:

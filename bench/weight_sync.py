@@ -188,7 +188,8 @@ async def bench_model(
 ) -> tuple[list[Timing], list[Ratio]]:
     model_dir = resolve_model(args.model)
     with tempfile.TemporaryDirectory(prefix="anvil-bench-learner-", dir=SHM) as checkpoints:
-        config = LearnerConfig(checkpoint_dir=Path(checkpoints), models={args.model: model_dir})
+        # Deltas off: the same weights are published again and again, which a delta would send as zeros.
+        config = LearnerConfig(checkpoint_dir=Path(checkpoints), models={args.model: model_dir}, weight_deltas=False)
         running, servicer = await start_learner(config)
         try:
             async with open_channel(running.address) as channel:

@@ -100,6 +100,9 @@ class LearnerConfig(BaseModel):
     """How long a request waits for an earlier seq_id before failing with DEADLINE_EXCEEDED."""
     dedup_cache_size: int = Field(default=64, ge=1)
     """Completed requests per session whose results are kept to answer retries without re-executing."""
-    weight_deltas: bool = True
+    weight_deltas: bool = False
     """Keep a host copy of the weights last published by stream, so the next publication sends each piece
-    as a lossless delta (xor-zstd) where that is smaller: one model's worth of host memory per session."""
+    as a lossless delta (xor-zstd) where that is smaller: one model's worth of host memory per session.
+    Off by default: after an Adam step a float32 delta is ~0.78 of the raw bytes and compressing it is
+    slower than loopback or a fast network (bench/fanout.py: 1.6x the raw publish time); it pays on
+    links slower than zstd (~0.4 GB/s a core), e.g. between sites."""

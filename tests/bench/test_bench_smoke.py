@@ -50,11 +50,13 @@ def test_weight_sync(tmp_path):
             "anvil-tiny → torch stream e2e / raw gRPC",
             "stream publish N=3 / N=1",
             "stream egress N=3 / model",
+            "delta bytes per sync / model",
         },
     )
     egress = {r["name"]: r["value"] for r in result["ratios"]}
     assert egress["stream egress N=3 / model"] == 1.0, "the relay sends the model once"
     assert egress["direct egress N=3 / model"] == 3.0
+    assert 0 < egress["delta bytes per sync / model"] < 1, "after a step, deltas send less than the model"
     names = {t["name"] for t in result["timings"]}
     assert any(name.endswith("· serialize") for name in names)
     assert any(name.endswith("· swap") for name in names)

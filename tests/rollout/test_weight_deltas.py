@@ -61,7 +61,7 @@ async def step(client: LearnerTestClient) -> None:
 
 async def test_published_steps_go_as_deltas_and_land_exactly(learner_config, tiny_model_dir):
     replicas = [await start_replica(tiny_model_dir) for _ in range(3)]
-    running, servicer = await start_learner(learner_config)
+    running, servicer = await start_learner(learner_config.model_copy(update={"weight_deltas": True}))
     try:
         async with open_channel(running.address) as channel:
             client = await LearnerTestClient.create(channel, servicer)
