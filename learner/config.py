@@ -104,5 +104,5 @@ class LearnerConfig(BaseModel):
     """Keep a host copy of the weights last published by stream, so the next publication sends each piece
     as a lossless delta (xor-zstd) where that is smaller: one model's worth of host memory per session.
     Off by default: after an Adam step a float32 delta is ~0.78 of the raw bytes and compressing it is
-    slower than loopback or a fast network (bench/fanout.py: 1.6x the raw publish time); it pays on
+    slower than loopback or a fast network (bench/fanout.py: 1.85x the raw publish time); it pays on
     links slower than zstd (~0.4 GB/s a core), e.g. between sites."""
