@@ -43,7 +43,10 @@ class MegatronBackendConfig(BaseModel):
     """Tensor-parallel size: attention heads, MLP and vocabulary are split over this many ranks."""
     pp: int = Field(default=1, ge=1)
     """Pipeline-parallel size: the layers are split into this many consecutive stages (num_layers % pp == 0).
-    One micro-batch per request, so stages run one after another: PP divides memory, not time."""
+    Micro-batches go through the stages one after another (no 1F1B overlap yet): PP divides memory, not time."""
+    max_tokens_per_micro_batch: int = Field(default=8192, ge=1)
+    """A request is split, in datum order, into micro-batches of at most this many tokens per DP replica
+    (a longer datum goes alone); gradients accumulate over them, so the result equals one whole batch."""
     dp: int | None = Field(default=None, ge=1)
     """Data-parallel size; None derives it as world_size / (tp * pp). Datums are split over DP replicas."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

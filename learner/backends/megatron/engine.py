@@ -3,9 +3,10 @@
 Every rank runs the same method with the same arguments (the lockstep module sees to that); methods
 return what rank 0 needs and something harmless elsewhere. The semantics are the torch backend's:
 
-* forward: right-padded batch, causal mask, per-token target logprobs from vocab-parallel logits, the
+* forward: split by `max_tokens_per_micro_batch` into micro-batches (in datum order); each is a
+  right-padded batch, causal mask, per-token target logprobs from vocab-parallel logits, the
   learner.losses function on them, backward into accumulating .grad. With PP > 1 the hidden states go
-  stage to stage (one micro-batch) and the loss lives on the last stage. With DP > 1 each replica takes
+  stage to stage, one micro-batch after another, and the loss lives on the last stage. With DP > 1 each replica takes
   a contiguous slice of the datums (the built-in losses are per-token sums, so gradients add up). Rank 0
   collects every datum's logprobs and, unless it computed them all itself, recomputes the metrics.
 * optim_step: gradients summed over DP (and over the tied embedding's two pipeline copies), scaled by
@@ -29,6 +30,7 @@ from learner.backends.megatron import convert
 from learner.backends.megatron.logprobs import vocab_parallel_target_logprobs
 from learner.backends.megatron.model import build_model, hf_tensor_shapes
 from learner.backends.megatron.parallel import ParallelLayout
+from learner.backends.packing import plan_micro_batches
 from learner.batch import TrainingBatch
 from learner.config import MegatronBackendConfig
 from learner.losses import LossSpec, loss_inputs_T
@@ -144,17 +146,25 @@ class MegatronEngine:
         mine = [batch.data[i] for i in self._my_rows(len(batch.data))]
         local: list[np.ndarray] = []
         metrics: dict[str, float] = {}
-        if mine:
+        # Token-budget micro-batches, in datum order; every stage of this DP replica plans the same ones.
+        # The losses are sums over datums, so gradients accumulated over the pieces are the whole batch's.
+        pieces = plan_micro_batches([len(d.model_input) for d in mine], self.config.max_tokens_per_micro_batch)
+        for piece in pieces:
+            part = [mine[i] for i in piece]
             with torch.enable_grad() if backward else torch.no_grad():
-                per_datum = self._logprobs(mine)
+                per_datum = self._logprobs(part)
                 loss_value = None
                 if per_datum is not None:
-                    inputs_T = loss_inputs_T(mine, batch.input_names, self.layout.device)
+                    inputs_T = loss_inputs_T(part, batch.input_names, self.layout.device)
                     loss_value, metrics = loss.fn(torch.cat(per_datum), inputs_T, loss_config)
-                    local = [lp.detach().float().cpu().numpy() for lp in per_datum]
+                    local += [lp.detach().float().cpu().numpy() for lp in per_datum]
                 if backward:
                     self._pipeline_backward(loss_value)
             self._stage_io = None
+        if len(pieces) > 1 and local:  # the metrics of the whole of this replica's datums, not the last piece's
+            inputs_T = loss_inputs_T(mine, batch.input_names)
+            with torch.no_grad():
+                _, metrics = loss.fn(torch.from_numpy(np.concatenate(local)), inputs_T, loss_config)
         if self.layout.world_size == 1:
             return ForwardResult(local, metrics)
         # Rank 0 needs every DP replica's logprobs, held by their last stage's TP rank 0.

@@ -25,7 +25,16 @@ STARTUP_TIMEOUT_S = 240
 class MegatronLearner:
     """One torchrun'd learner; `address` is rank 0's gRPC endpoint."""
 
-    def __init__(self, tp: int, pp: int, world: int, model_dir: Path, checkpoint_dir: Path, log_path: Path) -> None:
+    def __init__(
+        self,
+        tp: int,
+        pp: int,
+        world: int,
+        model_dir: Path,
+        checkpoint_dir: Path,
+        log_path: Path,
+        micro_batch_tokens: int | None = None,
+    ) -> None:
         command = [  # the one-node launcher users run; it derives the rank count (tp * pp * dp) from the config
             "bash", "scripts/megatron_learner.sh",
             "--set", "server.port=0",
@@ -37,6 +46,8 @@ class MegatronLearner:
             "--set", f'checkpoint_dir="{checkpoint_dir}"',
             "--set", f'models.anvil-tiny="{model_dir}"',
         ]  # fmt: skip
+        if micro_batch_tokens is not None:
+            command += ["--set", f"backend.max_tokens_per_micro_batch={micro_batch_tokens}"]
         env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.log_path = log_path
         with log_path.open("w") as log:
@@ -73,18 +84,22 @@ class MegatronLearner:
 
 @pytest.fixture(scope="package")  # stopped when this directory's tests are done, not at the end of the run
 def megatron_learners(tiny_model_dir: Path, tmp_path_factory) -> Iterator:
-    """get(tp, world, pp=1) -> a running MegatronLearner of that layout (started once per test package)."""
+    """get(tp, world, pp=1, micro_batch_tokens=None) -> a running MegatronLearner of that layout (started once
+    per test package)."""
     from tests.learner.megatron.needs import require_megatron
 
     require_megatron()
-    started: dict[tuple[int, int, int], MegatronLearner] = {}
+    started: dict[tuple[int, int, int, int | None], MegatronLearner] = {}
     root = tmp_path_factory.mktemp("megatron")
 
-    def get(tp: int, world: int, pp: int = 1) -> MegatronLearner:
-        if (tp, pp, world) not in started:
-            name = f"tp{tp}-pp{pp}-w{world}"
-            started[tp, pp, world] = MegatronLearner(tp, pp, world, tiny_model_dir, root / name, root / f"{name}.log")
-        return started[tp, pp, world]
+    def get(tp: int, world: int, pp: int = 1, micro_batch_tokens: int | None = None) -> MegatronLearner:
+        key = (tp, pp, world, micro_batch_tokens)
+        if key not in started:
+            name = f"tp{tp}-pp{pp}-w{world}-mb{micro_batch_tokens}"
+            started[key] = MegatronLearner(
+                tp, pp, world, tiny_model_dir, root / name, root / f"{name}.log", micro_batch_tokens
+            )
+        return started[key]
 
     yield get
     for learner in started.values():  # all at once: each takes a few seconds to wind down
