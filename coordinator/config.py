@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from coordinator.fleet.config import FleetConfig
 from coordinator.objectives import ObjectiveConfig
 from coordinator.objectives.policy_gradient import PolicyGradientConfig
+from learner.config import BackendConfig, TorchBackendConfig
 from protos.adam import AdamParams
 from rollout.config import EngineConfig, default_engine_config
 
@@ -72,14 +73,27 @@ class ServicesConfig(_Strict):
     """Replicas to start when none are given."""
     rollout_engine: EngineConfig = Field(default_factory=default_engine_config)
     """Engine of the rollout replicas this run starts."""
-    learner_device: str = "auto"
-    """Device of the learner this run starts."""
+    learner_backend: BackendConfig = Field(default_factory=TorchBackendConfig)
+    """Backend and layout of the learner this run starts: the torch backend (`device`, micro-batch budget,
+    ...), or `{type = "megatron", tp, pp, dp, ...}`, started as a torchrun group of tp * pp * dp ranks on
+    this machine (`dp` unset: 1 on CPU, the GPUs left over on CUDA)."""
     api_key: str | None = None
     """Key of running services; a fresh random key protects the services this run starts."""
     startup_timeout_s: float = Field(default=300.0, gt=0)
     """How long to wait for a started service to listen."""
     fleet: FleetConfig = Field(default_factory=FleetConfig)
     """How the rollout replicas are watched, routed across, failed over and restarted (docs/fleet.md)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _learner_device(cls, data: object) -> object:
+        """`learner_device = "cpu"` (before `learner_backend`) still sets the torch learner's device."""
+        if isinstance(data, dict) and "learner_device" in data:
+            data = dict(data)
+            backend = dict(data.get("learner_backend") or {})
+            backend.setdefault("device", data.pop("learner_device"))
+            data["learner_backend"] = backend
+        return data
 
 
 class RunConfig(_Strict):

@@ -65,12 +65,18 @@ class ServiceProcess:
 
 
 async def start_service(
-    name: str, module: str, overrides: list[str], log_dir: Path, env: dict[str, str], timeout_s: float
+    name: str,
+    module: str,
+    overrides: list[str],
+    log_dir: Path,
+    env: dict[str, str],
+    timeout_s: float,
+    arguments: tuple[str, ...] = (),
 ) -> ServiceProcess:
-    """Run `python -m module --set ...` and wait until it reports the address it listens on."""
+    """Run `python -m module [arguments] --set ...` and wait until it reports the address it listens on."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    command = [sys.executable, "-m", module, "--set", "server.port=0"]
+    command = [sys.executable, "-m", module, *arguments, "--set", "server.port=0"]
     for override in overrides:
         command += ["--set", override]
     with log_path.open("w") as log:

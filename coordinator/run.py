@@ -92,6 +92,8 @@ async def run(config: RunConfig, run_dir: Path, resume: bool = False, console: C
         # A learner this run started knows the model by its directory; a remote one by the configured name.
         base_model = config.model if config.services.learner_address else str(model_dir)
         session = await LearnerSession.create(learner_channel, base_model, lora_rank=0, seed=config.seed)
+        replicas = len(services.rollout_addresses)
+        console.print(f"learner: {session.info.backend}; rollout: {replicas} replica(s)", markup=False)
         start_batch = 0
         if checkpoints:
             loaded, checkpoint = await load_newest_intact(session, checkpoints, console)

@@ -5,7 +5,8 @@ calls `start_learner_process` for each RLOR trainer job and `start_rollout_proce
 replica. Every process is `python -m learner|rollout` on loopback, started by `coordinator.launcher`, with
 the same settings wherever it is started from (which is why they are built here and nowhere else): a
 rollout replica serves the model directory under its name with the configured engine, a learner runs
-the torch backend and keeps its checkpoints where the caller says.
+the configured backend (Megatron as a torchrun group on this machine) and keeps its checkpoints where
+the caller says.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from coordinator.fleet.config import FleetConfig
 from coordinator.fleet.replica_set import ReplicaSet
 from coordinator.fleet.supervisor import ReplicaSupervisor
 from coordinator.launcher import ServiceProcess, start_service, toml_value
+from learner.backends.megatron.world_size import ranks_per_node
+from learner.config import BackendConfig, MegatronBackendConfig
 
 SERVICES_FILE = "services.json"
 
@@ -61,20 +64,31 @@ async def start_rollout_process(
 async def start_learner_process(
     name: str,
     checkpoint_dir: Path,
-    device: str,
+    backend: BackendConfig,
     extra_overrides: tuple[str, ...],
     log_dir: Path,
     env: dict[str, str],
     timeout_s: float,
 ) -> ServiceProcess:
-    """One learner (torch backend on `device`) writing its checkpoints to `checkpoint_dir`."""
-    overrides = [
-        f"checkpoint_dir={toml_value(checkpoint_dir)}",
-        'backend.type="torch"',
-        f"backend.device={toml_value(device)}",
-        *extra_overrides,
-    ]
+    """One learner with `backend` writing its checkpoints to `checkpoint_dir`: a process for the torch
+    backend, a torchrun group of tp * pp * dp ranks on this machine for Megatron (rank 0 serves)."""
+    overrides = [f"checkpoint_dir={toml_value(checkpoint_dir)}"]
+    overrides += [f"backend.{key}={toml_value(value)}" for key, value in backend.model_dump(exclude_none=True).items()]
+    overrides += extra_overrides
+    if isinstance(backend, MegatronBackendConfig):
+        ranks = megatron_ranks(backend)
+        return await start_service(
+            name, "learner.backends.megatron.torchrun", overrides, log_dir, env, timeout_s, ("--nproc", str(ranks))
+        )
     return await start_service(name, "learner", overrides, log_dir, env, timeout_s)
+
+
+def megatron_ranks(backend: MegatronBackendConfig) -> int:
+    """Ranks of a one-machine Megatron learner (what scripts/megatron_learner.sh would start)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if backend.device != "cpu" else 0
+    return ranks_per_node(backend.tp, backend.pp, backend.dp, gpus, nodes=1)
 
 
 @dataclass
@@ -160,7 +174,7 @@ async def start_services(
                 started.rollout_addresses.append(process.address)
         if not services_config.learner_address:
             process = await start_learner_process(
-                "learner", run_dir / "learner", services_config.learner_device, learner_overrides, logs, env, timeout
+                "learner", run_dir / "learner", services_config.learner_backend, learner_overrides, logs, env, timeout
             )
             started.processes.append(process)
             started.learner_address = process.address

@@ -45,7 +45,7 @@ class TrainerJobRuntime:
         process = await start_learner_process(
             f"trainer-{job_id}",
             job_dir / "learner",
-            gateway.services.learner_device,
+            gateway.services.learner_backend,
             (f"max_sessions={gateway.learner_max_sessions}",),
             job_dir / "logs",
             env,
