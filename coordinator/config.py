@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from coordinator.cluster.config import ClusterConfig
 from coordinator.fleet.config import FleetConfig
 from coordinator.objectives import ObjectiveConfig
 from coordinator.objectives.policy_gradient import PolicyGradientConfig
@@ -107,6 +108,8 @@ class RunConfig(_Strict):
     """The RL loop."""
     services: ServicesConfig = Field(default_factory=ServicesConfig)
     """Where learner and rollout run."""
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    """Which machines the services this run starts are placed on: this one, or a Ray cluster's nodes."""
 
     @model_validator(mode="after")
     def _dpo_needs_pairs(self) -> RunConfig:

@@ -25,7 +25,7 @@ from protos.errors import AnvilError
 
 if TYPE_CHECKING:
     from coordinator.fleet.replica_set import ReplicaSet
-    from coordinator.launcher import ServiceProcess
+    from coordinator.launcher import ServiceHandle
     from coordinator.services import Services
 
 CHECKPOINTS_FILE = "checkpoints.jsonl"
@@ -76,11 +76,11 @@ def how_it_ended(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
-async def exited_services(processes: list[ServiceProcess], grace_s: float) -> list[ServiceProcess]:
+async def exited_services(processes: list[ServiceHandle], grace_s: float) -> list[ServiceHandle]:
     """The started services that have exited (learner first), waiting up to `grace_s` for one to show."""
     deadline = asyncio.get_running_loop().time() + grace_s
     while True:
-        exited = [p for p in processes if p.process.poll() is not None]
+        exited = [p for p in processes if p.poll() is not None]
         if exited or asyncio.get_running_loop().time() >= deadline:
             return sorted(exited, key=lambda p: p.name != "learner")
         await asyncio.sleep(0.1)
@@ -107,7 +107,7 @@ async def identify_failure(exc: BaseException, services: Services, rollout: Repl
     exited = await exited_services(services.processes, EXIT_GRACE_S if service_errors else 0.2)
     if exited:
         first = exited[0]
-        ended = "; ".join(f"{service_label(p.name)} {how_it_ended(p.process.returncode)}" for p in exited)
+        ended = "; ".join(f"{service_label(p.name)} {how_it_ended(p.returncode)}" for p in exited)
         return ServiceFailure(f"{ended} ({cause}); its log: {first.log_path}")
     if not service_errors:
         return None

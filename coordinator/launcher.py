@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from protos.errors import Unavailable
 from servicekit.process import PARENT_PID_ENV
@@ -35,6 +36,27 @@ def toml_value(value: object) -> str:
     return json.dumps(str(value))
 
 
+class ServiceHandle(Protocol):
+    """What a run holds for each service it started, wherever it runs (ServiceProcess here, RayService on
+    a Ray node): its address, a pid, whether it exited, and how to stop it."""
+
+    name: str
+    address: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def stop(self, timeout_s: float = 60.0) -> int | None: ...
+
+    def kill_group(self) -> None: ...
+
+
 @dataclass
 class ServiceProcess:
     name: str
@@ -45,6 +67,15 @@ class ServiceProcess:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def poll(self) -> int | None:
+        """Its exit code, or None while it runs (the interface every service handle has: see
+        coordinator/cluster/ray_services.py for one on another machine)."""
+        return self.process.poll()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
 
     def stop(self, timeout_s: float = 60.0) -> int:
         if self.process.poll() is None:

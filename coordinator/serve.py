@@ -148,7 +148,9 @@ async def _serve(config: GatewayConfig, stop_requested: asyncio.Event) -> None:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(config.model)
     overrides = (f"max_sessions={config.learner_max_sessions}",)
-    services = await start_services(config.services, config.model, model_dir, config.state_dir, overrides)
+    services = await start_services(
+        config.services, config.model, model_dir, config.state_dir, overrides, cluster=config.cluster
+    )
     try:
         # A learner started here knows the model by its directory; a remote one by the configured name.
         learner_model = config.model if config.services.learner_address else str(model_dir)

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.cluster.config import ClusterConfig
 from coordinator.config import RunConfig, ServicesConfig
 from coordinator.fleet.config import FleetConfig
 from coordinator.fleet.replica_set import ReplicaSet
 from coordinator.fleet.supervisor import ReplicaSupervisor
-from coordinator.launcher import ServiceProcess, start_service, toml_value
+from coordinator.launcher import ServiceHandle, start_service, toml_value
 from learner.backends.megatron.world_size import ranks_per_node
 from learner.config import BackendConfig, MegatronBackendConfig
 
@@ -47,18 +48,20 @@ async def start_rollout_process(
     env: dict[str, str],
     timeout_s: float,
     slot: int = 0,
-) -> ServiceProcess:
+    placement: Placement | None = None,
+) -> ServiceHandle:
     """One rollout replica serving `model_dir` as `model` with `engine` settings (a dumped EngineConfig).
 
     `slot` is the replica's index among those on this host. vLLM's CPU build binds each replica's model
     thread to the first core unless told otherwise, so replicas on one host would share one core (and a
     restarting replica would start behind a busy one): replica `slot` gets core `slot mod cores` instead.
     (CUDA builds ignore the setting; an explicit VLLM_CPU_OMP_THREADS_BIND wins.)"""
+    placement = placement or place_locally
     overrides = [f"model={toml_value(model_dir)}", f"model_name={toml_value(model)}"]
     overrides += [f"engine.{key}={toml_value(value)}" for key, value in engine.items()]
     if engine.get("type") == "vllm" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         env = {**env, "VLLM_CPU_OMP_THREADS_BIND": str(slot % (os.cpu_count() or 1))}
-    return await start_service(name, "rollout", overrides, log_dir, env, timeout_s)
+    return await placement("rollout", name, "rollout", overrides, log_dir, env, timeout_s)
 
 
 async def start_learner_process(
@@ -69,18 +72,46 @@ async def start_learner_process(
     log_dir: Path,
     env: dict[str, str],
     timeout_s: float,
-) -> ServiceProcess:
+    placement: Placement | None = None,
+) -> ServiceHandle:
     """One learner with `backend` writing its checkpoints to `checkpoint_dir`: a process for the torch
-    backend, a torchrun group of tp * pp * dp ranks on this machine for Megatron (rank 0 serves)."""
+    backend, a torchrun group of tp * pp * dp ranks on one machine for Megatron (rank 0 serves)."""
+    placement = placement or place_locally
     overrides = [f"checkpoint_dir={toml_value(checkpoint_dir)}"]
     overrides += [f"backend.{key}={toml_value(value)}" for key, value in backend.model_dump(exclude_none=True).items()]
     overrides += extra_overrides
     if isinstance(backend, MegatronBackendConfig):
         ranks = megatron_ranks(backend)
-        return await start_service(
-            name, "learner.backends.megatron.torchrun", overrides, log_dir, env, timeout_s, ("--nproc", str(ranks))
-        )
-    return await start_service(name, "learner", overrides, log_dir, env, timeout_s)
+        module, arguments = "learner.backends.megatron.torchrun", ("--nproc", str(ranks))
+        return await placement("learner", name, module, overrides, log_dir, env, timeout_s, arguments)
+    return await placement("learner", name, "learner", overrides, log_dir, env, timeout_s)
+
+
+Placement = Callable[..., Awaitable[ServiceHandle]]
+"""Starts a service somewhere: (role, name, module, overrides, log_dir, env, timeout_s[, arguments])."""
+
+
+async def place_locally(
+    role: str,
+    name: str,
+    module: str,
+    overrides: list[str],
+    log_dir: Path,
+    env: dict[str, str],
+    timeout_s: float,
+    arguments: tuple[str, ...] = (),
+) -> ServiceHandle:
+    """A process on this machine, on loopback."""
+    return await start_service(name, module, overrides, log_dir, env, timeout_s, arguments)
+
+
+def placement_for(cluster: ClusterConfig | None) -> Placement:
+    """Where `[cluster]` says the services go: this machine, or the nodes of a Ray cluster."""
+    if cluster is None or cluster.type == "local":
+        return place_locally
+    from coordinator.cluster.ray_services import RayPlacement
+
+    return RayPlacement(cluster).start
 
 
 def megatron_ranks(backend: MegatronBackendConfig) -> int:
@@ -98,8 +129,8 @@ class Services:
     learner_address: str
     rollout_addresses: list[str]
     api_key: str | None
-    processes: list[ServiceProcess] = field(default_factory=list)
-    start_rollout: Callable[[int], Awaitable[ServiceProcess]] | None = None
+    processes: list[ServiceHandle] = field(default_factory=list)
+    start_rollout: Callable[[int], Awaitable[ServiceHandle]] | None = None
     """Starts rollout replica i again with its original settings (None: the replicas are not ours)."""
     record: Path | None = None
     """services.json: each started process's pid and address, kept current across restarts."""
@@ -121,7 +152,7 @@ class Services:
         if start_rollout is None:
             return None
 
-        async def restart(name: str) -> ServiceProcess:
+        async def restart(name: str) -> ServiceHandle:
             index = int(name.rsplit("-", 1)[1])
             process = await start_rollout(index)
             self.processes = [process if p.name == process.name else p for p in self.processes]
@@ -136,8 +167,8 @@ class Services:
 
 
 async def launch_services(config: RunConfig, model_dir: Path, run_dir: Path) -> Services:
-    """Connect to the run's services, starting on loopback whichever are not given."""
-    return await start_services(config.services, config.model, model_dir, run_dir)
+    """Connect to the run's services, starting whichever are not given (where `[cluster]` says)."""
+    return await start_services(config.services, config.model, model_dir, run_dir, cluster=config.cluster)
 
 
 async def start_services(
@@ -146,8 +177,10 @@ async def start_services(
     model_dir: Path,
     run_dir: Path,
     learner_overrides: tuple[str, ...] = (),
+    cluster: ClusterConfig | None = None,
 ) -> Services:
-    """Connect to the configured services, starting on loopback whichever are not given."""
+    """Connect to the configured services, starting whichever are not given: on loopback, or on the
+    nodes of the Ray cluster `cluster` names."""
     api_key = services_config.api_key or os.environ.get("ANVIL_API_KEY")
     started = Services(services_config.learner_address or "", list(services_config.rollout_addresses), api_key)
     if services_config.learner_address and services_config.rollout_addresses:
@@ -158,13 +191,14 @@ async def start_services(
         started.api_key = secrets.token_urlsafe(16)
     env = service_env(started.api_key)
     logs, timeout = run_dir / "logs", services_config.startup_timeout_s
+    placement = placement_for(cluster)
     try:
         if not services_config.rollout_addresses:
             engine = services_config.rollout_engine.model_dump(exclude_none=True)
 
-            async def start_rollout(index: int) -> ServiceProcess:
+            async def start_rollout(index: int) -> ServiceHandle:
                 return await start_rollout_process(
-                    f"rollout-{index}", model, model_dir, engine, logs, env, timeout, slot=index
+                    f"rollout-{index}", model, model_dir, engine, logs, env, timeout, slot=index, placement=placement
                 )
 
             started.start_rollout = start_rollout
@@ -173,8 +207,9 @@ async def start_services(
                 started.processes.append(process)
                 started.rollout_addresses.append(process.address)
         if not services_config.learner_address:
+            backend = services_config.learner_backend
             process = await start_learner_process(
-                "learner", run_dir / "learner", services_config.learner_backend, learner_overrides, logs, env, timeout
+                "learner", run_dir / "learner", backend, learner_overrides, logs, env, timeout, placement
             )
             started.processes.append(process)
             started.learner_address = process.address

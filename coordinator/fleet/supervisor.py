@@ -20,14 +20,14 @@ from collections.abc import Awaitable, Callable
 from coordinator.fleet.config import FleetConfig
 from coordinator.fleet.health import ReplicaState
 from coordinator.fleet.replica_set import ReplicaSet
-from coordinator.launcher import ServiceProcess
+from coordinator.launcher import ServiceHandle
 
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
 WATCH_INTERVAL_S = 0.5
 
-Restart = Callable[[str], Awaitable[ServiceProcess]]
+Restart = Callable[[str], Awaitable[ServiceHandle]]
 """Start replica `name` again with its original settings; return the new process (listening)."""
 
 
@@ -36,11 +36,11 @@ class ReplicaSupervisor:
         self.replicas = replicas
         self.config = config
         self.restart = restart
-        self.processes: dict[str, ServiceProcess] = {}
+        self.processes: dict[str, ServiceHandle] = {}
         self.restarts: dict[str, int] = {}
         self._watcher: asyncio.Task | None = None
 
-    def watch(self, name: str, process: ServiceProcess) -> None:
+    def watch(self, name: str, process: ServiceHandle) -> None:
         self.processes[name] = process
         self.restarts.setdefault(name, 0)
         if self._watcher is None:
@@ -55,7 +55,7 @@ class ReplicaSupervisor:
                     if name not in self.replicas.health.replicas and name not in restarting:
                         del self.processes[name]  # removed from the fleet: stop the process we started
                         await asyncio.to_thread(process.stop)
-                    elif name not in restarting and process.process.poll() is not None:
+                    elif name not in restarting and process.poll() is not None:
                         restarting[name] = asyncio.create_task(self._replace(name, process))
                 for name in [name for name, task in restarting.items() if task.done()]:
                     restarting.pop(name)
@@ -63,8 +63,8 @@ class ReplicaSupervisor:
             for task in restarting.values():
                 task.cancel()
 
-    async def _replace(self, name: str, dead: ServiceProcess) -> None:
-        code = dead.process.returncode
+    async def _replace(self, name: str, dead: ServiceHandle) -> None:
+        code = dead.returncode
         dead.kill_group()
         await self.replicas.mark(name, ReplicaState.DEAD)
         count = self.restarts[name]

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from coordinator.cluster.config import ClusterConfig
 from coordinator.config import ServicesConfig
 from coordinator.models import model_name_of, same_model
 from protos.errors import InvalidArgument
@@ -29,6 +30,8 @@ class GatewayConfig(BaseModel):
     """The base model served: a built-in name or a Hugging Face directory. `create_model` takes this name."""
     services: ServicesConfig = Field(default_factory=ServicesConfig)
     """Learner and rollout services: addresses of running ones, or how to start them on loopback."""
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    """Which machines the services this gateway starts are placed on: this one, or a Ray cluster's nodes."""
     learner_max_sessions: int = Field(default=4, ge=1)
     """Training clients open at once on a learner this gateway starts (each holds a model and AdamW)."""
     state_dir: Path = Path("runs/serve")

@@ -1,0 +1,173 @@
+"""Services on a Ray cluster: each started service runs on the node Ray places its actor on.
+
+A `ServiceHost` actor starts the service there exactly as `coordinator.launcher.start_service` does on
+this machine (the same `python -m learner|rollout --set ...`, its log at the same path on that node),
+bound to the node's own address instead of loopback, and tied to the actor's life (the service is the
+actor's child with PR_SET_PDEATHSIG): if Ray kills the actor, or its node dies, the service goes too.
+The coordinator (the Ray driver) gets a `RayService` handle with what it has for a local process -
+address, pid, a non-blocking `poll`, `stop` - so the fleet's supervisor restarts a replica on Ray the
+same way (a dead actor polls as exited; its replacement is a new actor, placed by Ray on any node with
+the resources, and rejoins through the fleet's stale state).
+
+Ray is imported lazily (the `ray` extra): nothing here runs unless `[cluster] type = "ray"`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.cluster.config import ClusterConfig
+from coordinator.launcher import start_service, toml_value
+from protos.errors import FailedPrecondition, Unavailable
+
+logger = logging.getLogger(__name__)
+
+ACTOR_DEAD_CODE = -9
+"""What `poll` reports for a service whose actor (or node) is gone."""
+
+
+class ServiceHost:
+    """The Ray actor behind one service (defined without Ray; `ray.remote` wraps it when used)."""
+
+    def __init__(self) -> None:
+        self.service = None
+
+    async def start(
+        self,
+        name: str,
+        module: str,
+        overrides: list[str],
+        log_dir: str,
+        env: dict[str, str],
+        timeout_s: float,
+        arguments: tuple[str, ...],
+    ) -> tuple[str, int]:
+        import ray
+
+        host = ray.util.get_node_ip_address()  # reachable from the other nodes, unlike loopback
+        overrides = [*overrides, f"server.host={toml_value(host)}"]
+        self.service = await start_service(name, module, overrides, Path(log_dir), env, timeout_s, arguments)
+        return self.service.address, self.service.pid
+
+    def poll(self) -> int | None:
+        return self.service.poll() if self.service is not None else None
+
+    def stop(self) -> int | None:
+        return self.service.stop() if self.service is not None else None
+
+
+@dataclass
+class RayService:
+    """The coordinator's handle on a service running behind a `ServiceHost` actor."""
+
+    name: str
+    actor: Any
+    address: str
+    remote_pid: int
+    log_path: Path
+    _polling: Any = None
+    _code: int | None = field(default=None)
+
+    @property
+    def pid(self) -> int:
+        """The service's pid on its node."""
+        return self.remote_pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._code
+
+    def poll(self) -> int | None:
+        """Its exit code or None, without blocking: the answer of the last poll sent to the actor (a dead
+        actor - its node gone, or killed - counts as exited)."""
+        import ray
+
+        if self._code is not None:
+            return self._code
+        if self._polling is None:
+            self._polling = self.actor.poll.remote()
+        ready, _ = ray.wait([self._polling], timeout=0)
+        if ready:
+            try:
+                self._code = ray.get(self._polling)
+            except ray.exceptions.RayActorError:
+                self._code = ACTOR_DEAD_CODE
+            self._polling = None
+        return self._code
+
+    def stop(self, timeout_s: float = 60.0) -> int | None:
+        import ray
+
+        try:
+            self._code = ray.get(self.actor.stop.remote(), timeout=timeout_s + 5)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            self._code = ACTOR_DEAD_CODE
+        finally:
+            ray.kill(self.actor)
+        return self._code
+
+    def kill_group(self) -> None:
+        """Kill the actor; its service dies with it (PR_SET_PDEATHSIG)."""
+        import ray
+
+        ray.kill(self.actor)
+
+
+class RayPlacement:
+    """Starts services on a Ray cluster (the coordinator is the driver)."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise FailedPrecondition(
+                '[cluster] type = "ray" needs Ray: pip install -e ".[ray]" (or set cluster.type = "local")'
+            ) from None
+        self.config = config
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self.config.address, log_to_driver=False, namespace="anvil")
+            except ConnectionError as exc:
+                raise Unavailable(
+                    f"no Ray cluster at {self.config.address!r} ({exc}); start one with `ray start --head` "
+                    "or set cluster.address to the head's host:port"
+                ) from None
+        self._host = ray.remote(ServiceHost)
+
+    async def start(
+        self,
+        role: str,
+        name: str,
+        module: str,
+        overrides: list[str],
+        log_dir: Path,
+        env: dict[str, str],
+        timeout_s: float,
+        arguments: tuple[str, ...] = (),
+    ) -> RayService:
+        """Start `python -m module ...` on a node with the role's resources ("learner" or "rollout")."""
+        import ray
+
+        wanted = dict(self.config.learner_resources if role == "learner" else self.config.rollout_resources)
+        options = {
+            "num_cpus": wanted.pop("CPU", 0),
+            "num_gpus": wanted.pop("GPU", 0),
+            "resources": wanted,
+            "max_concurrency": 4,  # poll and stop while start waits
+        }
+        actor = self._host.options(**options).remote()
+        try:
+            started = actor.start.remote(name, module, overrides, str(log_dir), env, timeout_s, arguments)
+            address, pid = await asyncio.wrap_future(started.future())
+        except ray.exceptions.RayError as exc:
+            ray.kill(actor)
+            raise Unavailable(f"{name} did not start on the Ray cluster: {exc}") from None
+        except BaseException:
+            ray.kill(actor)
+            raise
+        logger.info("%s runs at %s (pid %d on its node)", name, address, pid)
+        return RayService(name, actor, address, pid, log_dir / f"{name}.log")
