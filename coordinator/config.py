@@ -111,6 +111,21 @@ class RunConfig(_Strict):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     """Which machines the services this run starts are placed on: this one, or a Ray cluster's nodes."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _learner_table(cls, data: object) -> object:
+        """`[learner] backend = "megatron", tp = 2` is short for `[services.learner_backend] type = "megatron",
+        tp = 2`: the learner this run starts (`anvil run ... --set learner.backend="megatron"`)."""
+        if isinstance(data, dict) and "learner" in data:
+            data = dict(data)
+            table = dict(data.pop("learner"))
+            services = dict(data.get("services") or {})
+            backend = dict(services.get("learner_backend") or {})
+            backend.update({("type" if key == "backend" else key): value for key, value in table.items()})
+            services["learner_backend"] = backend
+            data["services"] = services
+        return data
+
     @model_validator(mode="after")
     def _dpo_needs_pairs(self) -> RunConfig:
         if self.loop.objective.type == "dpo" and self.loop.group_size < 2:

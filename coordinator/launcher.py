@@ -103,8 +103,10 @@ async def start_service(
     env: dict[str, str],
     timeout_s: float,
     arguments: tuple[str, ...] = (),
+    listens: bool = True,
 ) -> ServiceProcess:
-    """Run `python -m module [arguments] --set ...` and wait until it reports the address it listens on."""
+    """Run `python -m module [arguments] --set ...` and wait until it reports the address it listens on
+    (`listens=False`: a process that serves nothing itself, e.g. a Megatron rank other than 0)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     command = [sys.executable, "-m", module, *arguments, "--set", "server.port=0"]
@@ -122,6 +124,8 @@ async def start_service(
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())},
         )
     starting = ServiceProcess(name, process, "", log_path)
+    if not listens:
+        return starting
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -80,15 +80,13 @@ async def start_learner_process(
     overrides = [f"checkpoint_dir={toml_value(checkpoint_dir)}"]
     overrides += [f"backend.{key}={toml_value(value)}" for key, value in backend.model_dump(exclude_none=True).items()]
     overrides += extra_overrides
-    if isinstance(backend, MegatronBackendConfig):
-        ranks = megatron_ranks(backend)
-        module, arguments = "learner.backends.megatron.torchrun", ("--nproc", str(ranks))
-        return await placement("learner", name, module, overrides, log_dir, env, timeout_s, arguments)
-    return await placement("learner", name, "learner", overrides, log_dir, env, timeout_s)
+    ranks = megatron_ranks(backend) if isinstance(backend, MegatronBackendConfig) else 1
+    return await placement("learner", name, "learner", overrides, log_dir, env, timeout_s, ranks)
 
 
 Placement = Callable[..., Awaitable[ServiceHandle]]
-"""Starts a service somewhere: (role, name, module, overrides, log_dir, env, timeout_s[, arguments])."""
+"""Starts a service somewhere: (role, name, module, overrides, log_dir, env, timeout_s[, ranks]); a
+learner of several ranks (Megatron) is one torch.distributed group whose rank 0 serves."""
 
 
 async def place_locally(
@@ -99,17 +97,20 @@ async def place_locally(
     log_dir: Path,
     env: dict[str, str],
     timeout_s: float,
-    arguments: tuple[str, ...] = (),
+    ranks: int = 1,
 ) -> ServiceHandle:
-    """A process on this machine, on loopback."""
-    return await start_service(name, module, overrides, log_dir, env, timeout_s, arguments)
+    """A process on this machine, on loopback; several ranks as one torchrun group."""
+    if ranks > 1:
+        wrapper, arguments = "learner.backends.megatron.torchrun", ("--nproc", str(ranks))
+        return await start_service(name, wrapper, overrides, log_dir, env, timeout_s, arguments)
+    return await start_service(name, module, overrides, log_dir, env, timeout_s)
 
 
 def placement_for(cluster: ClusterConfig | None) -> Placement:
     """Where `[cluster]` says the services go: this machine, or the nodes of a Ray cluster."""
     if cluster is None or cluster.type == "local":
         return place_locally
-    from coordinator.cluster.ray_services import RayPlacement
+    from coordinator.cluster.ray_placement import RayPlacement
 
     return RayPlacement(cluster).start
 

@@ -14,15 +14,13 @@ Ray is imported lazily (the `ray` extra): nothing here runs unless `[cluster] ty
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.cluster.config import ClusterConfig
 from coordinator.launcher import start_service, toml_value
-from protos.errors import FailedPrecondition, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +43,25 @@ class ServiceHost:
         env: dict[str, str],
         timeout_s: float,
         arguments: tuple[str, ...],
+        listens: bool = True,
     ) -> tuple[str, int]:
         import ray
 
         host = ray.util.get_node_ip_address()  # reachable from the other nodes, unlike loopback
         overrides = [*overrides, f"server.host={toml_value(host)}"]
-        self.service = await start_service(name, module, overrides, Path(log_dir), env, timeout_s, arguments)
+        self.service = await start_service(
+            name, module, overrides, Path(log_dir), env, timeout_s, arguments, listens=listens
+        )
         return self.service.address, self.service.pid
+
+    def node(self) -> tuple[str, str, int]:
+        """This node's id and address, and a port free on it (a rendezvous for the ranks placed here)."""
+        import ray
+
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), port
 
     def poll(self) -> int | None:
         return self.service.poll() if self.service is not None else None
@@ -115,59 +125,3 @@ class RayService:
         import ray
 
         ray.kill(self.actor)
-
-
-class RayPlacement:
-    """Starts services on a Ray cluster (the coordinator is the driver)."""
-
-    def __init__(self, config: ClusterConfig) -> None:
-        try:
-            import ray
-        except ImportError:
-            raise FailedPrecondition(
-                '[cluster] type = "ray" needs Ray: pip install -e ".[ray]" (or set cluster.type = "local")'
-            ) from None
-        self.config = config
-        if not ray.is_initialized():
-            try:
-                ray.init(address=self.config.address, log_to_driver=False, namespace="anvil")
-            except ConnectionError as exc:
-                raise Unavailable(
-                    f"no Ray cluster at {self.config.address!r} ({exc}); start one with `ray start --head` "
-                    "or set cluster.address to the head's host:port"
-                ) from None
-        self._host = ray.remote(ServiceHost)
-
-    async def start(
-        self,
-        role: str,
-        name: str,
-        module: str,
-        overrides: list[str],
-        log_dir: Path,
-        env: dict[str, str],
-        timeout_s: float,
-        arguments: tuple[str, ...] = (),
-    ) -> RayService:
-        """Start `python -m module ...` on a node with the role's resources ("learner" or "rollout")."""
-        import ray
-
-        wanted = dict(self.config.learner_resources if role == "learner" else self.config.rollout_resources)
-        options = {
-            "num_cpus": wanted.pop("CPU", 0),
-            "num_gpus": wanted.pop("GPU", 0),
-            "resources": wanted,
-            "max_concurrency": 4,  # poll and stop while start waits
-        }
-        actor = self._host.options(**options).remote()
-        try:
-            started = actor.start.remote(name, module, overrides, str(log_dir), env, timeout_s, arguments)
-            address, pid = await asyncio.wrap_future(started.future())
-        except ray.exceptions.RayError as exc:
-            ray.kill(actor)
-            raise Unavailable(f"{name} did not start on the Ray cluster: {exc}") from None
-        except BaseException:
-            ray.kill(actor)
-            raise
-        logger.info("%s runs at %s (pid %d on its node)", name, address, pid)
-        return RayService(name, actor, address, pid, log_dir / f"{name}.log")

@@ -83,3 +83,5 @@ def test_the_learner_backend_comes_from_the_run_config():
     assert RunConfig().services.learner_backend == TorchBackendConfig()
     legacy = load_config(RunConfig, None, ['services.learner_device="cpu"'])  # the field before learner_backend
     assert legacy.services.learner_backend == TorchBackendConfig(device="cpu")
+    short = load_config(RunConfig, None, ['learner.backend="megatron"', "learner.tp=2"])  # the [learner] table
+    assert short.services.learner_backend == MegatronBackendConfig(tp=2)
