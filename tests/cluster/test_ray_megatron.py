@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.coordinator.test_run import anvil_run, rows, wait_gone
+from tests.coordinator.test_run_megatron import SETTINGS
 from tests.learner.megatron.needs import require_megatron
 
 BIN = Path(sys.executable).parent
@@ -52,18 +53,7 @@ def test_megatron_ranks_in_a_ray_placement_group(local_ray, tmp_path, anvil_home
     for key, value in RAY_ENV.items():
         monkeypatch.setenv(key, value)
     run_dir = tmp_path / "ray-megatron"
-    settings = [
-        "loop.steps=3",
-        "loop.groups_per_batch=4",
-        "loop.group_size=4",
-        "loop.checkpoint_every=0",
-        'services.rollout_engine.type="torch"',
-        'services.learner_backend.type="megatron"',
-        "services.learner_backend.tp=2",
-        'services.learner_backend.device="cpu"',
-        'cluster.type="ray"',
-        f'cluster.address="{local_ray}"',
-    ]
+    settings = [*SETTINGS, 'cluster.type="ray"', f'cluster.address="{local_ray}"']
     result = anvil_run("configs/tiny.toml", "--run-dir", str(run_dir), *(a for s in settings for a in ("--set", s)))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "learner: megatron(tp=2,pp=1,dp=1)" in result.stdout

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.coordinator.fleet.test_fleet_run import wait_for
 from tests.coordinator.test_run import REPO_ROOT, rows, wait_gone
 
 BIN = Path(sys.executable).parent
@@ -130,17 +131,6 @@ def services(run_dir: Path) -> dict:
         return {}
 
 
-def wait_for(condition, what: str, process: subprocess.Popen, timeout_s: float = 600):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        assert process.poll() is None, f"the run ended while waiting for {what}"
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_run_across_three_hosts_survives_losing_its_remote_replica(ray_cluster, hosts, tmp_path, anvil_home):
     run_dir = tmp_path / "across"
     settings = [
@@ -159,14 +149,14 @@ def test_a_run_across_three_hosts_survives_losing_its_remote_replica(ray_cluster
     log = (tmp_path / "run.log").open("w")
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=RAY_ENV)
     try:
-        wait_for(lambda: (rows(run_dir) if (run_dir / "metrics.jsonl").exists() else [])[-1:], "step 1", process)
+        wait_for(lambda: (rows(run_dir) if (run_dir / "metrics.jsonl").exists() else [])[-1:], "step 1", process, 600)
         placed = services(run_dir)
         assert placed["learner"]["address"].startswith(hosts["b"] + ":"), placed
         assert placed["rollout-0"]["address"].startswith(hosts["c"] + ":"), placed
         killed = placed["rollout-0"]["pid"]
         os.kill(killed, signal.SIGKILL)  # one pid namespace: the "remote" replica is killable from here
         replaced = lambda: services(run_dir).get("rollout-0", {}).get("pid", killed) != killed and services(run_dir)  # noqa: E731
-        moved = wait_for(replaced, "the replacement replica", process)
+        moved = wait_for(replaced, "the replacement replica", process, 600)
         assert moved["rollout-0"]["address"].startswith(hosts["c"] + ":"), "Ray placed it on host C again"
         assert process.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
