@@ -124,6 +124,12 @@ def wait_nodes(head: str, count: int, timeout_s: float = 180) -> None:
     raise AssertionError(f"the Ray cluster did not reach {count} node(s)")
 
 
+def link_bytes(host: str) -> dict[str, int]:
+    """Bytes host sent and received on its link: the counters of its veth's bridge end (sent = that end's rx)."""
+    stats = Path("/sys/class/net") / f"{TAG}{host}o" / "statistics"
+    return {"sent": int((stats / "rx_bytes").read_text()), "received": int((stats / "tx_bytes").read_text())}
+
+
 def services(run_dir: Path) -> dict:
     try:
         return json.loads((run_dir / "services.json").read_text())
@@ -147,6 +153,8 @@ def test_a_run_across_three_hosts_survives_losing_its_remote_replica(ray_cluster
     command = in_host("a", str(BIN / "anvil"), "run", "configs/tiny.toml", "--run-dir", str(run_dir))
     command += [a for setting in settings for a in ("--set", setting)]
     log = (tmp_path / "run.log").open("w")
+    before = {host: link_bytes(host) for host in hosts}
+    started = time.monotonic()
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=RAY_ENV)
     try:
         wait_for(lambda: (rows(run_dir) if (run_dir / "metrics.jsonl").exists() else [])[-1:], "step 1", process, 600)
@@ -163,8 +171,13 @@ def test_a_run_across_three_hosts_survives_losing_its_remote_replica(ray_cluster
         if process.poll() is None:
             process.kill()
         log.close()
+    crossed = {host: {k: v - before[host][k] for k, v in link_bytes(host).items()} for host in hosts}
+    print(f"\nrun across hosts: {time.monotonic() - started:.0f} s; bytes over each host's link: {crossed}")
     metrics = rows(run_dir)
     assert [r["step"] for r in metrics] == list(range(1, STEPS + 1))
+    weights_sent = sum(r["weights/egress_bytes"] for r in metrics)
+    assert weights_sent > 0 and crossed["b"]["sent"] >= weights_sent, "the learner's weights left host B on its link"
+    assert crossed["c"]["received"] >= weights_sent, "and reached the replica on host C"
     assert metrics[-1]["fleet/replica-0/restarts"] == 1
     assert metrics[-1]["weights/rollout_version_min"] == STEPS, "the replacement serves the learner's weights"
     assert wait_gone([s["pid"] for s in services(run_dir).values()], timeout_s=60) == []
