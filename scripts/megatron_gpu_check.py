@@ -3,8 +3,11 @@
 One command, a few minutes on one GPU (anvil-small is built in code, nothing is downloaded):
 
     .venv/bin/python scripts/megatron_gpu_check.py                     # CUDA, bf16, TP=1
-    .venv/bin/torchrun --nproc_per_node 2 scripts/megatron_gpu_check.py --tp 2
+    .venv/bin/python scripts/megatron_gpu_check.py --tp 2              # 2 ranks, started as `anvil run` starts them
     .venv/bin/python scripts/megatron_gpu_check.py --device cpu --dtype float32 --model anvil-tiny  # CPU smoke
+
+With tp * pp > 1 and no torchrun environment, the script relaunches itself as that many ranks through
+the launcher `anvil run` starts a Megatron learner with (learner.backends.megatron.torchrun).
 
 It runs the same random batch through (a) the Megatron backend at the requested device/dtype,
 (b) the PyTorch backend on the same device (bf16 autocast on CUDA), and (c) the PyTorch backend in
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -75,8 +79,22 @@ def differences(a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, float]:
     return {"max": float(diff.max()), "mean": float(diff.mean())}
 
 
+def relaunch_as_ranks(args: argparse.Namespace, argv: list[str]) -> int | None:
+    """Start tp * pp ranks of this script through the learner's torchrun launcher, unless already a rank."""
+    ranks = args.tp * args.pp
+    if ranks == 1 or "RANK" in os.environ:
+        return None
+    from learner.backends.megatron.torchrun import main as launch
+
+    return launch(["--nproc", str(ranks), "--script", str(Path(__file__).resolve()), *argv])
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    relaunched = relaunch_as_ranks(args, argv)
+    if relaunched is not None:
+        return relaunched
     try:
         import megatron.core
     except ImportError:

@@ -39,3 +39,11 @@ def test_cpu_smoke_run_reports_float32_parity():
 def test_bf16_run_on_cuda_matches_the_torch_backend():
     result = run_check()  # anvil-small, bf16, TP=1
     assert result["passed"], result
+
+
+def test_tp2_check_starts_its_ranks_through_the_learners_launcher():
+    """`--tp 2` with no torchrun around it: the script relaunches itself as 2 ranks, as `anvil run` starts them."""
+    result = run_check("--device", "cpu", "--dtype", "float32", "--model", "anvil-tiny", "--batch", "2",
+                       "--seq", "32", "--steps", "1", "--tp", "2")  # fmt: skip
+    assert result["passed"] and result["tp"] == 2
+    assert result["megatron_vs_torch"]["max"] < 1e-5
