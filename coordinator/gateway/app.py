@@ -11,6 +11,7 @@ sequence never stalls on a rejected request. The bodies' fields are declared in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -19,10 +20,11 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from coordinator.gateway import bodies
+from coordinator.gateway import bodies, tenancy
 from coordinator.gateway.bodies import parse
 from coordinator.gateway.futures import Outcome, without_paths
 from coordinator.gateway.service import TinkerService
+from coordinator.gateway.tenancy import UNAUTHENTICATED, tenant_of_request
 from coordinator.gateway.wire import forward_call_from_json, forward_call_from_proto
 from protos.errors import AlreadyExists, AnvilError, FailedPrecondition, InvalidArgument, NotFound
 
@@ -48,10 +50,10 @@ def json_object(raw: bytes) -> dict[str, Any]:
 
 def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
     async def authenticate(request: Request) -> None:
-        bearer = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        given = {request.headers.get("x-api-key"), bearer}
-        if api_keys and request.url.path not in OPEN_PATHS and not given & set(api_keys):
-            raise HTTPException(401, "missing or unknown X-API-Key; set TINKER_API_KEY to a key this server accepts")
+        tenant = tenant_of_request(request.headers, api_keys)
+        if tenant is None and request.url.path not in OPEN_PATHS:
+            raise HTTPException(401, UNAUTHENTICATED)
+        tenancy.enter(tenant or "")
 
     app = FastAPI(title="Anvil Tinker gateway", docs_url=None, redoc_url=None, dependencies=[Depends(authenticate)])
     config = service.config
@@ -112,9 +114,8 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
 
     @app.post("/api/v1/sessions/{session_id}/finish")
     async def finish(session_id: str) -> dict[str, Any]:
-        session = service.sessions.sessions.get(session_id)
-        if session is not None and not session.finished:
-            await service.sessions.finish(session, "finished")
+        with contextlib.suppress(NotFound):  # finishing twice, or a session not (or no longer) the caller's
+            await service.sessions.finish(service.sessions.get(session_id), "finished")
         return {"status": "finished"}
 
     @app.get("/api/v1/sessions/{session_id}")
@@ -124,7 +125,7 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
 
     @app.get("/api/v1/sessions")
     async def list_sessions() -> dict[str, Any]:
-        return {"sessions": [s.session_id for s in service.sessions.sessions.values() if not s.finished]}
+        return {"sessions": [s.session_id for s in service.sessions.open_sessions()]}
 
     @app.post("/api/v1/telemetry")
     async def telemetry() -> dict[str, str]:

@@ -3,7 +3,8 @@
 A path is `tinker://<training_run_id>/<kind>/<name>` with exactly three segments (the SDK splits on
 '/'): kind `weights` is a training state (model + AdamW, from save_state), `sampler_weights` is
 weights only (servable). The record maps a path to the learner's directory, so a checkpoint outlives
-the session and the gateway process that made it.
+the session and the gateway process that made it. A checkpoint is its run's tenant's (`owner`): to any
+other tenant it is NOT_FOUND and unlisted; records from before tenants belong to tenant "".
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from coordinator.gateway import tenancy
 from protos.errors import InvalidArgument, NotFound
 
 KIND_TO_TYPE = {"weights": "training", "sampler_weights": "sampler"}
@@ -50,6 +52,8 @@ class CheckpointRecord:
     base_model: str
     time: str
     size_bytes: int
+    owner: str = ""
+    """The tenant of the run that saved it."""
 
     def to_tinker(self) -> dict:
         return {
@@ -85,10 +89,10 @@ class CheckpointStore:
                 else:
                     self._records[entry["path"]] = CheckpointRecord(**entry)
 
-    def add(self, run_id: str, kind: str, name: str, local_path: str, base_model: str) -> CheckpointRecord:
+    def add(self, run_id: str, kind: str, name: str, local_path: str, base_model: str, owner: str) -> CheckpointRecord:
         size = sum(p.stat().st_size for p in Path(local_path).rglob("*") if p.is_file())
         record = CheckpointRecord(
-            tinker_path(run_id, kind, name), run_id, kind, name, local_path, base_model, utc_now(), size
+            tinker_path(run_id, kind, name), run_id, kind, name, local_path, base_model, utc_now(), size, owner
         )
         self._records[record.path] = record
         self._append(asdict(record))
@@ -96,16 +100,20 @@ class CheckpointStore:
 
     def get(self, path: str) -> CheckpointRecord:
         parse_tinker_path(path)
-        record = self._records.get(path)
+        record = self._visible().get(path)
         if record is None or not Path(record.local_path).is_dir():
             raise NotFound(f"no checkpoint {path}; list them with GET /api/v1/training_runs/<run_id>/checkpoints")
         return record
 
     def of_run(self, run_id: str) -> list[CheckpointRecord]:
-        return [r for r in self._records.values() if r.run_id == run_id]
+        return [r for r in self._visible().values() if r.run_id == run_id]
 
     def all(self) -> list[CheckpointRecord]:
-        return list(self._records.values())
+        return list(self._visible().values())
+
+    def _visible(self) -> dict[str, CheckpointRecord]:
+        """The caller's records (coordinator.gateway.tenancy)."""
+        return {path: r for path, r in self._records.items() if tenancy.owns(r.owner)}
 
     def resolve_state(self, path: str, model_id: str | None) -> str:
         """The tinker:// path of a training state. A tinker:// path is returned as is; a bare name (what
@@ -114,18 +122,19 @@ class CheckpointStore:
             return path
         if path.startswith("cross_job://"):
             raise InvalidArgument(f"{path}: cross-job checkpoint references are not supported; load by name")
+        visible = self._visible()
         if model_id is not None:
             own = tinker_path(model_id, "weights", path)
-            if own in self._records:
+            if own in visible:
                 return own
-        named = [r for r in self._records.values() if r.kind == "weights" and r.name == path]
+        named = [r for r in visible.values() if r.kind == "weights" and r.name == path]
         if not named:
             raise NotFound(f"no checkpoint named {path!r}; list them with list_checkpoints")
         return named[-1].path
 
     def state_names(self) -> list[str]:
         """Names of the training states (Fireworks' `list_checkpoints`)."""
-        return sorted({r.name for r in self._records.values() if r.kind == "weights"})
+        return sorted({r.name for r in self._visible().values() if r.kind == "weights"})
 
     def delete(self, path: str) -> None:
         record = self.get(path)

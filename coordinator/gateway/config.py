@@ -24,8 +24,11 @@ class GatewayConfig(BaseModel):
     port: int = Field(default=8000, ge=0, le=65535)
     """TCP port; 0 picks a free one (printed as `LISTENING host:port`)."""
     api_keys: list[str] = Field(default_factory=list)
-    """Accepted `X-API-Key` values; empty (and no $ANVIL_TINKER_API_KEYS) turns auth off. The tinker SDK
-    only sends keys that start with `tml-`."""
+    """Accepted `X-API-Key` values; empty (and no $ANVIL_TINKER_API_KEYS, no `api_keys_file`) turns auth
+    off. Each key is a tenant that sees only its own sessions, runs, checkpoints, samplers and jobs. The
+    tinker SDK only sends keys that start with `tml-`."""
+    api_keys_file: Path | None = None
+    """A file of more accepted keys, one per line ('#' comments), so keys need not sit in a config."""
     model: str = "anvil-tiny"
     """The base model served: a built-in name or a Hugging Face directory. `create_model` takes this name."""
     services: ServicesConfig = Field(default_factory=ServicesConfig)
@@ -58,8 +61,16 @@ class GatewayConfig(BaseModel):
     dialects accept either form as input."""
 
     def resolved_api_keys(self) -> list[str]:
+        """Every accepted key: `api_keys`, $ANVIL_TINKER_API_KEYS (comma-separated) and `api_keys_file`."""
         from_env = [key.strip() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
-        return [*self.api_keys, *from_env]
+        from_file = []
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.read_text().splitlines()
+            except OSError as exc:
+                raise ValueError(f"api_keys_file {self.api_keys_file} cannot be read: {exc.strerror}") from None
+            from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return [*self.api_keys, *from_env, *from_file]
 
     def check_base_model(self, base_model: str | None, model_dir: Path) -> str:
         """The served model's name for a request's `base_model` (unset, or any form coordinator.models

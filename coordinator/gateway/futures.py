@@ -5,7 +5,8 @@ A result is an `Outcome`: a value (encoded by the route that polls it) or a cate
 Tinker's SDK raises as `RequestFailedError`. Every error passes `resolve`, which takes server filesystem
 paths out of its message (a learner or rollout error names its directories; a remote client must not
 see them, and cannot use them). Finished futures are kept `ttl_s` after completion so a
-poll that was lost in transit can be repeated, then dropped.
+poll that was lost in transit can be repeated, then dropped. A future is the tenant's that made the
+request: request ids are sequential, so another tenant's poll is NOT_FOUND, like an unknown id.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from coordinator.gateway import tenancy
 from protos.errors import (
     AlreadyExists,
     AnvilError,
@@ -72,6 +74,7 @@ def outcome_of_error(exc: BaseException) -> Outcome:
 @dataclass
 class _Entry:
     kind: str
+    owner: str = field(default_factory=tenancy.current)
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     finished_at: float | None = None
 
@@ -115,20 +118,21 @@ class FutureStore:
         return request_id
 
     def kind(self, request_id: str) -> str:
-        entry = self._entries.get(request_id)
-        if entry is None:
-            raise NotFound(f"no request {request_id!r}; it never existed or its result expired")
-        return entry.kind
+        return self._entry(request_id).kind
 
     async def wait(self, request_id: str, timeout_s: float) -> Outcome | None:
         """The outcome, or None when still running after `timeout_s` (the caller answers try_again)."""
-        entry = self._entries.get(request_id)
-        if entry is None:
-            raise NotFound(f"no request {request_id!r}; it never existed or its result expired")
+        entry = self._entry(request_id)
         try:
             return await asyncio.wait_for(asyncio.shield(entry.done), timeout_s)
         except TimeoutError:
             return None
+
+    def _entry(self, request_id: str) -> _Entry:
+        entry = self._entries.get(request_id)
+        if entry is None or not tenancy.owns(entry.owner):
+            raise NotFound(f"no request {request_id!r}; it never existed or its result expired")
+        return entry
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.ttl_s

@@ -44,7 +44,9 @@ class SamplerWeights:
             except AlreadyExists:  # the learner's message names its directory; the client knows the name
                 message = f"sampler weights {name!r} of this training run already exist; choose another name"
                 raise AlreadyExists(message) from None
-            record = self.checkpoints.add(model.model_id, "sampler_weights", name, reply.path, model.base_model)
+            record = self.checkpoints.add(
+                model.model_id, "sampler_weights", name, reply.path, model.base_model, model.owner
+            )
             return {"path": record.path, "type": "save_weights_for_sampler"}
         if request.sampling_session_seq_id is None:
             raise InvalidArgument("save_weights_for_sampler needs a path (name) or a sampling_session_seq_id")

@@ -126,9 +126,9 @@ class TinkerService:
     ) -> TrainingModel:
         learner = await LearnerSession.create(self.learner_channel, self.learner_base_model, lora_rank=0, seed=seed)
         executor = OrderedExecutor(self.futures, self.config.sequence_gap_timeout_s)
-        model = TrainingModel(model_id, base_model, learner, executor, dict(user_metadata or {}))
+        model = TrainingModel(model_id, base_model, learner, executor, dict(user_metadata or {}), owner=session.owner)
         session.models[model_id] = model
-        self.training_runs.add(model_id, base_model, model.user_metadata)
+        self.training_runs.add(model_id, base_model, model.user_metadata, session.owner)
         return model
 
     async def unload_model(self, model_id: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.client.learner_api import LearnerSession
+from coordinator.gateway import tenancy
 from coordinator.gateway.checkpoints import utc_now
 from coordinator.gateway.sequencer import OrderedExecutor
 from protos.errors import NotFound
@@ -41,6 +42,8 @@ class TrainingModel:
     """Datums accumulated since the last optim_step."""
     last_snapshot: str | None = None
     """The last sampler snapshot identity this model saved (the previous link of a delta chain)."""
+    owner: str = ""
+    """The tenant whose session made it (coordinator.gateway.tenancy): its checkpoints are that tenant's."""
 
 
 @dataclass
@@ -62,6 +65,8 @@ class Session:
     finished: bool = False
     models: dict[str, TrainingModel] = field(default_factory=dict)
     samplers: dict[str, SamplingSession] = field(default_factory=dict)
+    owner: str = field(default_factory=tenancy.current)
+    """The tenant that made it; to every other tenant, the session and all it holds do not exist."""
     requests: dict[str, str] = field(default_factory=dict)
     """Dedup of create_model / create-via-load / sampling-session creation: "<op>:<seq>" -> request id."""
 
@@ -76,24 +81,33 @@ class SessionRegistry:
         return session
 
     def get(self, session_id: str) -> Session:
-        session = self.sessions.get(session_id)
-        if session is None or session.finished:
+        """The caller's open session `session_id` (another tenant's is NOT_FOUND, like one never made)."""
+        session = self._open(session_id)
+        if session is None:
             raise NotFound(f"no open session {session_id!r}; it finished or expired (create a new ServiceClient)")
         return session
 
+    def open_sessions(self) -> list[Session]:
+        """The caller's open sessions."""
+        return [s for s in self.sessions.values() if not s.finished and tenancy.owns(s.owner)]
+
     def model(self, model_id: str) -> TrainingModel:
-        session_id = model_id.split(":", 1)[0]
-        model = self.sessions.get(session_id, Session("", {})).models.get(model_id)
-        if model is None or self.sessions[session_id].finished:
+        session = self._open(model_id.split(":", 1)[0])
+        model = session.models.get(model_id) if session is not None else None
+        if model is None:
             raise NotFound(f"no training model {model_id!r}; its session finished or it was never created")
         return model
 
     def sampler(self, sampling_session_id: str) -> SamplingSession:
-        session_id = sampling_session_id.split(":", 1)[0]
-        sampler = self.sessions.get(session_id, Session("", {})).samplers.get(sampling_session_id)
+        session = self._open(sampling_session_id.split(":", 1)[0])
+        sampler = session.samplers.get(sampling_session_id) if session is not None else None
         if sampler is None:
             raise NotFound(f"no sampling session {sampling_session_id!r}")
         return sampler
+
+    def _open(self, session_id: str) -> Session | None:
+        session = self.sessions.get(session_id)
+        return session if session is not None and not session.finished and tenancy.owns(session.owner) else None
 
     def expired(self, timeout_s: float) -> list[Session]:
         cutoff = time.monotonic() - timeout_s

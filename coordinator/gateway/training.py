@@ -84,7 +84,7 @@ class TrainingOps:
             raise AlreadyExists(
                 f"checkpoint {name!r} of this training run already exists; choose another name or pass overwrite=true"
             ) from None
-        record = self.checkpoints.add(model.model_id, "weights", name, reply.path, model.base_model)
+        record = self.checkpoints.add(model.model_id, "weights", name, reply.path, model.base_model, model.owner)
         return {"path": name if self.bare_checkpoint_names else record.path, "type": "save_weights"}
 
     async def load(self, model: TrainingModel, body: dict[str, Any]) -> dict[str, Any]:

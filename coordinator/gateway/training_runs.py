@@ -3,7 +3,8 @@
 Tinker lists training runs (`training_runs`, `training_runs/{id}`) long after the session - or the
 gateway process - that made them is gone, together with their last checkpoints; so a run is recorded
 when its training client is created and described from the record, the checkpoint store and, while it
-is live, the training client itself.
+is live, the training client itself. A run is its creator's (the record's `owner`, a tenant): other
+tenants neither list it nor find it. Records from before tenants belong to tenant "" (a keyless gateway).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from coordinator.gateway import tenancy
 from coordinator.gateway.checkpoints import CheckpointStore, utc_now
 from coordinator.gateway.sessions import TrainingModel
 from protos.errors import NotFound
@@ -26,20 +28,20 @@ class TrainingRuns:
                 run = json.loads(line)
                 self._runs[run["training_run_id"]] = run
 
-    def add(self, run_id: str, base_model: str, user_metadata: dict[str, str]) -> None:
-        run = {"training_run_id": run_id, "base_model": base_model, "user_metadata": user_metadata}
+    def add(self, run_id: str, base_model: str, user_metadata: dict[str, str], owner: str) -> None:
+        run = {"training_run_id": run_id, "base_model": base_model, "user_metadata": user_metadata, "owner": owner}
         self._runs[run_id] = run
         with self._file.open("a") as handle:
             handle.write(json.dumps(run) + "\n")
 
     def ids(self) -> list[str]:
-        """Run ids, oldest first."""
-        return list(self._runs)
+        """The caller's run ids, oldest first."""
+        return [run_id for run_id, run in self._runs.items() if tenancy.owns(run.get("owner", ""))]
 
     def describe(self, run_id: str, checkpoints: CheckpointStore, live: TrainingModel | None) -> dict[str, Any]:
         """Tinker's TrainingRun for `run_id`; `live` is its training client while one is open."""
         run = self._runs.get(run_id)
-        if run is None:
+        if run is None or not tenancy.owns(run.get("owner", "")):
             raise NotFound(f"no training run {run_id!r}")
         saved = checkpoints.of_run(run_id)
         last = {kind: [c for c in saved if c.kind == kind] for kind in ("weights", "sampler_weights")}

@@ -12,12 +12,13 @@ import datetime
 import logging
 from typing import Any
 
+from coordinator.gateway import tenancy
 from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.snapshot_store import SnapshotStore
 from coordinator.models import model_name_of, resolve_model
 from coordinator.service_mode.deployments import DeploymentRuntime
 from coordinator.service_mode.jobs import TrainerJobRuntime
-from coordinator.service_mode.store import ResourceStore
+from coordinator.service_mode.store import OWNER, ResourceStore
 from coordinator.services import service_env
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -50,7 +51,7 @@ class ServiceMode:
     # --- deployments ---------------------------------------------------------------------------------
 
     def get_deployment(self, deployment_id: str) -> dict[str, Any]:
-        doc = self.store.get(DEPLOYMENTS, deployment_id)
+        doc = self.store.get_own(DEPLOYMENTS, deployment_id)
         if doc is None:
             raise NotFound(f"deployment {deployment_id!r} not found")
         runtime = self.deployments.get(deployment_id)
@@ -72,6 +73,7 @@ class ServiceMode:
             "state": "CREATING",
             "createTime": _now(),
             "currentSnapshotIdentity": None,
+            OWNER: tenancy.current(),
         }
         self.store.put(DEPLOYMENTS, deployment_id, doc)
         self._background(self._bring_up_deployment(deployment_id))
@@ -114,7 +116,7 @@ class ServiceMode:
         self.store.put(DEPLOYMENTS, deployment_id, {**doc, "state": "READY"})
 
     async def delete_deployment(self, deployment_id: str) -> None:
-        if self.store.get(DEPLOYMENTS, deployment_id) is None:
+        if self.store.get_own(DEPLOYMENTS, deployment_id) is None:
             raise NotFound(f"deployment {deployment_id!r} not found")
         self.store.delete(DEPLOYMENTS, deployment_id)
         runtime = self.deployments.pop(deployment_id, None)
@@ -122,11 +124,12 @@ class ServiceMode:
             await runtime.stop()
 
     def ready_deployment(self, deployment_id: str) -> DeploymentRuntime:
+        doc = self.store.get_own(DEPLOYMENTS, deployment_id)
+        if doc is None:
+            raise NotFound(f"deployment {deployment_id!r} not found")
         runtime = self.deployments.get(deployment_id)
         if runtime is None:
-            state = (self.store.get(DEPLOYMENTS, deployment_id) or {}).get("state")
-            if state is None:
-                raise NotFound(f"deployment {deployment_id!r} not found")
+            state = doc.get("state")
             raise FailedPrecondition(f"deployment {deployment_id!r} is {state}, not READY")
         return runtime
 
@@ -152,7 +155,7 @@ class ServiceMode:
     # --- trainer jobs --------------------------------------------------------------------------------
 
     def get_job(self, job_id: str) -> dict[str, Any]:
-        doc = self.store.get(JOBS, job_id)
+        doc = self.store.get_own(JOBS, job_id)
         if doc is None:
             raise NotFound(f"RLOR trainer job {job_id!r} not found")
         return doc
@@ -178,6 +181,7 @@ class ServiceMode:
             "name": f"accounts/{ACCOUNT}/rlorTrainerJobs/{job_id}",
             "state": "JOB_STATE_CREATING",
             "createTime": _now(),
+            OWNER: tenancy.current(),
         }
         if deployment_id or body.get("hotLoadDeploymentId"):
             doc["hotLoadDeploymentId"] = deployment_id or body.get("hotLoadDeploymentId")

@@ -13,8 +13,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 
+from coordinator.gateway import tenancy
 from coordinator.gateway.app import body_json
+from coordinator.gateway.tenancy import UNAUTHENTICATED, tenant_of_request
 from coordinator.service_mode.completions import complete, sse_events
 from coordinator.service_mode.control import ACCOUNT, ServiceMode
 from protos.errors import AnvilError, FailedPrecondition, InvalidArgument, NotFound
@@ -152,15 +155,22 @@ class TrainerGateway:
     def __init__(self, app, control: ServiceMode) -> None:
         self.app = app
         self.control = control
+        self.api_keys = control.gateway.resolved_api_keys()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(TRAINER_PREFIX):
             await self.app(scope, receive, send)
             return
         parts = scope["path"][len(TRAINER_PREFIX) :].split("/", 2)
-        job = self.control.jobs.get(parts[1]) if len(parts) == 3 else None
+        tenant = tenant_of_request(Headers(scope=scope), self.api_keys)
+        if tenant is None:
+            await error(401, UNAUTHENTICATED)(scope, receive, send)
+            return
+        tenancy.enter(tenant)  # another tenant's job is "not found", like one never made
+        doc = self.control.store.get_own("trainer_jobs", parts[1]) if len(parts) > 1 else None
+        job = self.control.jobs.get(parts[1]) if len(parts) == 3 and doc is not None else None
         if job is None:
-            state = (self.control.store.get("trainer_jobs", parts[1]) or {}).get("state") if len(parts) > 1 else None
+            state = (doc or {}).get("state")
             message = f"trainer job {parts[1] if len(parts) > 1 else ''!r} is {state or 'not found'}"
             await error(404 if state is None else 503, message)(scope, receive, send)
             return

@@ -2,7 +2,9 @@
 
 A row holds the resource's id, its state, and its JSON document (the create body plus what Anvil adds:
 status message, current snapshot identity, ...). Processes are not persisted: on start, `anvil serve`
-brings every live resource back up from its row.
+brings every live resource back up from its row. Each document names the tenant that created it
+(`anvilTenant`, coordinator.gateway.tenancy): `get_own` is what a caller may see; ids stay global, like
+Fireworks' resource names in one account.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from coordinator.gateway import tenancy
+
 TABLES = ("deployments", "trainer_jobs")
+OWNER = "anvilTenant"
 
 
 class ResourceStore:
@@ -35,6 +40,11 @@ class ResourceStore:
         with self._lock:
             row = self._db.execute(f"SELECT doc FROM {table} WHERE id = ?", (resource_id,)).fetchone()
         return json.loads(row[0]) if row else None
+
+    def get_own(self, table: str, resource_id: str) -> dict[str, Any] | None:
+        """The document if the calling tenant created it; None for another tenant's, as for none."""
+        doc = self.get(table, resource_id)
+        return doc if doc is not None and tenancy.owns(doc.get(OWNER, "")) else None
 
     def all(self, table: str) -> list[dict[str, Any]]:
         with self._lock:

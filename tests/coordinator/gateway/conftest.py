@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.gateway.config import GatewayConfig
+from coordinator.gateway.tenancy import acting_as, tenant_of_key
 from coordinator.serve import start_gateway
 from learner.config import LearnerConfig
 from learner.server import start_learner
@@ -24,6 +25,8 @@ from tests.coordinator.conftest import ThreadedServers
 
 SERVICE_KEY = "gateway-test-service-key"
 TINKER_KEY = "tml-gateway-test"
+OTHER_TENANT_KEY = "tml-gateway-other-tenant"
+"""A second key the shared gateway accepts: another tenant (tests/coordinator/gateway/test_tenants.py)."""
 
 
 class Stack:
@@ -35,6 +38,10 @@ class Stack:
         self.threaded, self.gateway, self.learner, self.learner_address = threaded, gateway, learner, learner_address
         self.rollout_address = rollout_address
         self.base_url = f"http://{gateway.address}"
+
+    def as_tenant(self, key: str = TINKER_KEY):
+        """Look behind the REST API as the tenant of `key` (the gateway shows each tenant its own only)."""
+        return acting_as(tenant_of_key(key))
 
     def run(self, coroutine, timeout: float = 120):
         return asyncio.run_coroutine_threadsafe(coroutine, self.threaded.loop).result(timeout)
@@ -62,7 +69,8 @@ def build_stack(tmp: Path, model_dir: Path, **gateway_settings) -> Stack:
             )
         )
     )
-    config = GatewayConfig(port=0, api_keys=[TINKER_KEY], state_dir=tmp / "gateway", **gateway_settings)
+    keys = [TINKER_KEY, OTHER_TENANT_KEY]
+    config = GatewayConfig(port=0, api_keys=keys, state_dir=tmp / "gateway", **gateway_settings)
     gateway = asyncio.run_coroutine_threadsafe(
         start_gateway(config, learner_address, [rollout_address], SERVICE_KEY), threaded.loop
     ).result(60)

@@ -28,7 +28,8 @@ async def test_interleaved_samples_from_three_snapshots_use_their_own_weights(st
         await training.optim_step(types.AdamParams(learning_rate=2e-2))
         saved = await training.save_weights_for_sampler(name)
         snapshots[name] = await service_client.create_sampling_client_async(model_path=saved.path)
-        record = stack.gateway.service.checkpoints.get(saved.path)
+        with stack.as_tenant():
+            record = stack.gateway.service.checkpoints.get(saved.path)
         paths[name] = record.local_path
     prompt = [4, 40, 405, 226, 28]
     loads_before = stack.gateway.service.router.loads

@@ -33,7 +33,8 @@ def random_sequences(count: int, seed: int, vocab: int = 500) -> list[list[int]]
 
 
 def learner_gradients(stack, model_id: str) -> dict[str, torch.Tensor]:
-    learner_session = stack.gateway.service.sessions.model(model_id).learner.session_id
+    with stack.as_tenant():
+        learner_session = stack.gateway.service.sessions.model(model_id).learner.session_id
     backend = stack.learner.sessions.get(learner_session).backend
     return {name: p.grad.clone() for name, p in backend.model.named_parameters() if p.grad is not None}
 

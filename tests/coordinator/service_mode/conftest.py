@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 KEY = "fw-service-mode-test"
+OTHER_TENANT_KEY = "fw-service-mode-other-tenant"
+"""A second key every `anvil serve` here accepts: another tenant (test_tenants.py)."""
 
 
 @dataclass
@@ -37,7 +39,8 @@ def start_serve(workdir: Path, state_dir: Path, *settings: str) -> Serve:
     """`anvil serve` with a torch rollout engine and `settings` (more `--set` overrides)."""
     log = workdir / f"serve-{time.monotonic_ns()}.log"
     command = [
-        sys.executable, "-m", "coordinator", "serve", "--set", "port=0", "--set", f'api_keys=["{KEY}"]',
+        sys.executable, "-m", "coordinator", "serve", "--set", "port=0",
+        "--set", f'api_keys=["{KEY}", "{OTHER_TENANT_KEY}"]',
         "--set", f'state_dir="{state_dir}"', "--set", 'services.rollout_engine.type="torch"',
     ]  # fmt: skip
     for setting in settings:
