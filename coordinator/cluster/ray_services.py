@@ -14,6 +14,7 @@ Ray is imported lazily (the `ray` extra): nothing here runs unless `[cluster] ty
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -69,6 +70,12 @@ class ServiceHost:
     def stop(self) -> int | None:
         return self.service.stop() if self.service is not None else None
 
+    def kill_group(self) -> None:
+        """Kill what the service left in its process group on this node (a vLLM replica's engine core
+        outlives a kill -9 of the replica, reparented to init: the actor's death would not reach it)."""
+        if self.service is not None:
+            self.service.kill_group()
+
 
 @dataclass
 class RayService:
@@ -121,7 +128,10 @@ class RayService:
         return self._code
 
     def kill_group(self) -> None:
-        """Kill the actor; its service dies with it (PR_SET_PDEATHSIG)."""
+        """Kill the service's process group on its node (through the actor, if it still answers), then the
+        actor; a service still running dies with it (PR_SET_PDEATHSIG)."""
         import ray
 
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.get(self.actor.kill_group.remote(), timeout=10)
         ray.kill(self.actor)

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.coordinator.fleet.test_fleet_run import wait_for
@@ -130,6 +131,14 @@ def link_bytes(host: str) -> dict[str, int]:
     return {"sent": int((stats / "rx_bytes").read_text()), "received": int((stats / "tx_bytes").read_text())}
 
 
+def ended(process: psutil.Process) -> bool:
+    """Gone or a zombie (this machine's init does not reap what is reparented to it)."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def services(run_dir: Path) -> dict:
     try:
         return json.loads((run_dir / "services.json").read_text())
@@ -162,10 +171,16 @@ def test_a_run_across_three_hosts_survives_losing_its_remote_replica(ray_cluster
         assert placed["learner"]["address"].startswith(hosts["b"] + ":"), placed
         assert placed["rollout-0"]["address"].startswith(hosts["c"] + ":"), placed
         killed = placed["rollout-0"]["pid"]
+        left_behind = psutil.Process(killed).children(recursive=True)  # vLLM's engine core and worker
+        assert left_behind, "a vLLM replica runs its engine in child processes"
         os.kill(killed, signal.SIGKILL)  # one pid namespace: the "remote" replica is killable from here
         replaced = lambda: services(run_dir).get("rollout-0", {}).get("pid", killed) != killed and services(run_dir)  # noqa: E731
         moved = wait_for(replaced, "the replacement replica", process, 600)
         assert moved["rollout-0"]["address"].startswith(hosts["c"] + ":"), "Ray placed it on host C again"
+        deadline = time.monotonic() + 30
+        while (alive := [p for p in left_behind if not ended(p)]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not alive, f"the killed replica's engine processes outlived it: {alive}"
         assert process.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
         if process.poll() is None:
