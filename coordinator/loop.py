@@ -73,8 +73,12 @@ class RLLoop:
         self.on_checkpoint = on_checkpoint
         self.objective = make_objective(config.objective)
         # The fleet publishes through this session: after each step, and to replicas that come back stale.
-        rollout.publisher = lambda addresses: session.publish_weights(
-            addresses, config.publish_transport, partial_ok=True, target_timeout_s=rollout.config.publish_timeout_s
+        rollout.publisher = lambda addresses, rewind=False: session.publish_weights(
+            addresses,
+            config.publish_transport,
+            partial_ok=True,
+            target_timeout_s=rollout.config.publish_timeout_s,
+            rewind=rewind,
         )
         self.step = int(session.info.step)
         self._released = start_batch  # batches whose prompts may be sampled: < released + bound + 1

@@ -144,6 +144,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
                 self.config.server.resolved_api_key(),
                 request.target_timeout_s or None,
                 session.published,
+                request.rewind,
             )
             transport = make_transport(request.transport, targets, context)
             version = request.version or session.backend.step

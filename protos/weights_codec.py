@@ -250,8 +250,10 @@ async def push_weight_update(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     known_digest: str | None = None,
     base: DeltaBase | None = None,
+    rewind: bool = False,
 ) -> int:
-    """Run Begin -> Push -> Commit against one RolloutService; return the bytes sent.
+    """Run Begin -> Push -> Commit against one RolloutService; return the bytes sent (`rewind`: the
+    replica takes `version` even if it serves a newer one).
 
     The digest (`xxh3-128-tree-v1`) is computed from the same bytes that are sent, so the receiver
     verifies end to end; it is computed in a worker thread while the chunks stream (xxhash releases the
@@ -269,7 +271,7 @@ async def push_weight_update(
         request_serializer=None,  # the requests are already wire bytes
         response_deserializer=rollout_pb2.PushWeightsResponse.FromString,
     )
-    opened = await stub.BeginWeightUpdate(rollout_pb2.BeginWeightUpdateRequest(version=version))
+    opened = await stub.BeginWeightUpdate(rollout_pb2.BeginWeightUpdateRequest(version=version, rewind=rewind))
     if base is not None and not base.held_by(opened):
         base = None  # the replica does not hold those bytes: raw
     hashing = asyncio.ensure_future(

@@ -132,7 +132,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         return rollout_pb2.ComputeLogprobsResponse(logprobs=logprobs, weight_version=version)
 
     async def BeginWeightUpdate(self, request, context):
-        base, base_digest = await self.updater.begin(request.version)
+        base, base_digest = await self.updater.begin(request.version, request.rewind)
         return rollout_pb2.BeginWeightUpdateResponse(
             version=request.version, delta_base=base, delta_base_digest=base_digest
         )
@@ -170,9 +170,9 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             raise InvalidArgument("path is empty; pass the directory SaveWeights returned")
         path = Path(request.path)
         if path.is_file():  # a shared-memory segment of the learner's shm transport
-            seconds = await self.updater.load_segment(path, request.version)
+            seconds = await self.updater.load_segment(path, request.version, request.rewind)
         else:
-            seconds = await self.updater.load_directory(path, request.version)
+            seconds = await self.updater.load_directory(path, request.version, request.rewind)
         return rollout_pb2.LoadWeightsResponse(version=request.version, load_duration_s=seconds)
 
 

@@ -119,7 +119,12 @@ class WeightUpdater:
     def version(self) -> int:
         return self.engine.weight_version
 
-    def _require_newer(self, version: int) -> None:
+    def _require_newer(self, version: int, rewind: bool = False) -> None:
+        """Versions only increase, except on a rewind (the learner restored an earlier checkpoint)."""
+        if rewind:
+            if version < 0:
+                raise InvalidArgument(f"version {version} is negative; versions count steps from 0")
+            return
         if version <= self.engine.weight_version:
             raise FailedPrecondition(
                 f"version {version} is not newer than the served version {self.engine.weight_version}; "
@@ -142,10 +147,11 @@ class WeightUpdater:
             self._spare_version, self._spare_digest = (committed, digest) if digest else (0, "")
         self._open_version, self._assembler, self._last_abort_reason = None, None, reason
 
-    async def begin(self, version: int) -> tuple[int, str]:
-        """Open an update to `version`; the version (0: none) and digest of the bytes it holds for deltas."""
+    async def begin(self, version: int, rewind: bool = False) -> tuple[int, str]:
+        """Open an update to `version` (any version with `rewind`); the version (0: none) and digest of the
+        bytes it holds for deltas."""
         async with self._lock:
-            self._require_newer(version)
+            self._require_newer(version, rewind)
             self._discard("")  # an open update may have written into the buffers: they hold no base now
             base = (self._spare_version, self._spare_digest)
             assembler = ChunkAssembler(self._expected, self._spare, self._spare_version)
@@ -200,7 +206,7 @@ class WeightUpdater:
             self._require_open(version)
             self._discard(f"it was aborted by AbortWeightUpdate({version})")
 
-    async def load_directory(self, path: Path, version: int) -> float:
+    async def load_directory(self, path: Path, version: int, rewind: bool = False) -> float:
         if not path.is_dir():
             raise NotFound(f"no model directory at {path}")
         shapes = await asyncio.to_thread(checkpoint_shapes, path)
@@ -213,10 +219,10 @@ class WeightUpdater:
                 f"reshaped {reshaped})"
             )
         async with self._lock:
-            self._require_newer(version)
+            self._require_newer(version, rewind)
             return await self._swap(version, lambda: self.engine.load_weights_from_directory(path))
 
-    async def load_segment(self, path: Path, version: int) -> float:
+    async def load_segment(self, path: Path, version: int, rewind: bool = False) -> float:
         """Hot-load an `anvil-shm-v1` segment the learner's shm transport wrote: checked against the served
         names and shapes, its mapped bytes hashed against the learner's digest, then swapped in from the
         mapping itself (the engine's copy into its parameters is the only one)."""
@@ -229,7 +235,7 @@ class WeightUpdater:
             tensors = {name: _to_torch(tensor) for name, tensor in views.items()}
             del views
             async with self._lock:
-                self._require_newer(version)
+                self._require_newer(version, rewind)
                 return await self._swap(version, lambda: self.engine.load_weights(tensors))
         finally:
             tensors = {}

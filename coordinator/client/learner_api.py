@@ -117,10 +117,11 @@ class LearnerSession:
         version: int = 0,
         partial_ok: bool = False,
         target_timeout_s: float = 0.0,
+        rewind: bool = False,
     ) -> learner_pb2.PublishWeightsResponse:
         """Publish as `version` (0: the learner's step). With `partial_ok`, a target that fails does not fail
         the call: the reply's `targets` say which ones took the version. `target_timeout_s` > 0 bounds how
-        long each target may take."""
+        long each target may take. `rewind`: targets take the version even if they serve a newer one."""
         request = learner_pb2.PublishWeightsRequest(
             session_id=self.session_id,
             seq_id=self.next_seq_id(),
@@ -129,6 +130,7 @@ class LearnerSession:
             version=version,
             partial_ok=partial_ok,
             target_timeout_s=target_timeout_s,
+            rewind=rewind,
         )
         return await call(self.stub.PublishWeights(request))
 

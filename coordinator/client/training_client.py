@@ -91,7 +91,9 @@ class TrainingClient:
         served = max(await replicas.versions(), default=0)
         version = step if step > served else served + 1
         reply = await replicas.publish(
-            lambda addresses: self.session.publish_weights(addresses, version=version, partial_ok=True)
+            lambda addresses, rewind=False: self.session.publish_weights(
+                addresses, version=version, partial_ok=True, rewind=rewind
+            )
         )
         if reply is None or not any(target.ok for target in reply.targets):
             raise Unavailable(f"no rollout replica took weights v{version} ({replicas.describe()})")

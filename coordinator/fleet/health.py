@@ -62,6 +62,10 @@ class FleetHealth:
         self.failures_to_dead = failures_to_dead
         self.version = 0
         """The weight version every healthy replica serves (the latest one published to the fleet)."""
+        self.rewound_from = 0
+        """The highest version published before the fleet was rewound to an earlier one (the learner was
+        restored from a checkpoint); 0 once publications have passed it. A replica serving a version in
+        (version, rewound_from] holds weights the learner went back on: STALE, resynced by a rewind."""
         self.replicas: dict[str, Replica] = {}
         self._sticky: OrderedDict[str, str] = OrderedDict()
 
@@ -86,7 +90,8 @@ class FleetHealth:
             return  # the supervisor says when it is back (restarted())
         replica.failures = 0
         replica.version = version
-        replica.state = ReplicaState.HEALTHY if version >= self.version else ReplicaState.STALE
+        current = version >= self.version and not self.diverged(version)
+        replica.state = ReplicaState.HEALTHY if current else ReplicaState.STALE
 
     def failed(self, name: str) -> None:
         """A probe or a request failed as unreachable or too slow: suspect at once, dead after a run of them."""
@@ -115,11 +120,24 @@ class FleetHealth:
         replica.failures, replica.in_flight = 0, 0
         replica.restarts += 1
 
-    def published(self, version: int, succeeded: Iterable[str], failed: Iterable[str] = ()) -> None:
+    def diverged(self, version: int) -> bool:
+        """Whether `version` is one the fleet was rewound past (weights no longer the learner's)."""
+        return self.version < version <= self.rewound_from
+
+    def published(
+        self, version: int, succeeded: Iterable[str], failed: Iterable[str] = (), rewind: bool = False
+    ) -> None:
         """Weights `version` reached `succeeded` (digest verified there); `failed` did not take them. The
-        fleet's version moves on: replicas still behind it are STALE until they are resynced. A failed
-        publication does not count towards DEAD (an unreachable replica fails its probes too)."""
-        self.version = max(self.version, version)
+        fleet's version moves on (back, with `rewind`): replicas behind it, or ahead of a rewind, are STALE
+        until they are resynced. A failed publication does not count towards DEAD (an unreachable replica
+        fails its probes too)."""
+        if rewind and version < self.version:
+            self.rewound_from = max(self.rewound_from, self.version)
+            self.version = version
+        else:
+            self.version = max(self.version, version)
+        if self.version > self.rewound_from:
+            self.rewound_from = 0
         for name in succeeded:
             replica = self.replicas.get(name)
             if replica is not None and replica.state in (
@@ -131,7 +149,8 @@ class FleetHealth:
                 replica.failures = 0
                 replica.state = ReplicaState.HEALTHY if version >= self.version else ReplicaState.STALE
         for replica in self.replicas.values():
-            if replica.state in (ReplicaState.HEALTHY, ReplicaState.SUSPECT) and replica.version < self.version:
+            behind = replica.version < self.version or self.diverged(replica.version)
+            if replica.state in (ReplicaState.HEALTHY, ReplicaState.SUSPECT) and behind:
                 replica.state = ReplicaState.STALE
 
     # --- routing -------------------------------------------------------------------------------------

@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Stub = rollout_pb2_grpc.RolloutServiceStub
-Publisher = Callable[[list[str]], Awaitable[learner_pb2.PublishWeightsResponse]]
-"""Publishes the learner's current weights to the given addresses with partial_ok (the loop's session)."""
+Publisher = Callable[..., Awaitable[learner_pb2.PublishWeightsResponse]]
+"""`publisher(addresses, rewind=False)`: publishes the learner's current weights to the addresses with
+partial_ok (the loop's session); `rewind` makes replicas take them even if they serve a newer version."""
 
 _MOVABLE_CODES = {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
 """Besides UNAVAILABLE and DEADLINE_EXCEEDED: what a killed server's streams end with."""
@@ -227,10 +228,11 @@ class ReplicaSet(RolloutCalls):
     # --- weights ------------------------------------------------------------------------------------
 
     async def publish(
-        self, publisher: Publisher, only_stale: bool = False
+        self, publisher: Publisher, only_stale: bool = False, rewind: bool = False
     ) -> learner_pb2.PublishWeightsResponse | None:
         """Publish the learner's current weights to every reachable replica (or only the stale ones) and
-        record who took them; the fleet's version becomes the published one."""
+        record who took them; the fleet's version becomes the published one. `rewind`: the learner went
+        back to an earlier checkpoint, and replicas serving newer weights take these anyway."""
         async with self._publishing:
             wanted = (ReplicaState.STALE,) if only_stale else (ReplicaState.HEALTHY, ReplicaState.STALE)
             # Only replicas that answered their last probe: one that stopped answering would hold the
@@ -238,7 +240,8 @@ class ReplicaSet(RolloutCalls):
             targets = [r for r in self.health.replicas.values() if r.state in wanted and r.failures == 0]
             if not targets:
                 return None
-            reply = await publisher([r.address for r in targets])
+            rewind = rewind or any(self.health.diverged(r.version) for r in targets)
+            reply = await publisher([r.address for r in targets], rewind=rewind)
             outcome = dict(zip((r.name for r in targets), reply.targets, strict=True))
             succeeded = [name for name, result in outcome.items() if result.ok]
             for name, result in outcome.items():
@@ -247,11 +250,12 @@ class ReplicaSet(RolloutCalls):
                 # A replica that refused because it already serves this version or a newer one holds it
                 # (a resync and a step's publication can cross); anything else leaves it stale.
                 served = await self._probe_one(name)
-                if served is not None and served >= reply.version:
+                if served is not None and served >= reply.version and not rewind:
                     succeeded.append(name)
                 else:
                     logger.warning("weights v%d did not reach %s: %s", reply.version, name, result.error)
-            self.health.published(reply.version, succeeded, failed=[name for name in outcome if name not in succeeded])
+            failed = [name for name in outcome if name not in succeeded]
+            self.health.published(reply.version, succeeded, failed=failed, rewind=rewind)
         await self._notify()
         return reply
 

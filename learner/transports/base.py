@@ -83,6 +83,8 @@ class PublishContext:
     """How long one replica may take to take the weights; None: no limit."""
     published: PublishedWeights | None = None
     """The session's memory of what it last streamed (deltas are sent from it); None: always raw."""
+    rewind: bool = False
+    """Targets take the version even if they serve a newer one (PublishWeightsRequest.rewind)."""
 
 
 class WeightTransport(ABC):

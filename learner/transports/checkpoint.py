@@ -22,7 +22,9 @@ class CheckpointTransport(WeightTransport):
 
         async def load(channel: grpc.aio.Channel) -> int:
             stub = rollout_pb2_grpc.RolloutServiceStub(channel)
-            await stub.LoadWeights(rollout_pb2.LoadWeightsRequest(path=str(directory), version=version))
+            await stub.LoadWeights(
+                rollout_pb2.LoadWeightsRequest(path=str(directory), version=version, rewind=self.context.rewind)
+            )
             return 0
 
         return await self.on_each_replica(targets, load)

@@ -46,7 +46,7 @@ class RelayTransport(DirectTransport):
         channels = {address: open_channel(address, api_key=self.context.api_key) for address in targets}
         try:
             stubs = {address: rollout_pb2_grpc.RolloutServiceStub(channel) for address, channel in channels.items()}
-            begin = rollout_pb2.BeginWeightUpdateRequest(version=version)
+            begin = rollout_pb2.BeginWeightUpdateRequest(version=version, rewind=self.context.rewind)
             opened = await asyncio.gather(*(self.attempt(a, stubs[a].BeginWeightUpdate(begin)) for a in targets))
             chain, base = [], self.delta_base()
             for address, (response, error) in zip(targets, opened, strict=True):

@@ -115,7 +115,9 @@ class ShmTransport(WeightTransport):
 
                 async def load(channel: grpc.aio.Channel, address: str) -> int:
                     stub = rollout_pb2_grpc.RolloutServiceStub(channel)
-                    request = rollout_pb2.LoadWeightsRequest(path=str(segment.path), version=version)
+                    request = rollout_pb2.LoadWeightsRequest(
+                        path=str(segment.path), version=version, rewind=self.context.rewind
+                    )
                     try:
                         await stub.LoadWeights(request)
                         return 0
@@ -123,12 +125,12 @@ class ShmTransport(WeightTransport):
                         if not (self.fallback_to_stream and exc.code() == grpc.StatusCode.NOT_FOUND):
                             raise
                     _REMOTE.add(address)  # another host: the stream, now and from now on
-                    return await push_weight_update(channel, version, snapshot)
+                    return await push_weight_update(channel, version, snapshot, rewind=self.context.rewind)
 
                 for result in await self.on_each_replica(mapped, load, pass_address=True):
                     results[result.address] = result
             for result in await self.on_each_replica(
-                streamed, lambda channel: push_weight_update(channel, version, snapshot)
+                streamed, lambda channel: push_weight_update(channel, version, snapshot, rewind=self.context.rewind)
             ):
                 results[result.address] = result
         finally:

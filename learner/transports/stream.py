@@ -42,7 +42,10 @@ class DirectTransport(WeightTransport):
     ) -> list[ReplicaResult]:
         """Begin/Push/Commit to each target on its own; as deltas from `base` to those that hold it."""
         return await self.on_each_replica(
-            targets, lambda channel: push_weight_update(channel, version, snapshot, known_digest=digest, base=base)
+            targets,
+            lambda channel: push_weight_update(
+                channel, version, snapshot, known_digest=digest, base=base, rewind=self.context.rewind
+            ),
         )
 
     def delta_base(self) -> DeltaBase | None:

@@ -236,7 +236,7 @@ class SaveWeightsResponse(_message.Message):
     def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class PublishWeightsRequest(_message.Message):
-    __slots__ = ("session_id", "seq_id", "targets", "transport", "version", "partial_ok", "target_timeout_s")
+    __slots__ = ("session_id", "seq_id", "targets", "transport", "version", "partial_ok", "target_timeout_s", "rewind")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +244,7 @@ class PublishWeightsRequest(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_OK_FIELD_NUMBER: _ClassVar[int]
     TARGET_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    REWIND_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq_id: int
     targets: _containers.RepeatedCompositeFieldContainer[_common_pb2.WeightTarget]
@@ -251,7 +252,8 @@ class PublishWeightsRequest(_message.Message):
     version: int
     partial_ok: bool
     target_timeout_s: float
-    def __init__(self, session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., targets: _Optional[_Iterable[_Union[_common_pb2.WeightTarget, _Mapping]]] = ..., transport: _Optional[str] = ..., version: _Optional[int] = ..., partial_ok: _Optional[bool] = ..., target_timeout_s: _Optional[float] = ...) -> None: ...
+    rewind: bool
+    def __init__(self, session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., targets: _Optional[_Iterable[_Union[_common_pb2.WeightTarget, _Mapping]]] = ..., transport: _Optional[str] = ..., version: _Optional[int] = ..., partial_ok: _Optional[bool] = ..., target_timeout_s: _Optional[float] = ..., rewind: _Optional[bool] = ...) -> None: ...
 
 class PublishWeightsResponse(_message.Message):
     __slots__ = ("version", "num_bytes", "duration_s", "targets", "egress_bytes", "model_bytes")

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as anvil_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61nvil/v1/rollout.proto\x12\x08\x61nvil.v1\x1a\x15\x61nvil/v1/common.proto\"\x1e\n\x1cRolloutServiceGetInfoRequest\"\x9f\x01\n\x1dRolloutServiceGetInfoResponse\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x1a\n\x12max_context_length\x18\x05 \x01(\x05\x12\x16\n\x0eweight_version\x18\x06 \x01(\x03\"\x8f\x01\n\rSampleRequest\x12\x15\n\rprompt_tokens\x18\x01 \x03(\x05\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x05\x12\x31\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x18.anvil.v1.SamplingParams\x12\x1f\n\x17include_prompt_logprobs\x18\x04 \x01(\x08\"}\n\x0fSampledSequence\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12)\n\x0bstop_reason\x18\x03 \x01(\x0e\x32\x14.anvil.v1.StopReason\x12\x1d\n\x15token_weight_versions\x18\x04 \x03(\x03\"o\n\x0eSampleResponse\x12,\n\tsequences\x18\x01 \x03(\x0b\x32\x19.anvil.v1.SampledSequence\x12\x17\n\x0fprompt_logprobs\x18\x02 \x03(\x02\x12\x16\n\x0eweight_version\x18\x03 \x01(\x03\"(\n\x16\x43omputeLogprobsRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"C\n\x17\x43omputeLogprobsResponse\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\x16\n\x0eweight_version\x18\x02 \x01(\x03\"+\n\x18\x42\x65ginWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"[\n\x19\x42\x65ginWeightUpdateResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x12\n\ndelta_base\x18\x02 \x01(\x03\x12\x19\n\x11\x64\x65lta_base_digest\x18\x03 \x01(\t\"K\n\x12PushWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.anvil.v1.WeightChunk\"d\n\x13PushWeightsResponse\x12\x12\n\nnum_chunks\x18\x01 \x01(\x03\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12&\n\x07relayed\x18\x03 \x03(\x0b\x32\x15.anvil.v1.RelayResult\"]\n\x0bRelayResult\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tnum_bytes\x18\x04 \x01(\x03\x12\x0f\n\x07reached\x18\x05 \x01(\x08\"<\n\x19\x43ommitWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"F\n\x1a\x43ommitWeightUpdateResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x17\n\x0fswap_duration_s\x18\x02 \x01(\x01\"+\n\x18\x41\x62ortWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x1b\n\x19\x41\x62ortWeightUpdateResponse\"3\n\x12LoadWeightsRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"?\n\x13LoadWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x17\n\x0fload_duration_s\x18\x02 \x01(\x01\x32\xb8\x05\n\x0eRolloutService\x12Z\n\x07GetInfo\x12&.anvil.v1.RolloutServiceGetInfoRequest\x1a\'.anvil.v1.RolloutServiceGetInfoResponse\x12;\n\x06Sample\x12\x17.anvil.v1.SampleRequest\x1a\x18.anvil.v1.SampleResponse\x12V\n\x0f\x43omputeLogprobs\x12 .anvil.v1.ComputeLogprobsRequest\x1a!.anvil.v1.ComputeLogprobsResponse\x12\\\n\x11\x42\x65ginWeightUpdate\x12\".anvil.v1.BeginWeightUpdateRequest\x1a#.anvil.v1.BeginWeightUpdateResponse\x12L\n\x0bPushWeights\x12\x1c.anvil.v1.PushWeightsRequest\x1a\x1d.anvil.v1.PushWeightsResponse(\x01\x12_\n\x12\x43ommitWeightUpdate\x12#.anvil.v1.CommitWeightUpdateRequest\x1a$.anvil.v1.CommitWeightUpdateResponse\x12\\\n\x11\x41\x62ortWeightUpdate\x12\".anvil.v1.AbortWeightUpdateRequest\x1a#.anvil.v1.AbortWeightUpdateResponse\x12J\n\x0bLoadWeights\x12\x1c.anvil.v1.LoadWeightsRequest\x1a\x1d.anvil.v1.LoadWeightsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61nvil/v1/rollout.proto\x12\x08\x61nvil.v1\x1a\x15\x61nvil/v1/common.proto\"\x1e\n\x1cRolloutServiceGetInfoRequest\"\x9f\x01\n\x1dRolloutServiceGetInfoResponse\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x1a\n\x12max_context_length\x18\x05 \x01(\x05\x12\x16\n\x0eweight_version\x18\x06 \x01(\x03\"\x8f\x01\n\rSampleRequest\x12\x15\n\rprompt_tokens\x18\x01 \x03(\x05\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x05\x12\x31\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x18.anvil.v1.SamplingParams\x12\x1f\n\x17include_prompt_logprobs\x18\x04 \x01(\x08\"}\n\x0fSampledSequence\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12)\n\x0bstop_reason\x18\x03 \x01(\x0e\x32\x14.anvil.v1.StopReason\x12\x1d\n\x15token_weight_versions\x18\x04 \x03(\x03\"o\n\x0eSampleResponse\x12,\n\tsequences\x18\x01 \x03(\x0b\x32\x19.anvil.v1.SampledSequence\x12\x17\n\x0fprompt_logprobs\x18\x02 \x03(\x02\x12\x16\n\x0eweight_version\x18\x03 \x01(\x03\"(\n\x16\x43omputeLogprobsRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"C\n\x17\x43omputeLogprobsResponse\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\x16\n\x0eweight_version\x18\x02 \x01(\x03\";\n\x18\x42\x65ginWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06rewind\x18\x02 \x01(\x08\"[\n\x19\x42\x65ginWeightUpdateResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x12\n\ndelta_base\x18\x02 \x01(\x03\x12\x19\n\x11\x64\x65lta_base_digest\x18\x03 \x01(\t\"K\n\x12PushWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.anvil.v1.WeightChunk\"d\n\x13PushWeightsResponse\x12\x12\n\nnum_chunks\x18\x01 \x01(\x03\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12&\n\x07relayed\x18\x03 \x03(\x0b\x32\x15.anvil.v1.RelayResult\"]\n\x0bRelayResult\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tnum_bytes\x18\x04 \x01(\x03\x12\x0f\n\x07reached\x18\x05 \x01(\x08\"<\n\x19\x43ommitWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"F\n\x1a\x43ommitWeightUpdateResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x17\n\x0fswap_duration_s\x18\x02 \x01(\x01\"+\n\x18\x41\x62ortWeightUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x1b\n\x19\x41\x62ortWeightUpdateResponse\"C\n\x12LoadWeightsRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06rewind\x18\x03 \x01(\x08\"?\n\x13LoadWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x17\n\x0fload_duration_s\x18\x02 \x01(\x01\x32\xb8\x05\n\x0eRolloutService\x12Z\n\x07GetInfo\x12&.anvil.v1.RolloutServiceGetInfoRequest\x1a\'.anvil.v1.RolloutServiceGetInfoResponse\x12;\n\x06Sample\x12\x17.anvil.v1.SampleRequest\x1a\x18.anvil.v1.SampleResponse\x12V\n\x0f\x43omputeLogprobs\x12 .anvil.v1.ComputeLogprobsRequest\x1a!.anvil.v1.ComputeLogprobsResponse\x12\\\n\x11\x42\x65ginWeightUpdate\x12\".anvil.v1.BeginWeightUpdateRequest\x1a#.anvil.v1.BeginWeightUpdateResponse\x12L\n\x0bPushWeights\x12\x1c.anvil.v1.PushWeightsRequest\x1a\x1d.anvil.v1.PushWeightsResponse(\x01\x12_\n\x12\x43ommitWeightUpdate\x12#.anvil.v1.CommitWeightUpdateRequest\x1a$.anvil.v1.CommitWeightUpdateResponse\x12\\\n\x11\x41\x62ortWeightUpdate\x12\".anvil.v1.AbortWeightUpdateRequest\x1a#.anvil.v1.AbortWeightUpdateResponse\x12J\n\x0bLoadWeights\x12\x1c.anvil.v1.LoadWeightsRequest\x1a\x1d.anvil.v1.LoadWeightsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,27 +48,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPUTELOGPROBSRESPONSE']._serialized_start=681
   _globals['_COMPUTELOGPROBSRESPONSE']._serialized_end=748
   _globals['_BEGINWEIGHTUPDATEREQUEST']._serialized_start=750
-  _globals['_BEGINWEIGHTUPDATEREQUEST']._serialized_end=793
-  _globals['_BEGINWEIGHTUPDATERESPONSE']._serialized_start=795
-  _globals['_BEGINWEIGHTUPDATERESPONSE']._serialized_end=886
-  _globals['_PUSHWEIGHTSREQUEST']._serialized_start=888
-  _globals['_PUSHWEIGHTSREQUEST']._serialized_end=963
-  _globals['_PUSHWEIGHTSRESPONSE']._serialized_start=965
-  _globals['_PUSHWEIGHTSRESPONSE']._serialized_end=1065
-  _globals['_RELAYRESULT']._serialized_start=1067
-  _globals['_RELAYRESULT']._serialized_end=1160
-  _globals['_COMMITWEIGHTUPDATEREQUEST']._serialized_start=1162
-  _globals['_COMMITWEIGHTUPDATEREQUEST']._serialized_end=1222
-  _globals['_COMMITWEIGHTUPDATERESPONSE']._serialized_start=1224
-  _globals['_COMMITWEIGHTUPDATERESPONSE']._serialized_end=1294
-  _globals['_ABORTWEIGHTUPDATEREQUEST']._serialized_start=1296
-  _globals['_ABORTWEIGHTUPDATEREQUEST']._serialized_end=1339
-  _globals['_ABORTWEIGHTUPDATERESPONSE']._serialized_start=1341
-  _globals['_ABORTWEIGHTUPDATERESPONSE']._serialized_end=1368
-  _globals['_LOADWEIGHTSREQUEST']._serialized_start=1370
-  _globals['_LOADWEIGHTSREQUEST']._serialized_end=1421
-  _globals['_LOADWEIGHTSRESPONSE']._serialized_start=1423
-  _globals['_LOADWEIGHTSRESPONSE']._serialized_end=1486
-  _globals['_ROLLOUTSERVICE']._serialized_start=1489
-  _globals['_ROLLOUTSERVICE']._serialized_end=2185
+  _globals['_BEGINWEIGHTUPDATEREQUEST']._serialized_end=809
+  _globals['_BEGINWEIGHTUPDATERESPONSE']._serialized_start=811
+  _globals['_BEGINWEIGHTUPDATERESPONSE']._serialized_end=902
+  _globals['_PUSHWEIGHTSREQUEST']._serialized_start=904
+  _globals['_PUSHWEIGHTSREQUEST']._serialized_end=979
+  _globals['_PUSHWEIGHTSRESPONSE']._serialized_start=981
+  _globals['_PUSHWEIGHTSRESPONSE']._serialized_end=1081
+  _globals['_RELAYRESULT']._serialized_start=1083
+  _globals['_RELAYRESULT']._serialized_end=1176
+  _globals['_COMMITWEIGHTUPDATEREQUEST']._serialized_start=1178
+  _globals['_COMMITWEIGHTUPDATEREQUEST']._serialized_end=1238
+  _globals['_COMMITWEIGHTUPDATERESPONSE']._serialized_start=1240
+  _globals['_COMMITWEIGHTUPDATERESPONSE']._serialized_end=1310
+  _globals['_ABORTWEIGHTUPDATEREQUEST']._serialized_start=1312
+  _globals['_ABORTWEIGHTUPDATEREQUEST']._serialized_end=1355
+  _globals['_ABORTWEIGHTUPDATERESPONSE']._serialized_start=1357
+  _globals['_ABORTWEIGHTUPDATERESPONSE']._serialized_end=1384
+  _globals['_LOADWEIGHTSREQUEST']._serialized_start=1386
+  _globals['_LOADWEIGHTSREQUEST']._serialized_end=1453
+  _globals['_LOADWEIGHTSRESPONSE']._serialized_start=1455
+  _globals['_LOADWEIGHTSRESPONSE']._serialized_end=1518
+  _globals['_ROLLOUTSERVICE']._serialized_start=1521
+  _globals['_ROLLOUTSERVICE']._serialized_end=2217
 # @@protoc_insertion_point(module_scope)

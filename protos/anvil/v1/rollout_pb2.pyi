@@ -77,10 +77,12 @@ class ComputeLogprobsResponse(_message.Message):
     def __init__(self, logprobs: _Optional[_Iterable[float]] = ..., weight_version: _Optional[int] = ...) -> None: ...
 
 class BeginWeightUpdateRequest(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "rewind")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    REWIND_FIELD_NUMBER: _ClassVar[int]
     version: int
-    def __init__(self, version: _Optional[int] = ...) -> None: ...
+    rewind: bool
+    def __init__(self, version: _Optional[int] = ..., rewind: _Optional[bool] = ...) -> None: ...
 
 class BeginWeightUpdateResponse(_message.Message):
     __slots__ = ("version", "delta_base", "delta_base_digest")
@@ -151,12 +153,14 @@ class AbortWeightUpdateResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadWeightsRequest(_message.Message):
-    __slots__ = ("path", "version")
+    __slots__ = ("path", "version", "rewind")
     PATH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    REWIND_FIELD_NUMBER: _ClassVar[int]
     path: str
     version: int
-    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    rewind: bool
+    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ..., rewind: _Optional[bool] = ...) -> None: ...
 
 class LoadWeightsResponse(_message.Message):
     __slots__ = ("version", "load_duration_s")

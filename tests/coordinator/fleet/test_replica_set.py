@@ -52,7 +52,9 @@ async def test_failover_and_rejoin_at_the_current_version(tiny_model_dir, learne
     try:
         async with open_channel(learner.address) as channel:
             session = await LearnerSession.create(channel, "anvil-tiny")
-            fleet.publisher = lambda addresses: session.publish_weights(addresses, partial_ok=True)
+            fleet.publisher = lambda addresses, rewind=False: session.publish_weights(
+                addresses, partial_ok=True, rewind=rewind
+            )
             params = SamplingParams(max_tokens=4, seed=1)
             assert {r.state for r in fleet.health.replicas.values()} == {ReplicaState.HEALTHY}
             await asyncio.gather(*(fleet.sample(PROMPT, 2, params) for _ in range(8)))
@@ -113,3 +115,55 @@ async def test_a_replica_restarted_mid_probe_does_not_end_the_watch():
         await fleet.close()
         for server in silent:
             server.close()
+
+
+async def logprobs(fleet: ReplicaSet, name: str) -> tuple[int, np.ndarray]:
+    reply = await fleet.stub(name).ComputeLogprobs(rollout_pb2.ComputeLogprobsRequest(tokens=[*PROMPT, 30, 31, 2]))
+    return reply.weight_version, np.array(reply.logprobs)
+
+
+async def test_a_rewind_brings_every_replica_back_to_the_learners_earlier_weights(tiny_model_dir, learner_config):
+    """A learner restored to an earlier checkpoint publishes a lower version with rewind: replicas take it
+    (without rewind they refuse: versions only increase), and a replica the rewind missed still serves
+    the newer weights, is STALE, not routed to, and is resynced by a rewind of its own."""
+    replicas = [await start_replica(tiny_model_dir) for _ in range(2)]
+    learner, _ = await start_learner(learner_config)
+    fleet = await ReplicaSet.connect([r.address for r in replicas], FAST)
+    try:
+        async with open_channel(learner.address) as channel:
+            trained = await LearnerSession.create(channel, "anvil-tiny")
+            fleet.publisher = lambda addresses, rewind=False: trained.publish_weights(addresses, partial_ok=True)
+            for _ in range(2):
+                await trained.forward_rows(random_rows(256), "cross_entropy", None, backward=True)
+                await trained.optim_step()
+                await fleet.publish(fleet.publisher)
+            assert [r.version for r in fleet.health.replicas.values()] == [2, 2]
+            _, at_two = await logprobs(fleet, "replica-0")
+
+            restored = await LearnerSession.create(channel, "anvil-tiny")  # step 0: the base weights
+            refused = await restored.publish_weights(fleet.addresses, partial_ok=True)
+            assert not any(t.ok for t in refused.targets) and "not newer" in refused.targets[0].error
+
+            fleet.publisher = lambda addresses, rewind=False: restored.publish_weights(
+                addresses, partial_ok=True, rewind=rewind
+            )
+            fleet.health.replicas["replica-1"].failures = 1  # it missed the last probe: not a target
+            await fleet.publish(fleet.publisher, rewind=True)
+            health = fleet.health
+            assert (health.version, health.rewound_from) == (0, 2)
+            first = health.replicas["replica-0"]
+            assert first.version == 0 and first.state is ReplicaState.HEALTHY
+            version, base = await logprobs(fleet, "replica-0")
+            assert version == 0 and not np.array_equal(base, at_two)
+            assert (await logprobs(fleet, "replica-1"))[0] == 2  # still the weights the learner went back on
+            await until(lambda: health.replicas["replica-1"].state is ReplicaState.HEALTHY)  # probed: STALE, resynced
+            assert health.replicas["replica-1"].version == 0
+            version, resynced = await logprobs(fleet, "replica-1")
+            assert version == 0
+            np.testing.assert_array_equal(resynced, base)
+            for session in (trained, restored):
+                await session.close()
+    finally:
+        await fleet.close()
+        for server in (*replicas, learner):
+            await server.stop(0)
