@@ -65,6 +65,23 @@ class LoopConfig(_Strict):
     """Save the full state every this many steps (0: only at the end)."""
 
 
+class LearnerWatchConfig(_Strict):
+    """How `anvil run` supervises its learner (coordinator/learner_watch.py)."""
+
+    restarts: int = Field(default=3, ge=0)
+    """How many times a run restarts a failed learner (one it started) or waits for a remote one to come
+    back, each time resuming from the last checkpoint; 0 ends the run at the first learner failure."""
+    probe_interval_s: float = Field(default=5.0, gt=0)
+    """How often the learner's health is checked while the run trains."""
+    probe_timeout_s: float = Field(default=5.0, gt=0)
+    """A health check not answered within this counts as failed."""
+    failures_to_dead: int = Field(default=3, ge=1)
+    """Consecutive failed health checks after which the learner is declared stopped (and, if this run
+    started it, killed and restarted)."""
+    recovery_timeout_s: float = Field(default=300.0, gt=0)
+    """How long to wait for a remote learner to answer again before the run gives up."""
+
+
 class ServicesConfig(_Strict):
     learner_address: str | None = None
     """A running learner (host:port); None starts one on loopback."""
@@ -84,6 +101,9 @@ class ServicesConfig(_Strict):
     """How long to wait for a started service to listen."""
     fleet: FleetConfig = Field(default_factory=FleetConfig)
     """How the rollout replicas are watched, routed across, failed over and restarted (docs/fleet.md)."""
+    learner_watch: LearnerWatchConfig = Field(default_factory=LearnerWatchConfig)
+    """How `anvil run` watches the learner, and how often it restarts a failed one (resuming from the last
+    checkpoint) before the run ends."""
 
     @model_validator(mode="before")
     @classmethod

@@ -39,6 +39,11 @@ PROBE_TIMEOUT_S = 2.0
 class ServiceFailure(AnvilError):
     """A service the run depends on failed; the message names it and says what happened."""
 
+    def __init__(self, message: str, service: str = "") -> None:
+        super().__init__(message)
+        self.service = service
+        """Which: "learner", "rollout-N", or "rollout" (the fleet as a whole)."""
+
 
 def root_errors(exc: BaseException) -> list[BaseException]:
     """The leaf errors of (nested) exception groups, in order; a plain error is its own root."""
@@ -86,14 +91,14 @@ async def exited_services(processes: list[ServiceHandle], grace_s: float) -> lis
         await asyncio.sleep(0.1)
 
 
-async def answers(address: str) -> bool:
+async def answers(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
     """Whether the service at `address` answers a health check (open without a key) in time."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     async with grpc.aio.insecure_channel(address) as channel:
         try:
             stub = health_pb2_grpc.HealthStub(channel)
-            await stub.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError:
             return False
     return True
@@ -108,13 +113,13 @@ async def identify_failure(exc: BaseException, services: Services, rollout: Repl
     if exited:
         first = exited[0]
         ended = "; ".join(f"{service_label(p.name)} {how_it_ended(p.returncode)}" for p in exited)
-        return ServiceFailure(f"{ended} ({cause}); its log: {first.log_path}")
+        return ServiceFailure(f"{ended} ({cause}); its log: {first.log_path}", service=first.name)
     if not service_errors:
         return None
     if not await answers(services.learner_address):
-        return ServiceFailure(f"the learner at {services.learner_address} stopped answering ({cause})")
+        return ServiceFailure(f"the learner at {services.learner_address} stopped answering ({cause})", "learner")
     if not rollout.health.routable():
-        return ServiceFailure(f"no rollout replica serves ({rollout.describe()}): {cause}")
+        return ServiceFailure(f"no rollout replica serves ({rollout.describe()}): {cause}", service="rollout")
     return None
 
 

@@ -133,6 +133,8 @@ class Services:
     processes: list[ServiceHandle] = field(default_factory=list)
     start_rollout: Callable[[int], Awaitable[ServiceHandle]] | None = None
     """Starts rollout replica i again with its original settings (None: the replicas are not ours)."""
+    start_learner: Callable[[], Awaitable[ServiceHandle]] | None = None
+    """Starts the learner again with its original settings (None: the learner is not ours)."""
     record: Path | None = None
     """services.json: each started process's pid and address, kept current across restarts."""
 
@@ -146,6 +148,18 @@ class Services:
             partial = self.record.with_suffix(".tmp")
             partial.write_text(json.dumps(processes, indent=1))
             partial.replace(self.record)  # readers never see a half-written record
+
+    async def restart_learner(self) -> None:
+        """Kill the learner this run started (its whole process group: it may be hung, or stopped) and start
+        it again with the same settings and checkpoint directory; its new address replaces the old."""
+        assert self.start_learner is not None, "only a learner this run started can be restarted"
+        old = next(p for p in self.processes if p.name == "learner")
+        old.kill_group()
+        old.stop(timeout_s=10)
+        process = await self.start_learner()
+        self.processes = [process if p is old else p for p in self.processes]
+        self.learner_address = process.address
+        self.write_record()
 
     def supervise(self, replicas: ReplicaSet, config: FleetConfig) -> ReplicaSupervisor | None:
         """Restart the rollout replicas started here when they exit (replica-i is rollout-i)."""
@@ -209,9 +223,14 @@ async def start_services(
                 started.rollout_addresses.append(process.address)
         if not services_config.learner_address:
             backend = services_config.learner_backend
-            process = await start_learner_process(
-                "learner", run_dir / "learner", backend, learner_overrides, logs, env, timeout, placement
-            )
+
+            async def start_learner() -> ServiceHandle:
+                return await start_learner_process(
+                    "learner", run_dir / "learner", backend, learner_overrides, logs, env, timeout, placement
+                )
+
+            started.start_learner = start_learner
+            process = await start_learner()
             started.processes.append(process)
             started.learner_address = process.address
     except BaseException:

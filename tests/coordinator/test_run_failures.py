@@ -1,10 +1,12 @@
 """`anvil run` when a service dies mid-run, and resuming past a corrupt checkpoint.
 
-Real processes, cheap settings (the torch rollout engine, 4 groups of 4 one-token samples per step): a
-run's learner is kill -9'd after two checkpoints, and the run must end with one line naming the learner
-and the resume command (exit 2). That run is then resumed with its newest checkpoint truncated: the
-resume skips it, says so, continues from the one before, and every batch is consumed exactly once. A
-second run loses its only rollout replica (restarts disabled) and must end the same way.
+Real processes, cheap settings (the torch rollout engine, 4 groups of 4 one-token samples per step):
+- a run's learner is kill -9'd after two checkpoints, or SIGSTOPped (hung): the run restarts it, reloads
+  the last checkpoint, rewinds the replicas to it, and finishes with every batch consumed exactly once;
+- with learner restarts disabled, the kill ends the run with one line naming the learner and the resume
+  command (exit 2). That run is then resumed with its newest checkpoint truncated: the resume skips it,
+  says so, continues from the one before, and every batch is consumed exactly once;
+- a run that loses its only rollout replica (restarts disabled) ends the same way.
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ class EndedRun:
     services: dict
 
 
-def run_and_kill(run_dir: Path, service: str, after_checkpoints: int, *settings: str) -> EndedRun:
-    """Start `anvil run`, kill -9 `service` once `after_checkpoints` checkpoints exist, wait for the end."""
+def run_and_kill(
+    run_dir: Path, service: str, after_checkpoints: int, *settings: str, signal_name: str = "KILL"
+) -> EndedRun:
+    """Start `anvil run`, send `service` SIG<signal_name> once `after_checkpoints` checkpoints exist, and
+    wait for the run to end."""
     arguments = ["configs/tiny.toml", "--run-dir", str(run_dir)]
     for setting in [*SETTINGS, *settings]:
         arguments += ["--set", setting]
@@ -56,8 +61,8 @@ def run_and_kill(run_dir: Path, service: str, after_checkpoints: int, *settings:
                 assert time.monotonic() < deadline, "no checkpoint in time"
                 time.sleep(0.1)
             services = json.loads((run_dir / "services.json").read_text())
-            subprocess.run(["kill", "-9", str(services[service]["pid"])], check=True)
-            returncode = process.wait(timeout=120)
+            subprocess.run(["kill", f"-{signal_name}", str(services[service]["pid"])], check=True)
+            returncode = process.wait(timeout=300)
         finally:
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
@@ -88,13 +93,41 @@ def _lines_of(text: str) -> list[str]:
 @pytest.fixture(scope="module")
 def learner_killed(tmp_path_factory, anvil_home) -> EndedRun:
     run_dir = tmp_path_factory.mktemp("failures") / "learner-killed"
-    return run_and_kill(run_dir, "learner", after_checkpoints=2)
+    return run_and_kill(run_dir, "learner", 2, "services.learner_watch.restarts=0")
 
 
 def test_a_killed_learner_ends_the_run_with_one_line(learner_killed):
     last = assert_one_line_failure(learner_killed, "the learner was killed by SIGKILL")
     assert "logs/learner.log" in last
     print(last)
+
+
+def assert_every_batch_once(run_dir: Path) -> None:
+    consumed = rows(run_dir, "consumed.jsonl")
+    assert [c["batch"] for c in consumed] == list(range(STEPS)), "each batch consumed exactly once, in order"
+    problems = [p for c in consumed for p in c["problems"]]
+    assert sorted(problems) == list(range(STEPS * GROUPS)), "no prompt lost or repeated"
+    assert [r["step"] for r in rows(run_dir)] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("signal_name", ["KILL", "STOP"])
+def test_a_failed_learner_is_restarted_and_the_run_resumes_from_its_last_checkpoint(tmp_path, signal_name):
+    watch = ["services.learner_watch.probe_interval_s=0.5", "services.learner_watch.probe_timeout_s=1",
+             "services.learner_watch.failures_to_dead=3"]  # fmt: skip
+    ended = run_and_kill(tmp_path / "restarted", "learner", 2, *watch, signal_name=signal_name)
+    assert ended.returncode == 0, ended.stdout[-3000:] + ended.stderr[-3000:]
+    failed = "was killed by SIGKILL" if signal_name == "KILL" else "stopped answering (3 health checks unanswered"
+    assert failed in ended.stdout and "restarting it (1 of 3) to resume from the last checkpoint" in ended.stdout
+    resumed = next(line for line in _lines_of(ended.stdout) if line.startswith("resumed from step "))
+    assert int(resumed.split()[3]) >= 2, resumed
+    assert_every_batch_once(ended.run_dir)
+    assert [c["step"] for c in rows(ended.run_dir, "checkpoints.jsonl")] == list(range(2, STEPS + 1, 2))
+    old = ended.services["learner"]["pid"]
+    now = json.loads((ended.run_dir / "services.json").read_text())
+    assert now["learner"]["pid"] != old, "a new learner process"
+    assert wait_gone([old], timeout_s=10) == [], "the failed (or stopped) learner was killed"
+    metrics = rows(ended.run_dir)
+    assert metrics[-1]["weights/rollout_version_min"] == STEPS, "the replica was rewound, then followed"
 
 
 def test_resume_skips_a_corrupt_newest_checkpoint(learner_killed):
@@ -112,11 +145,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint(learner_killed):
         result.stdout
     )
 
-    consumed = rows(run_dir, "consumed.jsonl")
-    assert [c["batch"] for c in consumed] == list(range(STEPS)), "each batch consumed exactly once, in order"
-    problems = [p for c in consumed for p in c["problems"]]
-    assert sorted(problems) == list(range(STEPS * GROUPS)), "no prompt lost or repeated"
-    assert [r["step"] for r in rows(run_dir)] == list(range(1, STEPS + 1))
+    assert_every_batch_once(run_dir)
     assert [c["step"] for c in rows(run_dir, "checkpoints.jsonl")] == list(range(2, STEPS + 1, 2))
 
 
