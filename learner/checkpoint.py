@@ -3,11 +3,14 @@
 `write_checkpoint` fills a temp directory next to the target (a backend writes its files into it),
 adds `manifest.json` (sha256 and size of every file) and the `COMPLETE` marker, then renames it into
 place - the rename is the commit. `verify_checkpoint` is the gate before any load: a missing directory
-is NOT_FOUND; a missing marker or a file that fails the manifest is FAILED_PRECONDITION.
+is NOT_FOUND; a missing marker or a file that fails the manifest is FAILED_PRECONDITION. A disk that
+fills up during a write is RESOURCE_EXHAUSTED naming the checkpoint; the partial directory is removed
+and earlier checkpoints are untouched (tests/faults/test_full_disk.py).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -16,7 +19,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 MANIFEST = "manifest.json"
 COMPLETE_MARKER = "COMPLETE"
@@ -44,15 +47,23 @@ def write_checkpoint(target: Path, fill: Callable[[Path], None], overwrite: bool
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        fill(staging)
-        files = sorted(p for p in staging.rglob("*") if p.is_file())
-        manifest = {
-            "metadata": metadata,
-            "files": {str(p.relative_to(staging)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files},
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        (staging / COMPLETE_MARKER).write_text("")
-        _fsync_dir(staging)
+        try:
+            fill(staging)
+            files = sorted(p for p in staging.rglob("*") if p.is_file())
+            manifest = {
+                "metadata": metadata,
+                "files": {str(p.relative_to(staging)): _file_entry(p) for p in files},
+            }
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            (staging / COMPLETE_MARKER).write_text("")
+            _fsync_dir(staging)
+        except Exception as exc:
+            if _out_of_space(exc, staging):
+                raise ResourceExhausted(
+                    f"no space left on the learner's disk while writing checkpoint {target.name!r} ({exc}); "
+                    "free space or move checkpoint_dir - earlier checkpoints are intact"
+                ) from None
+            raise
         if target.exists():
             retired = target.with_name(f".{target.name}.retired")
             shutil.rmtree(retired, ignore_errors=True)
@@ -65,6 +76,21 @@ def write_checkpoint(target: Path, fill: Callable[[Path], None], overwrite: bool
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _file_entry(path: Path) -> dict:
+    return {"sha256": _sha256(path), "bytes": path.stat().st_size}
+
+
+def _out_of_space(exc: BaseException, directory: Path) -> bool:
+    """ENOSPC / EDQUOT, also when a library reports it as its own error (safetensors: "os error 28") or
+    only as its symptom (torch.save: "unexpected pos" after a short write) on a disk with no room left."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+        return True
+    return shutil.disk_usage(directory).free < 1024 * 1024
 
 
 def _fsync_dir(directory: Path) -> None:
