@@ -151,8 +151,12 @@ def decode_batch(payload: bytes) -> pa.Table:
         raise InvalidArgument("batch.arrow_ipc_stream is empty: send an Arrow IPC stream with at least one row")
     try:
         with pa.ipc.open_stream(pa.py_buffer(payload)) as reader:
-            return reader.read_all()
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+            table = reader.read_all()
+        # The reader checks the metadata only; offsets and lengths pointing outside the buffers would be
+        # read out of bounds later. A full validation is linear in the batch and cheap next to training.
+        table.validate(full=True)
+        return table
+    except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: e.g. a name that is not UTF-8
         raise InvalidArgument(f"batch.arrow_ipc_stream is not a valid Arrow IPC stream: {exc}") from exc
 
 
