@@ -121,9 +121,9 @@ class DeploymentRuntime:
     def _loader(self, directory: Path, version: int) -> Publisher:
         """A fleet publisher that hot-loads `directory` as `version` on the replicas it is given."""
 
-        async def load(addresses: list[str]) -> learner_pb2.PublishWeightsResponse:
+        async def load(addresses: list[str], rewind: bool = False) -> learner_pb2.PublishWeightsResponse:
             names = {r.address: r.name for r in self.replicas.health.replicas.values()}
-            request = rollout_pb2.LoadWeightsRequest(path=str(directory), version=version)
+            request = rollout_pb2.LoadWeightsRequest(path=str(directory), version=version, rewind=rewind)
 
             async def load_one(address: str) -> learner_pb2.PublishTargetResult:
                 stub = self.replicas.stub(names[address])
@@ -138,9 +138,9 @@ class DeploymentRuntime:
 
         return load
 
-    async def _resync(self, addresses: list[str]) -> learner_pb2.PublishWeightsResponse:
+    async def _resync(self, addresses: list[str], rewind: bool = False) -> learner_pb2.PublishWeightsResponse:
         """The fleet's resync of replicas that came back: the served snapshot under the fleet's version."""
-        return await self._loader(self.served or self.model_dir, self.replicas.health.version)(addresses)
+        return await self._loader(self.served or self.model_dir, self.replicas.health.version)(addresses, rewind)
 
     async def hot_load(self, identity: str, snapshots: SnapshotStore, previous: str | None) -> None:
         """Serve snapshot `identity` on the deployment's replicas, or leave everything as it was."""
