@@ -15,14 +15,13 @@ Columns (only the first two are required; which optional ones a loss needs is th
     sequence_ratio_mask  list<float32>  N, 1 on the tokens whose ratio forms GSPO's sequence ratio
     targets_per_position int32          K, default 1
     sampler_version      int64          weight version that sampled the row (the oldest, with per-token ones)
-    sampler_versions     list<int64>    N, the weight version that sampled each target token; -1 where the
-                                        target was not sampled (prompt positions). An in-flight weight update
-                                        splits a completion between two versions (docs/weight-sync.md)
+    sampler_versions     list<int64>    N, the version that sampled each target token (-1: a prompt position);
+                                        in-flight updates split a completion (docs/weight-sync.md)
     group_id             int64          rollout group the row belongs to
     reward               float32        the row's scalar reward
 
-`validate_batch` is the gate every service passes a batch through before touching state; its errors
-name the row and the column so the sender can fix them.
+`validate_batch` is the gate every service passes a batch through before touching state; its errors name
+the row and the column so the sender can fix them.
 """
 
 from __future__ import annotations
@@ -118,9 +117,8 @@ def _to_python(value: Any) -> Any:
 
 
 class PartsSink:
-    """A write-only file for pyarrow's IPC writer that keeps each write as given: small metadata as bytes,
-    column buffers as zero-copy `pa.Buffer`s. Joining the parts is the one copy of the payload
-    (BufferOutputStream copies every buffer in, grows by reallocating, and `to_pybytes` copies again)."""
+    """A write-only file for pyarrow's IPC writer that keeps each write as given (column buffers zero-copy): joining
+    the parts is the one copy of the payload (BufferOutputStream copies in, reallocates, `to_pybytes` copies)."""
 
     def __init__(self) -> None:
         self.parts: list[Any] = []
@@ -130,8 +128,8 @@ class PartsSink:
         self.parts.append(data)
         return len(data)
 
-    def flush(self) -> None:  # nothing is buffered
-        pass
+    def flush(self) -> None:
+        """Nothing is buffered."""
 
     def close(self) -> None:
         self.closed = True
@@ -152,9 +150,7 @@ def decode_batch(payload: bytes) -> pa.Table:
     try:
         with pa.ipc.open_stream(pa.py_buffer(payload)) as reader:
             table = reader.read_all()
-        # The reader checks the metadata only; offsets and lengths pointing outside the buffers would be
-        # read out of bounds later. A full validation is linear in the batch and cheap next to training.
-        table.validate(full=True)
+        table.validate(full=True)  # the reader checks metadata only, not offsets into the buffers
         return table
     except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: e.g. a name that is not UTF-8
         raise InvalidArgument(f"batch.arrow_ipc_stream is not a valid Arrow IPC stream: {exc}") from exc
