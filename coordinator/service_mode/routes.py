@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.datastructures import Headers
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.datastructures import Headers
 
 from coordinator.gateway import tenancy
 from coordinator.gateway.app import body_json
