@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import data_plane, learner_overhead, loop, rollout, weight_sync
+from bench import data_plane, learner_overhead, load, loop, rollout, weight_sync
 
 TOP_LEVEL_KEYS = {"benchmark", "date", "git", "machine", "command", "config", "timings", "ratios", "notes"}
 MACHINE_KEYS = {"cpu_model", "cores", "ram_gib", "python", "versions"}
@@ -87,3 +87,12 @@ def test_loop(tmp_path):
     check_common(result, "loop", {"async / sync (steps per minute)"})
     assert set(result["modes"]) == {"sync", "async"}
     assert 0 <= result["modes"]["sync"]["learner_idle_fraction"] <= 1
+
+
+def test_load(tmp_path, anvil_home):
+    result = run_quick(load, tmp_path)
+    check_common(result, "load", {"p50 under load / idle p50"})
+    figures = result["figures"]
+    assert figures["errors"] == 0, figures["error_examples"]
+    assert figures["requests"] == 40 and figures["training_steps"] > 0
+    assert figures["gateway_rss_after_mib"] > 0
