@@ -179,7 +179,10 @@ async def train(
 
     async def save_checkpoint(step: int, next_batch: int) -> None:
         state = json.dumps({"next_batch": next_batch, "step": step}).encode()
-        saved = await session.save_state(f"step-{step:06d}", client_state=state, overwrite=True)
+        # Written while training goes on (a checkpoint cut short by a failure does not verify, so a resume
+        # skips it); the last one is complete before the run ends and stops the learner.
+        background = step < config.loop.steps
+        saved = await session.save_state(f"step-{step:06d}", client_state=state, overwrite=True, background=background)
         with (run_dir / CHECKPOINTS_FILE).open("a") as handle:
             handle.write(json.dumps({"step": step, "next_batch": next_batch, "path": saved.path}) + "\n")
 

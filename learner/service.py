@@ -26,7 +26,7 @@ from learner.transports import PublishContext, make_transport, raise_first_failu
 from protos.adam import adam_params_from_proto
 from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
 from protos.arrow_schemas import encode_outputs
-from protos.errors import FailedPrecondition, InvalidArgument
+from protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 
 LOSS_OUTPUT_TYPE = "ArrayRecord"
 CLIENT_STATE_FILE = "client_state.bin"
@@ -98,14 +98,26 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         async def execute(session: TrainingSession) -> Any:
             target = session.checkpoint_root / "state" / check_name(request.name)
             client_state = request.client_state
+            await session.writes.settle(target if request.background else None)  # a plain save: all complete
+            session.writes.raise_failure()  # a background write that failed is reported here, once
+            metadata = {"kind": "state", "step": session.backend.step, "base_model": session.base_model}
+            snapshot = getattr(session.backend, "state_snapshot", None)
+            if request.background and snapshot is not None:
+                if target.exists() and not request.overwrite:  # found now: a background write reports late
+                    raise AlreadyExists(f"checkpoint {target} already exists; choose another name or overwrite=true")
+                write_state = await asyncio.to_thread(snapshot)
+            else:
+                write_state = session.backend.save_state
 
             def fill(directory: Path) -> None:
-                session.backend.save_state(directory)
+                write_state(directory)
                 (directory / CLIENT_STATE_FILE).write_bytes(client_state)
 
-            metadata = {"kind": "state", "step": session.backend.step, "base_model": session.base_model}
-            await asyncio.to_thread(write_checkpoint, target, fill, request.overwrite, metadata)
-            return learner_pb2.SaveStateResponse(path=str(target), step=session.backend.step)
+            if request.background and snapshot is not None:
+                session.writes.start(target, lambda: write_checkpoint(target, fill, request.overwrite, metadata))
+            else:
+                await asyncio.to_thread(write_checkpoint, target, fill, request.overwrite, metadata)
+            return learner_pb2.SaveStateResponse(path=str(target), step=metadata["step"])
 
         return await self._sequenced(request, execute)
 
@@ -114,6 +126,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             if not request.path:
                 raise InvalidArgument("path is empty; pass the path SaveState returned")
             path = Path(request.path)
+            await session.writes.settle(path)  # one saved in the background is loaded once written
             metadata = await asyncio.to_thread(verify_checkpoint, path)
             if metadata.get("kind") != "state":
                 raise FailedPrecondition(

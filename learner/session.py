@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from learner.backends import build_backend
 from learner.backends.base import LearnerBackend
+from learner.background_writes import BackgroundWrites
 from learner.config import LearnerConfig
 from learner.transports.base import PublishedWeights
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -29,6 +30,8 @@ class TrainingSession:
     """<checkpoint_dir>/<session_id>: SaveState writes under state/, SaveWeights under weights/."""
     published: PublishedWeights | None = None
     """The weights it last streamed to rollout, for lossless deltas (None when LearnerConfig.weight_deltas is off)."""
+    writes: BackgroundWrites = field(default_factory=BackgroundWrites)
+    """Checkpoints SaveState(background) answered for and still writes."""
 
 
 class SessionRegistry:
@@ -91,6 +94,7 @@ class SessionRegistry:
             session = self.get(session_id)
             del self._sessions[session_id]
         await session.sequencer.close(FailedPrecondition(f"session {session_id} was closed"))
+        await session.writes.settle()  # a checkpoint it answered for is complete before the session goes
         await asyncio.to_thread(session.backend.close)
 
 

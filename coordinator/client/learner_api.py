@@ -88,13 +88,15 @@ class LearnerSession:
             request.grad_scale = params.grad_scale
         return await call(self.stub.OptimStep(request))
 
-    async def save_state(self, name: str, client_state: bytes = b"", overwrite: bool = False):
+    async def save_state(self, name: str, client_state: bytes = b"", overwrite: bool = False, background: bool = False):
+        """SaveState; `background`: answer once the state is copied in memory, the files follow."""
         request = learner_pb2.SaveStateRequest(
             session_id=self.session_id,
             seq_id=self.next_seq_id(),
             name=name,
             client_state=client_state,
             overwrite=overwrite,
+            background=background,
         )
         return await call(self.stub.SaveState(request))
 

@@ -13,10 +13,11 @@ live model and optimizer exactly as they were.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -184,13 +185,16 @@ class TorchBackend(LearnerBackend):
         return {name: list(p.shape) for name, p in self.model.named_parameters()}
 
     def save_state(self, directory: Path) -> None:
-        tensors = {name: p.detach().to("cpu").contiguous() for name, p in self.model.named_parameters()}
-        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        self.state_snapshot()(directory)
+
+    def state_snapshot(self) -> Callable[[Path], None]:
+        """Copy everything `save_state` writes (weights, AdamW state, RNG, step) and return the function
+        that writes the copy: training may go on while it is written (SaveState with background)."""
+        tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in self.model.named_parameters()}
+        optimizer = copy.deepcopy(self.optimizer.state_dict())
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, directory / "rng.pt")
         state = {
             "format": STATE_FORMAT,
             "backend": "torch",
@@ -198,7 +202,14 @@ class TorchBackend(LearnerBackend):
             "model_path": str(self._model_path),
             "parameter_shapes": self._parameter_shapes(),
         }
-        (directory / "state.json").write_text(json.dumps(state, indent=1))
+
+        def write(directory: Path) -> None:
+            save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+            torch.save(optimizer, directory / "optimizer.pt")
+            torch.save(rng, directory / "rng.pt")
+            (directory / "state.json").write_text(json.dumps(state, indent=1))
+
+        return write
 
     def load_state(self, directory: Path, with_optimizer: bool) -> None:
         state = json.loads((directory / "state.json").read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import data_plane, learner_overhead, load, loop, rollout, weight_sync
+from bench import checkpoint_stall, data_plane, learner_overhead, load, loop, rollout, weight_sync
 
 TOP_LEVEL_KEYS = {"benchmark", "date", "git", "machine", "command", "config", "timings", "ratios", "notes"}
 MACHINE_KEYS = {"cpu_model", "cores", "ram_gib", "python", "versions"}
@@ -96,3 +96,8 @@ def test_load(tmp_path, anvil_home):
     assert figures["errors"] == 0, figures["error_examples"]
     assert figures["requests"] == 40 and figures["training_steps"] > 0
     assert figures["gateway_rss_after_mib"] > 0
+
+
+def test_checkpoint_stall(tmp_path):
+    result = run_quick(checkpoint_stall, tmp_path)
+    check_common(result, "checkpoint_stall", {"background / none (time)", "background / sync SaveState answer (time)"})

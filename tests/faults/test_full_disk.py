@@ -1,7 +1,8 @@
 """A full disk during a checkpoint write: the learner's checkpoint directory is a small tmpfs (made by
 the test, root only). SaveState of a second state does not fit: it fails with RESOURCE_EXHAUSTED naming
 the checkpoint and the cause, leaves no partial directory, the first checkpoint still verifies and loads
-bit for bit, the live model is untouched, and once space is freed the same save succeeds."""
+bit for bit, the live model is untouched, and once space is freed the same save succeeds. A background
+save on the full disk answers, and the session's next SaveState reports its failed write."""
 
 from __future__ import annotations
 
@@ -65,6 +66,14 @@ async def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpo
     assert loaded.step == 1 and loaded.client_state == b"one"
     for name, tensor in client.parameters_snapshot().items():
         assert torch.equal(tensor, params[name]), name
+    # a background save on the full disk answers (its state is copied in memory), but its write fails:
+    # the next SaveState says so, once, and the checkpoint never appears
+    answered = await client.save_state("background", background=True)
+    with pytest.raises(grpc.aio.AioRpcError) as reported:
+        await client.save_state("after")
+    assert reported.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "the background write of checkpoint 'background' failed: no space left" in reported.value.details()
+    assert not Path(answered.path).exists()
     filler.unlink()
     second = await client.save_state("second")
     assert verify_checkpoint(Path(second.path))["step"] == 1

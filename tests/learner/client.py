@@ -67,7 +67,7 @@ class LearnerTestClient:
         )
         return await self.stub.OptimStep(request)
 
-    async def save_state(self, name: str, client_state: bytes = b"", overwrite: bool = False):
+    async def save_state(self, name: str, client_state: bytes = b"", overwrite: bool = False, background=False):
         return await self.stub.SaveState(
             learner_pb2.SaveStateRequest(
                 session_id=self.session_id,
@@ -75,6 +75,7 @@ class LearnerTestClient:
                 name=name,
                 client_state=client_state,
                 overwrite=overwrite,
+                background=background,
             )
         )
 

@@ -35,6 +35,19 @@ async def train(client, steps: int, seed: int) -> None:
         await client.optim_step(learning_rate=1e-2, weight_decay=0.01)
 
 
+async def test_a_background_save_holds_the_state_of_its_moment_while_training_goes_on(client):
+    await train(client, steps=2, seed=0)
+    params, adam = client.parameters_snapshot(), optimizer_state(client)
+    saved = await client.save_state("background", client_state=b"cursor", background=True)
+    assert saved.step == 2
+    await train(client, steps=2, seed=10)  # at once: the files are still being written, or just were
+    assert not torch.equal(client.parameters_snapshot()["lm_head.weight"], params["lm_head.weight"])
+    loaded = await client.load_state(saved.path, with_optimizer=True)  # waits for the write if need be
+    assert loaded.step == 2 and loaded.client_state == b"cursor"
+    assert_identical(client.parameters_snapshot(), params)
+    assert_identical(optimizer_state(client), adam)
+
+
 async def test_save_then_load_restores_bit_identical_model_and_optimizer(client):
     await train(client, steps=2, seed=0)
     saved = await client.save_state("after-2", client_state=b'{"cursor": 17}')

@@ -174,18 +174,20 @@ class OptimStepResponse(_message.Message):
     def __init__(self, step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class SaveStateRequest(_message.Message):
-    __slots__ = ("session_id", "seq_id", "name", "overwrite", "client_state")
+    __slots__ = ("session_id", "seq_id", "name", "overwrite", "client_state", "background")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_STATE_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq_id: int
     name: str
     overwrite: bool
     client_state: bytes
-    def __init__(self, session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., name: _Optional[str] = ..., overwrite: _Optional[bool] = ..., client_state: _Optional[bytes] = ...) -> None: ...
+    background: bool
+    def __init__(self, session_id: _Optional[str] = ..., seq_id: _Optional[int] = ..., name: _Optional[str] = ..., overwrite: _Optional[bool] = ..., client_state: _Optional[bytes] = ..., background: _Optional[bool] = ...) -> None: ...
 
 class SaveStateResponse(_message.Message):
     __slots__ = ("path", "step")
