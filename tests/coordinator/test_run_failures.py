@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from learner.checkpoint import COMPLETE_MARKER
 from tests.coordinator.test_run import ANVIL, REPO_ROOT, anvil_run, rows, wait_gone
 
 STEPS = 10
@@ -56,7 +57,7 @@ def run_and_kill(
         process = subprocess.Popen([ANVIL, "run", *arguments], cwd=REPO_ROOT, stdout=stdout, stderr=stderr)
         try:
             deadline = time.monotonic() + 300
-            while len(_lines(run_dir / "checkpoints.jsonl")) < after_checkpoints:
+            while len(_complete_checkpoints(run_dir)) < after_checkpoints:
                 assert process.poll() is None, f"the run ended before the kill: {err.read_text()[-3000:]}"
                 assert time.monotonic() < deadline, "no checkpoint in time"
                 time.sleep(0.1)
@@ -68,6 +69,12 @@ def run_and_kill(
                 process.send_signal(signal.SIGKILL)
                 process.wait()
     return EndedRun(run_dir, returncode, out.read_text(), err.read_text(), services)
+
+
+def _complete_checkpoints(run_dir: Path) -> list[dict]:
+    """Recorded checkpoints whose files are written (they are written in the background after the record)."""
+    recorded = [json.loads(line) for line in _lines(run_dir / "checkpoints.jsonl")]
+    return [c for c in recorded if (Path(c["path"]) / COMPLETE_MARKER).exists()]
 
 
 def _lines(path: Path) -> list[str]:
@@ -132,7 +139,7 @@ def test_a_failed_learner_is_restarted_and_the_run_resumes_from_its_last_checkpo
 
 def test_resume_skips_a_corrupt_newest_checkpoint(learner_killed):
     run_dir = learner_killed.run_dir
-    checkpoints = rows(run_dir, "checkpoints.jsonl")
+    checkpoints = _complete_checkpoints(run_dir)  # a newer one cut short by the kill does not verify either
     newest, previous = checkpoints[-1], checkpoints[-2]
     weights = Path(newest["path"]) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
