@@ -107,6 +107,8 @@ async def run(config: RunConfig, run_dir: Path, resume: bool = False, console: C
                 if failure is None:
                     raise
                 if failure.service != "learner" or restarts >= config.services.learner_watch.restarts:
+                    if failure is exc:
+                        raise
                     raise failure from exc
                 restarts += 1
                 console.print(

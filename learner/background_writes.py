@@ -43,9 +43,10 @@ class BackgroundWrites:
 
     async def settle(self, target: Path | None = None) -> None:
         """Wait for the write of `target` (every pending write when None)."""
-        tasks = [self._pending[target]] if target in self._pending else []
         if target is None:
             tasks = list(self._pending.values())
+        else:
+            tasks = [self._pending[target]] if target in self._pending else []
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def raise_failure(self) -> None:

@@ -102,7 +102,8 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             session.writes.raise_failure()  # a background write that failed is reported here, once
             metadata = {"kind": "state", "step": session.backend.step, "base_model": session.base_model}
             snapshot = getattr(session.backend, "state_snapshot", None)
-            if request.background and snapshot is not None:
+            background = request.background and snapshot is not None  # a backend without snapshots: sync
+            if background:
                 if target.exists() and not request.overwrite:  # found now: a background write reports late
                     raise AlreadyExists(f"checkpoint {target} already exists; choose another name or overwrite=true")
                 write_state = await asyncio.to_thread(snapshot)
@@ -113,7 +114,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
                 write_state(directory)
                 (directory / CLIENT_STATE_FILE).write_bytes(client_state)
 
-            if request.background and snapshot is not None:
+            if background:
                 session.writes.start(target, lambda: write_checkpoint(target, fill, request.overwrite, metadata))
             else:
                 await asyncio.to_thread(write_checkpoint, target, fill, request.overwrite, metadata)
