@@ -66,7 +66,7 @@ class RunningGateway:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await self.service.sessions.finish_all("the server stopped")
+        await self.service.suspend("the server stopped")
         await self.service.router.close()
         await self.service.learner_channel.close()
 
@@ -90,6 +90,7 @@ async def start_gateway(
         model_dir,
         router,
     )
+    await service.restore()
     app = create_app(service, config.resolved_api_keys())
     app.include_router(fleet_router(replicas))
     control = ServiceMode(config, services_api_key)

@@ -68,8 +68,9 @@ class Sequencer:
     _runner: asyncio.Task | None = None
     _closed: BaseException | None = None
 
-    def submit(self, seq_id: int, fingerprint: bytes, work: Work, kind: str = "") -> Ticket:
-        """Queue request `seq_id`, or return the ticket of the request it retries."""
+    def submit(self, seq_id: int, fingerprint: bytes, work: Work, kind: str = "", label: Any = None) -> Ticket:
+        """Queue request `seq_id`, or return the ticket of the request it retries. `label`: the owner's
+        name for it when it already has one (a request accepted before a restart, run again)."""
         if self._closed is not None:
             raise self._closed
         if seq_id < 1:
@@ -87,12 +88,24 @@ class Sequencer:
                 f"seq_id {seq_id} already executed and its result is no longer remembered; next seq_id is "
                 f"{self.next_seq_id}"
             )
-        ticket = self._new_ticket(seq_id, fingerprint, kind, work)
+        ticket = self._new_ticket(seq_id, fingerprint, kind, work, label)
         self._waiting[seq_id] = ticket
         if self._runner is None:
             self._runner = asyncio.get_running_loop().create_task(self._run())
         self._wake.set()
         return ticket
+
+    def knows(self, seq_id: int) -> bool:
+        """Whether `seq_id` is waiting, running or remembered (submitting it again is a retry)."""
+        return seq_id in self._known or seq_id in self._waiting
+
+    def restore_finished(self, seq_id: int, fingerprint: bytes | None, kind: str, label: Any) -> None:
+        """Remember `seq_id` as run before a restart (its outcome is the owner's to keep): a retry gets
+        `label`, and the sequence goes on after it."""
+        outcome = asyncio.get_running_loop().create_future()
+        outcome.set_result(None)
+        self._remember(Ticket(seq_id, fingerprint, kind, outcome, 0.0, None, label))
+        self.next_seq_id = max(self.next_seq_id, seq_id + 1)
 
     async def run(self, seq_id: int, fingerprint: bytes, work: Work) -> Any:
         """Submit and wait for the outcome (a cancelled caller leaves the request running)."""
@@ -161,11 +174,13 @@ class Sequencer:
         self._remember(lost)
         self.next_seq_id = missing + 1
 
-    def _new_ticket(self, seq_id: int, fingerprint: bytes | None, kind: str, work: Work | None) -> Ticket:
+    def _new_ticket(
+        self, seq_id: int, fingerprint: bytes | None, kind: str, work: Work | None, label: Any = None
+    ) -> Ticket:
         loop = asyncio.get_running_loop()
         outcome = loop.create_future()
         outcome.add_done_callback(_mark_retrieved)
-        ticket = Ticket(seq_id, fingerprint, kind, outcome, loop.time(), work)
+        ticket = Ticket(seq_id, fingerprint, kind, outcome, loop.time(), work, label)
         if self.on_new_ticket is not None:
             self.on_new_ticket(ticket)
         return ticket

@@ -12,7 +12,6 @@ sequence never stalls on a rejected request. The bodies' fields are declared in 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from typing import Any
 
@@ -21,14 +20,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from coordinator.gateway import bodies, tenancy
-from coordinator.gateway.bodies import parse
+from coordinator.gateway.bodies import json_object, parse
 from coordinator.gateway.futures import Outcome, without_paths
-from coordinator.gateway.service import TinkerService
+from coordinator.gateway.operations import PROTOBUF, forward_operation, sequenced_operation
+from coordinator.gateway.service import TinkerService, fingerprint
 from coordinator.gateway.tenancy import UNAUTHENTICATED, tenant_of_request
-from coordinator.gateway.wire import forward_call_from_json, forward_call_from_proto
 from protos.errors import AlreadyExists, AnvilError, FailedPrecondition, InvalidArgument, NotFound
 
-PROTOBUF = "application/x-protobuf"
 OPEN_PATHS = {"/api/v1/healthz"}
 _STATUS = {InvalidArgument: 400, NotFound: 404, FailedPrecondition: 400, AlreadyExists: 400}
 
@@ -36,16 +34,6 @@ _STATUS = {InvalidArgument: 400, NotFound: 404, FailedPrecondition: 400, Already
 async def body_json(request: Request) -> dict[str, Any]:
     """The request's JSON object body ({} when empty); InvalidArgument otherwise."""
     return json_object(await request.body())
-
-
-def json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw or b"{}")
-    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
-        raise InvalidArgument(f"the body is not JSON ({exc}); send a JSON object") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument("the body must be a JSON object")
-    return body
 
 
 def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
@@ -144,59 +132,39 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
     @app.post("/api/v1/forward_backward")
     async def forward_backward(request: Request) -> dict[str, Any]:
         raw = await request.body()
-        if request.headers.get("content-encoding") == "zstd":
-            import zstandard
-
-            try:
-                raw = zstandard.ZstdDecompressor().decompress(raw)
-            except zstandard.ZstdError as exc:
-                raise InvalidArgument(f"the body is not zstd-compressed as its Content-Encoding says ({exc})") from None
-        if request.headers.get("content-type", "").startswith(PROTOBUF):
-            call = forward_call_from_proto(raw)
-        else:
-            call = forward_call_from_json(json_object(raw), forward_only=False)
-        kind = "forward" if call.forward_only else "forward_backward"
-        return service.submit(
-            call.model_id, call.seq_id, raw, kind, lambda model: service.training.forward(model, call)
+        headers = request.headers
+        operation = forward_operation(
+            raw, headers.get("content-type", ""), headers.get("content-encoding", ""), forward_route=False
         )
+        return service.submit(operation, fingerprint(raw))
 
     @app.post("/api/v1/forward")
     async def forward(request: Request) -> dict[str, Any]:
         raw = await request.body()
-        call = forward_call_from_json(await body_json(request), forward_only=True)
-        return service.submit(
-            call.model_id, call.seq_id, raw, "forward", lambda model: service.training.forward(model, call)
-        )
+        return service.submit(forward_operation(raw, "", "", forward_route=True), fingerprint(raw))
 
-    async def sequenced(request: Request, kind: str, work) -> dict[str, Any]:
+    async def sequenced(request: Request, kind: str) -> dict[str, Any]:
         raw = await request.body()
-        body = await body_json(request)
-        envelope = parse(bodies.Sequenced, body)
-        return service.submit(envelope.model_id, envelope.seq_id, raw, kind, lambda model: work(model, body))
+        return service.submit(sequenced_operation(kind, raw), fingerprint(raw))
 
     @app.post("/api/v1/optim_step")
     async def optim_step(request: Request) -> dict[str, Any]:
-        return await sequenced(request, "optim_step", service.training.optim_step)
+        return await sequenced(request, "optim_step")
 
     @app.post("/api/v1/save_weights")
     async def save_weights(request: Request) -> dict[str, Any]:
-        return await sequenced(request, "save_weights", service.training.save_state)
+        return await sequenced(request, "save_weights")
 
     @app.post("/api/v1/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request) -> dict[str, Any]:
-        return await sequenced(
-            request,
-            "save_weights_for_sampler",
-            # seq_id is an integer here: `sequenced` parsed it before queueing the work
-            lambda model, body: service.sampler_weights.save(model, body, int(body["seq_id"])),
-        )
+        return await sequenced(request, "save_weights_for_sampler")
 
     @app.post("/api/v1/load_weights")
     async def load_weights(request: Request) -> dict[str, Any]:
         body = await body_json(request)
         if body.get("model_id") is None:  # create-via-load: a new training client from a state
             return service.create_from_state(body)
-        return await sequenced(request, "load_weights", service.training.load)
+        return await sequenced(request, "load_weights")
 
     @app.get("/api/v1/list_checkpoints")
     async def list_checkpoints() -> dict[str, Any]:

@@ -12,6 +12,7 @@ allowed and ignored (the SDKs send more than Anvil uses).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -220,3 +221,14 @@ def _sentence(name: str, errors: list[Any]) -> str:
             phrases.append(phrase)
     shown = repr(errors[0].get("input"))
     return f"{name} {' or '.join(phrases)}, got {shown if len(shown) <= 80 else shown[:77] + '...'}"
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """`raw` as a JSON object ({} when empty); InvalidArgument otherwise."""
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise InvalidArgument(f"the body is not JSON ({exc}); send a JSON object") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("the body must be a JSON object")
+    return body

@@ -52,6 +52,10 @@ class GatewayConfig(BaseModel):
     sampler_snapshots_kept: int = Field(default=4, ge=1)
     """Unnamed sampler snapshots (save_weights_and_get_sampling_client) kept per training client; older
     ones are deleted and their sampling clients answer NOT_FOUND."""
+    durable_state_every_steps: int = Field(default=1, ge=1)
+    """A training client's state (weights and AdamW) is saved in the background after every this many
+    optim_steps, so a restart of `anvil serve` restores it: from the newest such state plus a replay of
+    the requests after it (more steps between saves: less disk traffic, a longer replay)."""
     dialect: Literal["tinker", "fireworks"] = "tinker"
     """Which Tinker client `/api/v1` answers. `tinker`: the official SDK (0.38), checkpoint paths are
     `tinker://` paths. `fireworks`: the Tinker 0.23 fork inside Fireworks' training SDK, which refuses

@@ -7,6 +7,10 @@ paths out of its message (a learner or rollout error names its directories; a re
 see them, and cannot use them). Finished futures are kept `ttl_s` after completion so a
 poll that was lost in transit can be repeated, then dropped. A future is the tenant's that made the
 request: request ids are sequential, so another tenant's poll is NOT_FOUND, like an unknown id.
+
+With a journal (coordinator.gateway.journal), every future and each finished outcome is also written
+there, and `restore` brings them back after a restart: a poll of a request finished before it gets the
+same answer; a request unfinished at the crash is pending again until the restore runs it anew.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -22,6 +27,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from coordinator.gateway import tenancy
+from coordinator.gateway.journal import GatewayJournal
+from coordinator.gateway.results import decode_value, encode_value
 from protos.errors import (
     AlreadyExists,
     AnvilError,
@@ -63,6 +70,19 @@ class Outcome:
     category: Literal["user", "server"] = "server"
 
 
+def outcome_to_json(outcome: Outcome) -> str:
+    if outcome.error is not None:
+        return json.dumps({"error": outcome.error, "category": outcome.category})
+    return json.dumps({"value": encode_value(outcome.value)})
+
+
+def outcome_from_json(text: str) -> Outcome:
+    doc = json.loads(text)
+    if "error" in doc:
+        return Outcome(error=doc["error"], category=doc["category"])
+    return Outcome(value=decode_value(doc["value"]))
+
+
 def outcome_of_error(exc: BaseException) -> Outcome:
     if isinstance(exc, USER_ERRORS):
         return Outcome(error=str(exc), category="user")
@@ -82,19 +102,38 @@ class _Entry:
 class FutureStore:
     """request id -> pending or finished Outcome; ids are `req-<n>`, unique for the gateway's lifetime."""
 
-    def __init__(self, ttl_s: float = 900.0, private_roots: Iterable[Path] = ()) -> None:
+    def __init__(
+        self, ttl_s: float = 900.0, private_roots: Iterable[Path] = (), journal: GatewayJournal | None = None
+    ) -> None:
         self.private_roots = tuple(private_roots)
         """Server directories (state, model) whose paths no error message may show."""
         self._entries: dict[str, _Entry] = {}
         self._ids = itertools.count(1)
-        self._prefix = f"req-{int(time.time()):x}-"
+        self._prefix = f"req-{time.time_ns():x}-"
         self.ttl_s = ttl_s
+        self.journal = journal
 
     def create(self, kind: str) -> str:
         self._expire()
         request_id = f"{self._prefix}{next(self._ids)}"
-        self._entries[request_id] = _Entry(kind)
+        entry = self._entries[request_id] = _Entry(kind)
+        if self.journal is not None:
+            self.journal.future_created(request_id, entry.owner, kind)
         return request_id
+
+    def restore(self) -> list[str]:
+        """Bring back the journal's futures; return the ids of those unfinished at the crash (pending now)."""
+        if self.journal is None:
+            return []
+        pending = []
+        for request_id, owner, kind, outcome, age_s in self.journal.futures(self.ttl_s):
+            entry = self._entries[request_id] = _Entry(kind, owner)
+            if outcome is None:
+                pending.append(request_id)
+            else:
+                entry.done.set_result(outcome_from_json(outcome))
+                entry.finished_at = time.monotonic() - (age_s or 0.0)
+        return pending
 
     def resolve(self, request_id: str, outcome: Outcome) -> None:
         entry = self._entries.get(request_id)
@@ -103,10 +142,13 @@ class FutureStore:
         if entry is not None and not entry.done.done():
             entry.done.set_result(outcome)
             entry.finished_at = time.monotonic()
+            if self.journal is not None:
+                self.journal.future_finished(request_id, outcome_to_json(outcome))
 
-    def run(self, kind: str, work: Callable[[], Awaitable[Any]]) -> str:
-        """Start `work` now in its own task; its value or error resolves a new future."""
-        request_id = self.create(kind)
+    def run(self, kind: str, work: Callable[[], Awaitable[Any]], request_id: str | None = None) -> str:
+        """Start `work` now in its own task; its value or error resolves a new future (or `request_id`, a
+        restored pending one)."""
+        request_id = request_id or self.create(kind)
 
         async def execute() -> None:
             try:
@@ -116,6 +158,11 @@ class FutureStore:
 
         asyncio.get_running_loop().create_task(execute())
         return request_id
+
+    def finished(self, request_id: str) -> Outcome | None:
+        """The outcome of `request_id` if it is known and finished (any tenant's: for the restore)."""
+        entry = self._entries.get(request_id)
+        return entry.done.result() if entry is not None and entry.done.done() else None
 
     def kind(self, request_id: str) -> str:
         return self._entry(request_id).kind

@@ -1,7 +1,9 @@
-"""Results of futures that the poll encodes as protobuf or JSON, depending on what the client accepts."""
+"""Results of futures that the poll encodes as protobuf or JSON, depending on what the client accepts, and
+their exact JSON form for the gateway's journal (a result polled after a restart is the same result)."""
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,3 +37,42 @@ class SampleResult:
 
     def json(self) -> dict[str, Any]:
         return wire.sample_output_json(self.reply, self.prompt_logprobs)
+
+
+def encode_value(value: Any) -> dict[str, Any]:
+    """A future's value as JSON the journal keeps: arrays as their bytes (exact), replies as protobuf."""
+    if isinstance(value, ForwardResult):
+        arrays = [{"dtype": a.dtype.str, "shape": list(a.shape), "data": _b64(a.tobytes())} for a in value.logprobs]
+        return {
+            "forward": arrays,
+            "shapes": [list(s) for s in value.shapes],
+            "metrics": value.metrics,
+            "output_type": value.output_type,
+        }
+    if isinstance(value, SampleResult):
+        prompt = value.prompt_logprobs
+        return {
+            "sample": _b64(value.reply.SerializeToString()),
+            "prompt_logprobs": None if prompt is None else {"dtype": prompt.dtype.str, "data": _b64(prompt.tobytes())},
+        }
+    return {"json": value}
+
+
+def decode_value(doc: dict[str, Any]) -> Any:
+    """The inverse of `encode_value`."""
+    if "forward" in doc:
+        logprobs = [
+            np.frombuffer(base64.b64decode(a["data"]), dtype=a["dtype"]).reshape(a["shape"]).copy()
+            for a in doc["forward"]
+        ]
+        return ForwardResult(logprobs, [tuple(s) for s in doc["shapes"]], doc["metrics"], doc["output_type"])
+    if "sample" in doc:
+        reply = rollout_pb2.SampleResponse.FromString(base64.b64decode(doc["sample"]))
+        prompt = doc["prompt_logprobs"]
+        array = None if prompt is None else np.frombuffer(base64.b64decode(prompt["data"]), dtype=prompt["dtype"])
+        return SampleResult(reply, None if array is None else array.copy())
+    return doc["json"]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()

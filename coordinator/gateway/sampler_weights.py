@@ -58,7 +58,7 @@ class SamplerWeights:
         while len(model.unnamed_snapshots) > self.kept:
             shutil.rmtree(model.unnamed_snapshots.popleft(), ignore_errors=True)
         session = self.sessions.get(session_id)
-        session.samplers[sampler_id] = SamplingSession(sampler_id, model.base_model, snapshot)
+        self.sessions.add_sampler(session, SamplingSession(sampler_id, model.base_model, snapshot))
         return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
     async def _save_snapshot(self, model: TrainingModel, identity: str, checkpoint_type: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ errors, never silently ignored.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from coordinator.gateway.bodies import NewSampler, Sample, SampleEnvelope, Sampl
 from coordinator.gateway.checkpoints import CheckpointStore
 from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.futures import FutureStore
+from coordinator.gateway.journal import OpRecord
 from coordinator.gateway.results import SampleResult
 from coordinator.gateway.sessions import SamplingSession, SessionRegistry
 from coordinator.gateway.snapshot_router import SnapshotRouter
@@ -65,7 +67,7 @@ class Sampling:
             else:
                 base_model = self.config.check_base_model(envelope.base_model, self.model_dir)
                 sampler = SamplingSession(sampler_id, base_model, self.model_dir)
-            session.samplers[sampler_id] = sampler
+            self.sessions.add_sampler(session, sampler)
         return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
 
     def describe(self, sampler_id: str) -> dict[str, Any]:
@@ -77,9 +79,27 @@ class Sampling:
         sampler = self.sessions.sampler(envelope.sampling_session_id)
         seq_id = envelope.seq_id
         if seq_id not in sampler.requests:
-            sampler.requests[seq_id] = self.futures.run("sample", lambda: self._sample(sampler, body))
+            self.start(sampler, seq_id, body)
         ids = [f"{sampler.sampling_session_id}:{seq_id}:{index}" for index in range(envelope.num_samples)]
         return {"request_id": sampler.requests[seq_id], "sample_sequence_ids": ids}
+
+    def start(self, sampler: SamplingSession, seq_id: int, body: dict[str, Any], request_id: str | None = None) -> None:
+        """Run sample `seq_id` of `sampler` (under `request_id` when it is one from before a restart); the
+        journal keeps its body until it finishes, so a restart in between runs it again."""
+        journal = self.sessions.journal
+
+        async def work() -> SampleResult:
+            try:
+                return await self._sample(sampler, body)
+            finally:
+                if journal is not None and self.futures.journal is not None:  # not while the server stops
+                    journal.forget_bodies(sampler.sampling_session_id, seq_id)
+
+        sampler.requests[seq_id] = self.futures.run("sample", work, request_id)
+        if journal is not None and request_id is None:
+            raw = json.dumps(body).encode()
+            request_id = sampler.requests[seq_id]
+            journal.op_accepted(OpRecord(request_id, sampler.sampling_session_id, seq_id, "sample", None, "json", raw))
 
     async def _sample(self, sampler: SamplingSession, body: dict[str, Any]) -> SampleResult:
         given = parse(Sample, body)

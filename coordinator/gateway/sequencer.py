@@ -24,12 +24,23 @@ class OrderedExecutor:
     def next_seq_id(self) -> int:
         return self._sequencer.next_seq_id
 
-    def submit(self, seq_id: int, fingerprint: bytes, kind: str, work: Work) -> str:
-        """Queue request `seq_id`; return its request id (the earlier one if this is a retry)."""
-        return self._sequencer.submit(seq_id, fingerprint, work, kind).label
+    def submit(self, seq_id: int, fingerprint: bytes, kind: str, work: Work, request_id: str | None = None) -> str:
+        """Queue request `seq_id`; return its request id (the earlier one if this is a retry). `request_id`:
+        the id it was given before a restart, when it is run again after one."""
+        return self._sequencer.submit(seq_id, fingerprint, work, kind, label=request_id).label
+
+    def knows(self, seq_id: int) -> bool:
+        """Whether `seq_id` is queued, running or remembered (a submit of it would be a retry)."""
+        return self._sequencer.knows(seq_id)
+
+    def restore_finished(self, seq_id: int, fingerprint: bytes | None, kind: str, request_id: str) -> None:
+        """`seq_id` ran before a restart as `request_id` (its outcome is in the FutureStore)."""
+        self._sequencer.restore_finished(seq_id, fingerprint, kind, request_id)
 
     def _track(self, ticket: Ticket) -> None:
-        ticket.label = request_id = self.futures.create(ticket.kind)
+        if ticket.label is None:
+            ticket.label = self.futures.create(ticket.kind)
+        request_id = ticket.label
 
         def resolve(outcome: asyncio.Future) -> None:
             if not outcome.cancelled():

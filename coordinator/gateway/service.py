@@ -12,8 +12,11 @@ trainer job (Fireworks dialect, a snapshot store, no rollout router).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
-from collections.abc import Awaitable, Callable
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,11 @@ from coordinator.client.learner_api import LearnerSession
 from coordinator.gateway.bodies import ModelSettings, NewModel, OptimizerConfig, parse
 from coordinator.gateway.checkpoints import CheckpointStore, utc_now
 from coordinator.gateway.config import GatewayConfig
+from coordinator.gateway.durable_states import DurableStates
 from coordinator.gateway.futures import FutureStore
+from coordinator.gateway.journal import GatewayJournal, OpRecord
+from coordinator.gateway.operations import Operation, work_of
+from coordinator.gateway.restore import restore_service
 from coordinator.gateway.sampler_weights import SamplerWeights
 from coordinator.gateway.sampling import Sampling
 from coordinator.gateway.sequencer import OrderedExecutor
@@ -34,7 +41,7 @@ from coordinator.gateway.training import TrainingOps
 from coordinator.gateway.training_runs import TrainingRuns
 from protos.errors import InvalidArgument, NotFound
 
-MakeWork = Callable[[Session, str], Callable[[], Awaitable[dict[str, Any]]]]
+log = logging.getLogger(__name__)
 
 
 def fingerprint(body: bytes) -> bytes:
@@ -57,76 +64,90 @@ class TinkerService:
         """The model name the learner knows (its directory when this process started it)."""
         self.model_dir = model_dir
         self.router = router
-        self.futures = FutureStore(private_roots=(config.state_dir, model_dir))
-        self.sessions = SessionRegistry()
+        self.journal = GatewayJournal(config.state_dir / "gateway.sqlite")
+        self.futures = FutureStore(private_roots=(config.state_dir, model_dir), journal=self.journal)
+        self.sessions = SessionRegistry(self.journal)
+        self.durable = DurableStates(self.journal, config.durable_state_every_steps)
         self.checkpoints = CheckpointStore(config.state_dir)
         self.training_runs = TrainingRuns(config.state_dir)
         self.training = TrainingOps(self.checkpoints, bare_checkpoint_names=config.dialect == "fireworks")
         self.sampler_weights = SamplerWeights(self.sessions, self.checkpoints, snapshots, config.sampler_snapshots_kept)
+        self.restarted: set[str] = set()
+        """Request ids from before a restart that the restore ran again."""
         self.sampling = Sampling(config, model_dir, self.sessions, self.futures, self.checkpoints, router)
 
-    def _create_model_once(self, body: dict[str, Any], kind: str, make_work: MakeWork) -> dict[str, Any]:
-        """Start `make_work(session, model_id)` once per (session, model_seq_id); retries get its request id.
-        A bad session_id / model_seq_id raises here (a 4xx); the rest of the body is checked by the work."""
+    def create_model_once(self, body: dict[str, Any], kind: str, request_id: str | None = None) -> dict[str, Any]:
+        """Create a training model once per (session, model_seq_id); retries get its request id. `kind`:
+        "create_model", or "load_weights" (from a saved state). A bad session_id / model_seq_id raises here
+        (a 4xx); the rest of the body is checked by the work. `request_id`: the id it had before a restart."""
         envelope = parse(NewModel, body)
         session = self.sessions.get(envelope.session_id)
         model_id = f"{session.session_id}:train:{envelope.model_seq_id}"
         key = f"model:{envelope.model_seq_id}"
         if key not in session.requests:
-            session.requests[key] = self.futures.run(kind, make_work(session, model_id))
+            if kind == "create_model":
+                work = functools.partial(self._new_model, body, session, model_id)
+            else:
+                work = functools.partial(self._model_from_state, body, session, model_id)
+            session.requests[key] = self.futures.run(kind, work, request_id)
+            if request_id is None:
+                raw = json.dumps(body).encode()
+                request = session.requests[key]
+                self.journal.op_accepted(
+                    OpRecord(request, session.session_id, envelope.model_seq_id, kind, None, "json", raw)
+                )
         return {"request_id": session.requests[key], "model_id": model_id}
 
     def create_model(self, body: dict[str, Any]) -> dict[str, Any]:
-        def make_work(session: Session, model_id: str):
-            async def work() -> dict[str, Any]:
-                settings = parse(ModelSettings, body)
-                rank = settings.lora_config.rank if settings.lora_config else 0
-                if rank:
-                    raise InvalidArgument(
-                        f"LoRA rank {rank} requested, but Anvil trains full-parameter models only (lora_rank = 0): "
-                        "service-mode trainers are full-parameter only. Pass rank=0."
-                    )
-                _check_optimizer(settings.optimizer_config)
-                base_model = self.config.check_base_model(settings.base_model, self.model_dir)
-                seed = (settings.lora_config.seed if settings.lora_config else None) or 0
-                await self._open_model(session, model_id, base_model, seed, settings.user_metadata)
-                return {"model_id": model_id, "type": "create_model"}
-
-            return work
-
-        return self._create_model_once(body, "create_model", make_work)
+        return self.create_model_once(body, "create_model")
 
     def create_from_state(self, body: dict[str, Any]) -> dict[str, Any]:
         """load_weights with session_id + model_seq_id: a new training model initialised from a state."""
+        return self.create_model_once(body, "load_weights")
 
-        def make_work(session: Session, model_id: str):
-            async def work() -> dict[str, Any]:
-                settings = parse(ModelSettings, body)
-                if not settings.path:
-                    raise InvalidArgument("the request needs 'path': a tinker://…/weights/… path or a checkpoint name")
-                record = self.checkpoints.get(self.checkpoints.resolve_state(settings.path, None))
-                _check_optimizer(settings.optimizer_config)
-                base_model = self.config.check_base_model(settings.base_model or record.base_model, self.model_dir)
-                model = await self._open_model(session, model_id, base_model, 0, settings.user_metadata)
-                try:
-                    return await self.training.load_state(model, record.path, settings.optimizer)
-                except BaseException:
-                    session.models.pop(model_id, None)
-                    await model.executor.close("the load failed")
-                    with contextlib.suppress(Exception):
-                        await model.learner.close()
-                    raise
+    async def _new_model(self, body: dict[str, Any], session: Session, model_id: str) -> dict[str, Any]:
+        settings = parse(ModelSettings, body)
+        rank = settings.lora_config.rank if settings.lora_config else 0
+        if rank:
+            raise InvalidArgument(
+                f"LoRA rank {rank} requested, but Anvil trains full-parameter models only (lora_rank = 0): "
+                "service-mode trainers are full-parameter only. Pass rank=0."
+            )
+        _check_optimizer(settings.optimizer_config)
+        base_model = self.config.check_base_model(settings.base_model, self.model_dir)
+        seed = (settings.lora_config.seed if settings.lora_config else None) or 0
+        model = await self._open_model(session, model_id, base_model, seed, settings.user_metadata)
+        self.durable.record(model)
+        return {"model_id": model_id, "type": "create_model"}
 
-            return work
-
-        return self._create_model_once(body, "load_weights", make_work)
+    async def _model_from_state(self, body: dict[str, Any], session: Session, model_id: str) -> dict[str, Any]:
+        settings = parse(ModelSettings, body)
+        if not settings.path:
+            raise InvalidArgument("the request needs 'path': a tinker://…/weights/… path or a checkpoint name")
+        record = self.checkpoints.get(self.checkpoints.resolve_state(settings.path, None))
+        _check_optimizer(settings.optimizer_config)
+        base_model = self.config.check_base_model(settings.base_model or record.base_model, self.model_dir)
+        model = await self._open_model(session, model_id, base_model, 0, settings.user_metadata)
+        try:
+            answer = await self.training.load_state(model, record.path, settings.optimizer)
+        except BaseException:
+            session.models.pop(model_id, None)
+            await model.executor.close("the load failed")
+            with contextlib.suppress(Exception):
+                await model.learner.close()
+            raise
+        model.initial_state = {"path": record.local_path, "optimizer": settings.optimizer}
+        self.durable.record(model)
+        return answer
 
     async def _open_model(
         self, session: Session, model_id: str, base_model: str, seed: int, user_metadata: dict | None
     ) -> TrainingModel:
         learner = await LearnerSession.create(self.learner_channel, self.learner_base_model, lora_rank=0, seed=seed)
         executor = OrderedExecutor(self.futures, self.config.sequence_gap_timeout_s)
-        model = TrainingModel(model_id, base_model, learner, executor, dict(user_metadata or {}), owner=session.owner)
+        model = TrainingModel(
+            model_id, base_model, learner, executor, dict(user_metadata or {}), owner=session.owner, seed=seed
+        )
         session.models[model_id] = model
         self.training_runs.add(model_id, base_model, model.user_metadata, session.owner)
         return model
@@ -135,6 +156,7 @@ class TinkerService:
         model = self.sessions.model(model_id)
         session = self.sessions.get(model_id.split(":", 1)[0])
         session.models.pop(model_id, None)
+        self.journal.forget_model(model_id)
         await model.executor.close("the model was unloaded")
         await model.learner.close()
         return {"model_id": model_id, "type": "unload_model"}
@@ -151,12 +173,38 @@ class TinkerService:
             "model_data": {"arch": "llama", "model_name": model.base_model, "tokenizer_id": str(self.model_dir)},
         }
 
-    def submit(self, model_id: str, seq_id: int, body: bytes, kind: str, work) -> dict[str, Any]:
-        """Queue `work(model)` as request `seq_id` of training client `model_id` (exactly once, in order)."""
-        model = self.sessions.model(model_id)
+    def submit(self, operation: Operation, fingerprint: bytes) -> dict[str, Any]:
+        """Queue `operation` on its training client (exactly once, in seq_id order), journalled first."""
+        model = self.sessions.model(operation.model_id)
         model.last_request_time = utc_now()
-        request_id = model.executor.submit(seq_id, fingerprint(body), kind, lambda: work(model))
-        return {"request_id": request_id, "model_id": model_id}
+        retry = model.executor.knows(operation.seq_id)
+        work = functools.partial(self.run_operation, model, operation)
+        request_id = model.executor.submit(operation.seq_id, fingerprint, operation.kind, work)
+        if not retry:
+            record = OpRecord(request_id, model.model_id, operation.seq_id, operation.kind, fingerprint, "", b"")
+            self.journal.op_accepted(dataclasses.replace(record, codec=operation.codec, body=operation.body))
+        return {"request_id": request_id, "model_id": operation.model_id}
+
+    async def run_operation(self, model: TrainingModel, operation: Operation) -> Any:
+        """Run `operation` on `model`, then keep what a restart needs (a durable state after a step)."""
+        result = await work_of(operation, self.training, self.sampler_weights)(model)
+        if operation.kind == "optim_step":
+            try:
+                await self.durable.after_step(model, operation.seq_id)
+            except Exception as exc:  # the step happened; only its durability is lost, and said so
+                log.warning("%s: no durable state after seq_id %d: %s", model.model_id, operation.seq_id, exc)
+        elif operation.kind == "save_weights_for_sampler":
+            self.durable.record(model)
+        return result
+
+    async def restore(self) -> None:
+        """Bring back the journal's sessions, clients and futures (coordinator.gateway.restore)."""
+        await restore_service(self)
+
+    async def suspend(self, reason: str) -> None:
+        """The server stops: what is unfinished is left for a restart to run, not recorded as failed."""
+        self.futures.journal = None
+        await self.sessions.suspend_all(reason)
 
     def training_run(self, run_id: str) -> dict[str, Any]:
         live = None

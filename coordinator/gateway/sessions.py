@@ -3,7 +3,9 @@
 A session is what one `tinker.ServiceClient` holds: it heartbeats every 10 s and ends with
 `sessions/{id}/finish`. A silent session is closed after `session_timeout_s`; closing one releases its
 learner sessions (model and AdamW memory) and its sampling clients. A finished session answers
-heartbeats with 410, which stops the SDK's heartbeat loop.
+heartbeats with 410, which stops the SDK's heartbeat loop. With a journal, sessions and sampling clients
+are recorded as they are made and a finished session is marked so; a server that stops *suspends* its
+sessions instead (they are restored when it starts again: coordinator.gateway.restore).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from coordinator.client.learner_api import LearnerSession
 from coordinator.gateway import tenancy
 from coordinator.gateway.checkpoints import utc_now
+from coordinator.gateway.journal import GatewayJournal
 from coordinator.gateway.sequencer import OrderedExecutor
 from protos.errors import NotFound
 
@@ -44,6 +47,12 @@ class TrainingModel:
     """The last sampler snapshot identity this model saved (the previous link of a delta chain)."""
     owner: str = ""
     """The tenant whose session made it (coordinator.gateway.tenancy): its checkpoints are that tenant's."""
+    seed: int = 0
+    initial_state: dict | None = None
+    """{"path", "optimizer"}: the training state it was created from (create-via-load), else None."""
+    durable_states: list[tuple[int, str]] = field(default_factory=list)
+    """(seq_id, learner path) of the states a restart restores it from, oldest first (journal.py)."""
+    steps_since_durable: int = 0
 
 
 @dataclass
@@ -71,14 +80,34 @@ class Session:
     """Dedup of create_model / create-via-load / sampling-session creation: "<op>:<seq>" -> request id."""
 
 
+def sampler_doc(sampler: SamplingSession) -> dict:
+    return {
+        "sampling_session_id": sampler.sampling_session_id,
+        "base_model": sampler.base_model,
+        "snapshot": str(sampler.snapshot),
+        "model_path": sampler.model_path,
+    }
+
+
 class SessionRegistry:
-    def __init__(self) -> None:
+    def __init__(self, journal: GatewayJournal | None = None) -> None:
         self.sessions: dict[str, Session] = {}
+        self.journal = journal
+        self.lost: dict[str, str] = {}
+        """Training model id -> why a restart could not restore it (its requests then say so)."""
 
     def create(self, user_metadata: dict[str, str]) -> Session:
         session = Session(f"sess-{secrets.token_hex(6)}", dict(user_metadata or {}))
         self.sessions[session.session_id] = session
+        if self.journal is not None:
+            doc = {"owner": session.owner, "user_metadata": session.user_metadata}
+            self.journal.put("sessions", session.session_id, doc)
         return session
+
+    def add_sampler(self, session: Session, sampler: SamplingSession) -> None:
+        session.samplers[sampler.sampling_session_id] = sampler
+        if self.journal is not None:
+            self.journal.put("samplers", sampler.sampling_session_id, sampler_doc(sampler), session.session_id)
 
     def get(self, session_id: str) -> Session:
         """The caller's open session `session_id` (another tenant's is NOT_FOUND, like one never made)."""
@@ -95,6 +124,8 @@ class SessionRegistry:
         session = self._open(model_id.split(":", 1)[0])
         model = session.models.get(model_id) if session is not None else None
         if model is None:
+            if model_id in self.lost and session is not None:
+                raise NotFound(f"training model {model_id!r} was lost in a server restart: {self.lost[model_id]}")
             raise NotFound(f"no training model {model_id!r}; its session finished or it was never created")
         return model
 
@@ -117,12 +148,28 @@ class SessionRegistry:
         """Close the session: its queued requests fail with `reason`, its learner sessions and unnamed
         snapshots are released, and its sampling clients are forgotten."""
         session.finished = True
+        if self.journal is not None:
+            self.journal.finish_session(session.session_id)
+        await self._release(session, f"the session {reason}", delete_snapshots=True)
+
+    async def suspend_all(self, reason: str) -> None:
+        """The server stops: release every open session's learner sessions and queued requests, but keep
+        their journal records and snapshots, so that a restart restores them (without a journal: finish)."""
+        if self.journal is None:
+            await self.finish_all(reason)
+            return
+        for session in self.sessions.values():
+            if not session.finished:
+                await self._release(session, reason, delete_snapshots=False)
+
+    async def _release(self, session: Session, reason: str, delete_snapshots: bool) -> None:
         for model in session.models.values():
-            await model.executor.close(f"the session {reason}")
+            await model.executor.close(reason)
             with contextlib.suppress(Exception):
                 await model.learner.close()
-            for snapshot in model.unnamed_snapshots:
-                shutil.rmtree(snapshot, ignore_errors=True)
+            if delete_snapshots:
+                for snapshot in [*model.unnamed_snapshots, *(path for _, path in model.durable_states)]:
+                    shutil.rmtree(snapshot, ignore_errors=True)
         session.models.clear()
         session.samplers.clear()
 

@@ -209,7 +209,7 @@ class ServiceMode:
                 self.store.put(JOBS, job_id, {**doc, "state": "JOB_STATE_FAILED", "statusMessage": str(exc)})
             return
         if self.store.get(JOBS, job_id) is None:  # deleted while starting
-            await runtime.stop()
+            await runtime.stop(finish_sessions=True)
             return
         self.jobs[job_id] = runtime
         self.store.put(JOBS, job_id, {**doc, "state": "JOB_STATE_RUNNING"})
@@ -227,7 +227,7 @@ class ServiceMode:
         self.store.delete(JOBS, job_id)
         runtime = self.jobs.pop(job_id, None)
         if runtime is not None:
-            await runtime.stop()
+            await runtime.stop(finish_sessions=True)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -249,7 +249,7 @@ class ServiceMode:
         for task in list(self._tasks):
             task.cancel()
         for runtime in list(self.jobs.values()):
-            await runtime.stop()
+            await runtime.stop(finish_sessions=False)
         for runtime in list(self.deployments.values()):
             await runtime.stop()
         self.jobs.clear()

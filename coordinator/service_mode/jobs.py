@@ -56,14 +56,20 @@ class TrainerJobRuntime:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         channel = open_channel(process.address, api_key=api_key)
         service = TinkerService(config, channel, str(model_dir), model_dir, router=None, snapshots=snapshots)
+        await service.restore()
         app = create_app(service, gateway.resolved_api_keys())
         expiry = asyncio.get_running_loop().create_task(service.sessions.expire_forever(config.session_timeout_s))
         return cls(job_id, process, service, app, expiry)
 
-    async def stop(self) -> None:
+    async def stop(self, finish_sessions: bool) -> None:
+        """Stop the job's learner; its sessions end (`finish_sessions`: the job was deleted) or are
+        suspended, to be restored when the job comes back up (the server stops)."""
         self.expiry.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.expiry
-        await self.service.sessions.finish_all("the trainer job stopped")
+        if finish_sessions:
+            await self.service.sessions.finish_all("the trainer job stopped")
+        else:
+            await self.service.suspend("the trainer job stopped")
         await self.service.learner_channel.close()
         await asyncio.to_thread(self.process.stop)

@@ -1,7 +1,7 @@
 """Fireworks' full-parameter RL workflow through the unmodified `fireworks-ai` SDK against `anvil serve`:
 the SDK-only driver end to end, loraRank > 0 refused at job creation with nothing left running, a
 corrupted hot-load refused with the deployment serving the previous snapshot bit for bit, and jobs and
-deployments surviving a restart of `anvil serve`."""
+deployments - and a trainer job's training client - surviving a restart of `anvil serve`."""
 
 from __future__ import annotations
 
@@ -121,12 +121,14 @@ def test_corrupted_hot_load_is_refused_and_jobs_survive_a_restart(tmp_path, anvi
         assert served_after == served_before  # bit-identical: still the previous snapshot
         assert served_identity(serve, "serving") == good
         sampler.close()
-        service.close()
+        trained = policy.forward(data, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data
     finally:
         assert serve.stop() == 0
+    port = serve.base_url.rsplit(":", 1)[1]
 
-    # a restart brings the deployment (serving the same snapshot) and the job back
-    serve = start_serve(tmp_path, tmp_path / "state")
+    # a restart brings the deployment (serving the same snapshot) and the job back, and the job's training
+    # client with it: the same weights (its durable state), and it trains on
+    serve = start_serve(tmp_path, tmp_path / "state", f"port={port}")
     try:
         deployments = fw.DeploymentManager(api_key=KEY, base_url=serve.base_url)
         deployments.wait_for_ready("serving")
@@ -134,6 +136,10 @@ def test_corrupted_hot_load_is_refused_and_jobs_survive_a_restart(tmp_path, anvi
         assert served_identity(serve, "serving") == good
         trainers = fw.TrainerJobManager(api_key=KEY, base_url=serve.base_url)
         assert trainers.get(endpoint.job_id)["state"] == "JOB_STATE_RUNNING"
+        assert policy.forward(data, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data == trained
+        policy.forward_backward(data, "cross_entropy").result()
+        assert policy.optim_step(fw.AdamParams(learning_rate=1e-2)).result() is not None
+        service.close()
         sampler = fw.FiretitanSamplingClient(
             fw.DeploymentSampler(inference_url=serve.base_url, model="accounts/anvil/deployments/serving", api_key=KEY)
         )
