@@ -90,7 +90,9 @@ async def start_gateway(
         model_dir,
         router,
     )
-    await service.restore()
+    restored = await service.restore()
+    if restored.sessions:
+        print(f"anvil serve: restored from {config.state_dir}: {restored}", flush=True)
     app = create_app(service, config.resolved_api_keys())
     app.include_router(fleet_router(replicas))
     control = ServiceMode(config, services_api_key)

@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,12 +59,33 @@ class TinkerService(Protocol):
 
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RestoreSummary:
+    sessions: int = 0
+    training_clients: int = 0
+    sampling_clients: int = 0
+    replayed: int = 0
+    """Requests replayed on a loaded state to rebuild a training client."""
+    lost: int = 0
+    """Training clients that could not be rebuilt (their clients are told why)."""
+
+    def __str__(self) -> str:
+        return (
+            f"{self.sessions} session(s), {self.training_clients} training client(s) ({self.replayed} request(s) "
+            f"replayed), {self.sampling_clients} sampling client(s); {self.lost} training client(s) lost"
+        )
+
+
 RESEND = "the server restarted before this request finished and cannot run it again; send it again"
 
 
-async def restore_service(service: TinkerService) -> None:
+async def restore_service(service: TinkerService) -> RestoreSummary:
+    summary = RestoreSummary()
     pending = set(service.futures.restore())
     for session_id, doc in service.journal.open_sessions():
+        summary.sessions += 1
         with tenancy.acting_as(doc["owner"]):
             session = Session(session_id, doc["user_metadata"], owner=doc["owner"])
             service.sessions.sessions[session_id] = session
@@ -72,14 +94,18 @@ async def restore_service(service: TinkerService) -> None:
             for model_doc in service.journal.docs("models", session_id):
                 model_id = model_doc["model_id"]
                 try:
-                    await _restore_model(service, session, model_doc, pending)
+                    summary.replayed += await _restore_model(service, session, model_doc, pending)
+                    summary.training_clients += 1
                 except Exception as exc:  # one model that cannot come back must not keep the rest away
                     log.error("training client %s could not be restored: %s", model_id, exc)
                     service.sessions.lost[model_id] = str(exc)
+                    summary.lost += 1
             await _restore_creations(service, session, pending)
+            summary.sampling_clients += len(session.samplers)
     for request_id in pending - service.restarted:
         if service.futures.finished(request_id) is None:
             service.futures.resolve(request_id, Outcome(error=RESEND, category="server"))
+    return summary
 
 
 def _restore_sampler(service: TinkerService, session: Session, doc: dict[str, Any], pending: set[str]) -> None:
@@ -121,7 +147,8 @@ async def _restore_creations(service: TinkerService, session: Session, pending: 
                 service.create_model_once(body, op.kind, op.request_id)
 
 
-async def _restore_model(service: TinkerService, session: Session, doc: dict[str, Any], pending: set[str]) -> None:
+async def _restore_model(service: TinkerService, session: Session, doc: dict[str, Any], pending: set[str]) -> int:
+    """Rebuild one training model; return how many requests were replayed on its loaded state."""
     model_id = doc["model_id"]
     learner = await LearnerSession.create(
         service.learner_channel, service.learner_base_model, lora_rank=0, seed=doc["seed"]
@@ -139,6 +166,7 @@ async def _restore_model(service: TinkerService, session: Session, doc: dict[str
         unnamed_snapshots=deque(Path(path) for path in doc["unnamed_snapshots"]),
         last_snapshot=doc["last_snapshot"],
     )
+    replayed = 0
     try:
         base_seq_id = await _load_newest_state(model)
         ops = service.journal.ops(model_id)
@@ -146,7 +174,7 @@ async def _restore_model(service: TinkerService, session: Session, doc: dict[str
             if op.request_id in pending:
                 continue
             if op.seq_id > base_seq_id and op.kind in STATE_CHANGING:
-                await _replay(service, model, op)
+                replayed += await _replay(service, model, op)
             model.executor.restore_finished(op.seq_id, op.fingerprint, op.kind, op.request_id)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -158,6 +186,7 @@ async def _restore_model(service: TinkerService, session: Session, doc: dict[str
             work = functools.partial(service.run_operation, model, decoded(op.kind, op.body, op.codec))
             model.executor.submit(op.seq_id, op.fingerprint, op.kind, work, request_id=op.request_id)
             service.restarted.add(op.request_id)
+    return replayed
 
 
 async def _load_newest_state(model: TrainingModel) -> int:
@@ -179,11 +208,11 @@ async def _load_newest_state(model: TrainingModel) -> int:
     return 0
 
 
-async def _replay(service: TinkerService, model: TrainingModel, op: OpRecord) -> None:
-    """Redo `op`'s effect on the model's state (its result was answered before the restart)."""
+async def _replay(service: TinkerService, model: TrainingModel, op: OpRecord) -> int:
+    """Redo `op`'s effect on the model's state (its result was answered before the restart); 1 if redone."""
     outcome = service.futures.finished(op.request_id)
     if outcome is not None and outcome.error is not None:
-        return  # it failed then, and changed nothing
+        return 0  # it failed then, and changed nothing
     if op.body is None:
         raise FailedPrecondition(f"the body of its request seq_id {op.seq_id} ({op.kind}) is no longer kept")
     try:
@@ -191,4 +220,5 @@ async def _replay(service: TinkerService, model: TrainingModel, op: OpRecord) ->
     except USER_ERRORS:
         if outcome is not None:
             raise
-        # its outcome expired from the journal: an error now is the error it had then
+        return 0  # its outcome expired from the journal: an error now is the error it had then
+    return 1

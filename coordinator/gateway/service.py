@@ -30,7 +30,7 @@ from coordinator.gateway.durable_states import DurableStates
 from coordinator.gateway.futures import FutureStore
 from coordinator.gateway.journal import GatewayJournal, OpRecord
 from coordinator.gateway.operations import Operation, work_of
-from coordinator.gateway.restore import restore_service
+from coordinator.gateway.restore import RestoreSummary, restore_service
 from coordinator.gateway.sampler_weights import SamplerWeights
 from coordinator.gateway.sampling import Sampling
 from coordinator.gateway.sequencer import OrderedExecutor
@@ -197,9 +197,9 @@ class TinkerService:
             self.durable.record(model)
         return result
 
-    async def restore(self) -> None:
+    async def restore(self) -> RestoreSummary:
         """Bring back the journal's sessions, clients and futures (coordinator.gateway.restore)."""
-        await restore_service(self)
+        return await restore_service(self)
 
     async def suspend(self, reason: str) -> None:
         """The server stops: what is unfinished is left for a restart to run, not recorded as failed."""

@@ -96,6 +96,10 @@ def test_kill_9_of_anvil_serve_loses_nothing_and_repeats_nothing(tmp_path: Path,
         process.wait(timeout=60)
 
     process, address = _serve(tmp_path, port)
+    restored = [line for line in (tmp_path / "serve.log").read_text().splitlines() if "restored from" in line]
+    assert restored and "1 session(s), 2 training client(s)" in restored[0], restored
+    assert "1 sampling client(s); 0 training client(s) lost" in restored[0]
+    print(restored[0])
     try:
         # The SDK client goes on: the optimizer step applies the gradient accumulated before the kill.
         trained.optim_step(ADAM).result()
