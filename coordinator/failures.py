@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from protos.channels import open_channel
 from protos.errors import AnvilError
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ async def answers(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
     """Whether the service at `address` answers a health check (open without a key) in time."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address) as channel:
         try:
             stub = health_pb2_grpc.HealthStub(channel)
             await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)

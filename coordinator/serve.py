@@ -106,6 +106,7 @@ async def start_gateway(
             log_level="warning",
             lifespan="off",
             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+            **config.uvicorn_tls(),
         )
     )
     serving = asyncio.get_running_loop().create_task(server.serve())
@@ -163,8 +164,9 @@ async def _serve(config: GatewayConfig, stop_requested: asyncio.Event) -> None:
         # Replicas started here are restarted when they exit; they rejoin once they answer again.
         supervisor = services.supervise(running.service.router.replicas, config.services.fleet)
         print(f"LISTENING {running.address}", flush=True)
+        scheme = "https" if config.tls_cert else "http"
         print(
-            f"Tinker API for {config.model}: TINKER_BASE_URL=http://{running.address} "
+            f"Tinker API for {config.model}: TINKER_BASE_URL={scheme}://{running.address} "
             f"TINKER_API_KEY={'<a configured key>' if config.resolved_api_keys() else 'tml-anything'}",
             flush=True,
         )

@@ -27,13 +27,15 @@ from coordinator.fleet.supervisor import ReplicaSupervisor
 from coordinator.launcher import ServiceHandle, start_service, toml_value
 from learner.backends.megatron.world_size import ranks_per_node
 from learner.config import BackendConfig, MegatronBackendConfig
+from protos import tls
 
 SERVICES_FILE = "services.json"
 
 
 def service_env(api_key: str | None) -> dict[str, str]:
-    """Environment of a started service: offline Hugging Face, quiet vLLM, and the key that protects it."""
-    env = {"HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    """Environment of a started service: offline Hugging Face, quiet vLLM, the key that protects it, and
+    the TLS settings (protos.tls) - passed on explicitly, so services Ray starts on other nodes get them."""
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING", **tls.environment()}
     if api_key:
         env["ANVIL_API_KEY"] = api_key
     return env

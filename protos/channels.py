@@ -1,4 +1,5 @@
-"""Client channels to Anvil services: message-size caps and the API key on every call.
+"""Client channels to Anvil services: message-size caps, the API key on every call, and TLS when the
+environment asks for it (protos.tls: `ANVIL_TLS_CA`, and a client certificate for mutual TLS).
 
 grpc.aio files each client interceptor under one call kind only (an if/elif on its base classes), so
 the `authorization: Bearer <key>` header needs one interceptor class per kind.
@@ -7,6 +8,8 @@ the `authorization: Bearer <key>` header needs one interceptor class per kind.
 from __future__ import annotations
 
 import grpc
+
+from protos.tls import channel_credentials
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """Largest message a channel or server accepts by default (weight chunks and batches must fit)."""
@@ -53,7 +56,8 @@ class _StreamStreamAuth(_AuthHeader, grpc.aio.StreamStreamClientInterceptor):
 def open_channel(
     address: str, api_key: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 ) -> grpc.aio.Channel:
-    """An insecure grpc.aio channel to `address` that sends the API key (if any) on every call."""
+    """A grpc.aio channel to `address` that sends the API key (if any) on every call; TLS when
+    $ANVIL_TLS_CA is set (protos.tls), plain text otherwise."""
     options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -63,4 +67,7 @@ def open_channel(
         if api_key
         else None
     )
+    credentials = channel_credentials()
+    if credentials is not None:
+        return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)

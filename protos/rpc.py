@@ -16,6 +16,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from protos import errors
 from protos.channels import DEFAULT_MAX_MESSAGE_BYTES
 from protos.status import status_for
+from protos.tls import server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,12 @@ class ServerConfig(BaseModel):
     """Largest request or response message, in bytes (weight chunks and batches must fit)."""
     grace_s: float = Field(default=5.0, ge=0)
     """Seconds in-flight calls get to finish when the server stops."""
+    tls_cert: Path | None = None
+    """PEM certificate chain: serve TLS only (None falls back to $ANVIL_TLS_CERT; see protos.tls)."""
+    tls_key: Path | None = None
+    """PEM private key of `tls_cert` (None falls back to $ANVIL_TLS_KEY)."""
+    tls_client_ca: Path | None = None
+    """Require client certificates signed by this CA: mutual TLS (None falls back to $ANVIL_TLS_CLIENT_CA)."""
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get(API_KEY_ENV) or None
@@ -196,13 +204,18 @@ async def start_server(config: ServerConfig, services: Sequence[ServiceSpec]) ->
         spec.add_to_server(spec.servicer, server)
     names = tuple(spec.full_name for spec in services)
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    if credentials is None:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    else:
+        port = server.add_secure_port(f"{config.host}:{config.port}", credentials)
     if port == 0:
         raise errors.Unavailable(f"could not bind {config.host}:{config.port}; is the port in use?")
     await server.start()
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("serving %s on %s:%d (auth %s)", ", ".join(names), config.host, port, "on" if api_key else "off")
+    auth, tls = "on" if api_key else "off", "off" if credentials is None else "on"
+    logger.info("serving %s on %s:%d (auth %s, tls %s)", ", ".join(names), config.host, port, auth, tls)
     return RunningServer(server, config.host, port, health_servicer, names, config.grace_s)
 
 

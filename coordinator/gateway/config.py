@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,6 +30,12 @@ class GatewayConfig(BaseModel):
     tinker SDK only sends keys that start with `tml-`."""
     api_keys_file: Path | None = None
     """A file of more accepted keys, one per line ('#' comments), so keys need not sit in a config."""
+    tls_cert: Path | None = None
+    """PEM certificate chain: the REST API is served over HTTPS only (gRPC services: protos.tls)."""
+    tls_key: Path | None = None
+    """PEM private key of `tls_cert`."""
+    tls_client_ca: Path | None = None
+    """With it, HTTPS clients must present a certificate signed by this CA (mutual TLS)."""
     model: str = "anvil-tiny"
     """The base model served: a built-in name or a Hugging Face directory. `create_model` takes this name."""
     services: ServicesConfig = Field(default_factory=ServicesConfig)
@@ -63,6 +70,23 @@ class GatewayConfig(BaseModel):
     `fireworks` on the gateway of every RLOR trainer job it creates (only Fireworks' SDK reaches those);
     set it here only to point Fireworks' `FiretitanServiceClient` at this server's own `/api/v1`. Both
     dialects accept either form as input."""
+
+    def uvicorn_tls(self) -> dict[str, Any]:
+        """uvicorn's TLS settings for `tls_*` ({} for plain HTTP); a half-given pair is a config error."""
+        if self.tls_cert is None and self.tls_key is None:
+            if self.tls_client_ca is not None:
+                raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key too")
+            return {}
+        if self.tls_cert is None or self.tls_key is None:
+            raise ValueError("HTTPS needs both tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {path} is not a readable file")
+        settings: dict[str, Any] = {"ssl_certfile": str(self.tls_cert), "ssl_keyfile": str(self.tls_key)}
+        if self.tls_client_ca is not None:
+            settings |= {"ssl_ca_certs": str(self.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        return settings
 
     def resolved_api_keys(self) -> list[str]:
         """Every accepted key: `api_keys`, $ANVIL_TINKER_API_KEYS (comma-separated) and `api_keys_file`."""
