@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from servicekit.failpoints import failpoint
 
 MANIFEST = "manifest.json"
 COMPLETE_MARKER = "COMPLETE"
@@ -57,6 +58,7 @@ def write_checkpoint(target: Path, fill: Callable[[Path], None], overwrite: bool
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
             (staging / COMPLETE_MARKER).write_text("")
             _fsync_dir(staging)
+            failpoint("learner.checkpoint_write")
         except Exception as exc:
             if _out_of_space(exc, staging):
                 raise ResourceExhausted(

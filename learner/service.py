@@ -27,6 +27,7 @@ from protos.adam import adam_params_from_proto
 from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
 from protos.arrow_schemas import encode_outputs
 from protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from servicekit.failpoints import failpoint
 
 LOSS_OUTPUT_TYPE = "ArrayRecord"
 CLIENT_STATE_FILE = "client_state.bin"
@@ -76,6 +77,8 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             request.loss_fn, batch.input_names, dict(request.loss_fn_config), batch.multi_target
         )
         result = await asyncio.to_thread(session.backend.forward, batch, loss, loss_config, backward)
+        if backward:
+            failpoint("learner.forward_backward")
         response_type = learner_pb2.ForwardBackwardResponse if backward else learner_pb2.ForwardResponse
         return response_type(
             outputs=common_pb2.DataBatch(arrow_ipc_stream=encode_outputs(result.logprobs)),
@@ -90,6 +93,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
                 request.grad_scale if request.HasField("grad_scale") else None,
             )
             metrics = await asyncio.to_thread(session.backend.optim_step, params)
+            failpoint("learner.optim_step")
             return learner_pb2.OptimStepResponse(step=session.backend.step, metrics=metrics)
 
         return await self._sequenced(request, execute)

@@ -24,6 +24,7 @@ from protos.errors import InvalidArgument
 from protos.weights_delta import ENCODING as DELTA_ENCODING
 from protos.weights_delta import encode_piece
 from protos.weights_digest import sha256_digest, tree_digest
+from servicekit.failpoints import failpoint
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -117,6 +118,7 @@ def framed_push_requests(
             data_field = _CHUNK_DATA_TAG + _varint(len(piece)) if len(piece) else b""
             chunk_length = len(header) + len(data_field) + len(piece)
             yield b"".join((version_field, _PUSH_CHUNK_TAG, _varint(chunk_length), header, data_field, piece))
+            failpoint("weights.push_chunk")
             offset += chunk_bytes
             if offset >= total:
                 break

@@ -31,6 +31,7 @@ from protos.weights_assembler import ChunkAssembler
 from protos.weights_codec import TensorBytes
 from protos.weights_segment import MappedSegment
 from rollout.engines.base import RolloutEngine
+from servicekit.failpoints import failpoint
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -169,6 +170,7 @@ class WeightUpdater:
                 assembler = self._require_open(version)
                 staged_before = assembler.num_bytes
                 assembler.add(request.chunk)
+                failpoint("rollout.push")
                 chunks += 1
                 bytes_ += assembler.num_bytes - staged_before  # not len(chunk.data): each read copies the bytes
         except FailedPrecondition:

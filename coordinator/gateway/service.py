@@ -40,6 +40,7 @@ from coordinator.gateway.snapshot_store import SnapshotStore
 from coordinator.gateway.training import TrainingOps
 from coordinator.gateway.training_runs import TrainingRuns
 from protos.errors import InvalidArgument, NotFound
+from servicekit.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,7 @@ class TinkerService:
     async def run_operation(self, model: TrainingModel, operation: Operation) -> Any:
         """Run `operation` on `model`, then keep what a restart needs (a durable state after a step)."""
         result = await work_of(operation, self.training, self.sampler_weights)(model)
+        failpoint(f"gateway.{operation.kind}")
         if operation.kind == "optim_step":
             try:
                 await self.durable.after_step(model, operation.seq_id)
