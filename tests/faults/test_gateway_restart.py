@@ -1,6 +1,8 @@
-"""kill -9 of `anvil serve` (its learner and replica die with it) mid-training, then `anvil serve` again on
-the same port and state directory: the official SDK's clients made before the kill carry on, and every
-request runs exactly once.
+"""kill -9 of `anvil serve` (its learner and replica die with it) mid-training - from outside, and from a
+failpoint inside a forward_backward or an optimizer step after the learner ran it but before the gateway
+recorded it - then `anvil serve` again on the same port and state directory: the official SDK's clients
+made before the kill carry on (a future polling through the outage gets its answer), and every request
+runs exactly once. And SIGSTOP of `anvil serve`: a client's deadline fires, and after SIGCONT it goes on.
 
 Checked against an independent computation: after the restart, a fresh training client is given the
 same requests from scratch; the restored clients' weights must then give the same logprobs, bit for
@@ -19,6 +21,7 @@ import pytest
 tinker = pytest.importorskip("tinker", reason="tinker==0.38.0 is a dev dependency (pip install -e .[dev])")
 from tinker import types  # noqa: E402
 
+from servicekit.failpoints import ENV, ONCE_DIR_ENV  # noqa: E402
 from tests.coordinator.gateway.conftest import start_anvil_serve  # noqa: E402
 from tests.coordinator.gateway.test_rejections_and_ordering import _result, _submit, sdk_pb  # noqa: E402
 from tests.coordinator.gateway.test_tinker_sdk import datum, random_sequences  # noqa: E402
@@ -42,14 +45,14 @@ def _probe_logprobs(training) -> list[np.ndarray]:
     return [np.asarray(o["logprobs"].data) for o in out.loss_fn_outputs]
 
 
-def _serve(tmp_path: Path, port: int) -> tuple:
+def _serve(tmp_path: Path, port: int, env: dict[str, str] | None = None) -> tuple:
     settings = [
         f"port={port}",
         f'api_keys=["{KEY}"]',
         f'state_dir="{tmp_path / "state"}"',
         'services.rollout_engine.type="torch"',
     ]
-    return start_anvil_serve(tmp_path, settings)
+    return start_anvil_serve(tmp_path, settings, env)
 
 
 def _rest_model(http: httpx.Client, session_id: str) -> str:
@@ -154,3 +157,70 @@ def _json_result(http: httpx.Client, request_id: str) -> dict:
         reply = http.post("/api/v1/retrieve_future", json={"request_id": request_id}).json()
         if reply.get("type") != "try_again":
             return reply
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["forward_backward", "optim_step"])
+def test_a_gateway_killed_inside_a_request_finishes_it_once_after_a_restart(tmp_path: Path, anvil_home, kind):
+    """The gateway dies (failpoint `gateway.<kind>`) after its learner ran the request and before the outcome
+    was recorded. The SDK's future, polling through the outage, gets the request's result after the
+    restart, and the model has it applied exactly once."""
+    fired = tmp_path / "fired"
+    fired.mkdir()
+    env = {ENV: f"gateway.{kind}=kill@2", ONCE_DIR_ENV: str(fired)}
+    process, address = _serve(tmp_path, 0, env)
+    port = int(address.rsplit(":", 1)[1])
+    client = tinker.ServiceClient(base_url=f"http://{address}", api_key=KEY)
+    batches = _batches()
+    try:
+        trained = client.create_lora_training_client(base_model="anvil-tiny", rank=0).result()
+        trained.forward_backward(batches[0], "cross_entropy").result()
+        trained.optim_step(ADAM).result()
+        stepped = trained.forward_backward(batches[1], "cross_entropy")
+        if kind == "optim_step":
+            stepped.result()
+            stepped = trained.optim_step(ADAM)
+        assert process.wait(timeout=120) == -signal.SIGKILL, "the failpoint killed anvil serve"
+        assert [p.name for p in fired.iterdir()] == [f"gateway.{kind}"]
+        process, _ = _serve(tmp_path, port, env)
+        stepped.result(timeout=300)  # the same future: answered by the restarted gateway
+        if kind == "forward_backward":
+            trained.optim_step(ADAM).result()
+        reference = client.create_lora_training_client(base_model="anvil-tiny", rank=0).result()
+        for batch in batches[:2]:
+            reference.forward_backward(batch, "cross_entropy").result()
+            reference.optim_step(ADAM).result()
+        for got, want in zip(_probe_logprobs(trained), _probe_logprobs(reference), strict=True):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        client.close("success").result()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+@pytest.mark.integration
+def test_a_stopped_gateway_lets_the_clients_deadline_fire_and_then_goes_on(tmp_path: Path, anvil_home):
+    """SIGSTOP of anvil serve mid-training: a client's deadline fires (no hang past it); after SIGCONT the
+    same request completes, once."""
+    process, address = _serve(tmp_path, 0)
+    client = tinker.ServiceClient(base_url=f"http://{address}", api_key=KEY)
+    batches = _batches()
+    try:
+        trained = client.create_lora_training_client(base_model="anvil-tiny", rank=0).result()
+        trained.forward_backward(batches[0], "cross_entropy").result()
+        process.send_signal(signal.SIGSTOP)
+        stepped = trained.optim_step(ADAM)
+        with pytest.raises(TimeoutError):
+            stepped.result(timeout=3)
+        process.send_signal(signal.SIGCONT)
+        stepped.result(timeout=120)
+        reference = client.create_lora_training_client(base_model="anvil-tiny", rank=0).result()
+        reference.forward_backward(batches[0], "cross_entropy").result()
+        reference.optim_step(ADAM).result()
+        for got, want in zip(_probe_logprobs(trained), _probe_logprobs(reference), strict=True):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        process.send_signal(signal.SIGCONT)
+        client.close("success").result()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)

@@ -107,16 +107,23 @@ def fleet_serve_settings(key: str, state_dir: Path, engine: str) -> list[str]:
     ]  # fmt: skip
 
 
-def start_anvil_serve(tmp_path: Path, settings: list[str]) -> tuple[subprocess.Popen, str]:
-    """`python -m coordinator serve` with `--set` settings, its output in tmp_path/serve.log; returns the
-    process and the address from its LISTENING line (fails with the log's tail if it never listens)."""
+def start_anvil_serve(
+    tmp_path: Path, settings: list[str], env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`python -m coordinator serve` with `--set` settings (and `env` added to its environment), its output
+    in tmp_path/serve.log; returns the process and the address from its LISTENING line (fails with the
+    log's tail if it never listens)."""
     command = [sys.executable, "-m", "coordinator", "serve"]
     for setting in settings:
         command += ["--set", setting]
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
         )
     deadline = time.monotonic() + 300
     address = None
