@@ -23,6 +23,9 @@ class FleetConfig(BaseModel):
     """A request waits this long for a healthy replica (saying why it waits) before failing the run."""
     publish_timeout_s: float = Field(default=300.0, gt=0)
     """A replica that has not taken published weights within this counts as failed (and is resynced later)."""
+    hung_kill_after_s: float = Field(default=60.0, gt=0)
+    """A replica this process started that has been dead by probes this long while its process still runs
+    (hung, or stopped) is killed, so that it is restarted like one that exited."""
     max_restarts: int = Field(default=5, ge=0)
     """Restarts of each replica the coordinator started itself, per run (then it stays dead)."""
     restart_backoff_s: float = Field(default=1.0, ge=0)

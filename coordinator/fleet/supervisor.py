@@ -6,8 +6,10 @@ behind in its process group (vLLM's engine-core and worker processes), tells the
 is DEAD, then RESTARTING, waits `restart_backoff_s` (doubling per restart of that replica, at most 30 s),
 starts it again with the same settings and hands the new address to the ReplicaSet, which keeps it STALE
 until the current weights are published to it. After `max_restarts` restarts a replica stays dead.
-A replica that hangs without exiting is the ReplicaSet's business (probes declare it dead and move its
-requests; it rejoins if it answers again).
+A replica that hangs without exiting is first the ReplicaSet's business (probes declare it dead and move
+its requests; it rejoins if it answers again); if it is still dead `hung_kill_after_s` later, its
+process group is killed, so it restarts like one that exited - and whatever waited on it (a weight push
+into a stopped process, which no probe can end) fails at once instead of at its own timeout.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
 WATCH_INTERVAL_S = 0.5
+HUNG = "rollout %s has not answered for %.0fs although its process runs (hung or stopped); killing it to restart it"
 
 Restart = Callable[[str], Awaitable[ServiceHandle]]
 """Start replica `name` again with its original settings; return the new process (listening)."""
@@ -48,6 +51,8 @@ class ReplicaSupervisor:
 
     async def _watch_forever(self) -> None:
         restarting: dict[str, asyncio.Task] = {}
+        dead_since: dict[str, float] = {}
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 await asyncio.sleep(WATCH_INTERVAL_S)
@@ -56,12 +61,25 @@ class ReplicaSupervisor:
                         del self.processes[name]  # removed from the fleet: stop the process we started
                         await asyncio.to_thread(process.stop)
                     elif name not in restarting and process.poll() is not None:
+                        dead_since.pop(name, None)
                         restarting[name] = asyncio.create_task(self._replace(name, process))
+                    elif name not in restarting and self._hung_for(name, dead_since, loop.time()):
+                        logger.warning(HUNG, name, self.config.hung_kill_after_s)
+                        await asyncio.to_thread(process.kill_group)
                 for name in [name for name, task in restarting.items() if task.done()]:
                     restarting.pop(name)
         finally:
             for task in restarting.values():
                 task.cancel()
+
+    def _hung_for(self, name: str, dead_since: dict[str, float], now: float) -> bool:
+        """Whether replica `name` has been DEAD (by probes) for `hung_kill_after_s`, tracked in `dead_since`."""
+        replica = self.replicas.health.replicas.get(name)
+        if replica is None or replica.state is not ReplicaState.DEAD:
+            dead_since.pop(name, None)
+            return False
+        since = dead_since.setdefault(name, now)
+        return now - since >= self.config.hung_kill_after_s
 
     async def _replace(self, name: str, dead: ServiceHandle) -> None:
         code = dead.returncode

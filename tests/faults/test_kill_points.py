@@ -2,7 +2,9 @@
 
 `anvil run` (torch rollout engine, 10 short steps, a checkpoint every 2) with its learner killed inside a
 forward_backward, inside an optimizer step, halfway through writing a checkpoint and halfway through
-sending a weight update, and with its replica killed halfway through receiving one: every run finishes,
+sending a weight update, with its replica killed halfway through receiving one, and with the learner and
+the replica hung (SIGSTOP) at those points - health checks must catch those, no call may wait forever:
+every run finishes,
 every batch is consumed exactly once (no prompt lost or repeated) and each step is recorded once.
 The failpoint's marker file proves the fault really fired where it was meant to.
 """
@@ -23,6 +25,8 @@ WATCH = [
     "services.learner_watch.probe_interval_s=0.5",
     "services.learner_watch.probe_timeout_s=1",
     "services.learner_watch.failures_to_dead=3",
+    "services.fleet.probe_interval_s=0.5",
+    "services.fleet.hung_kill_after_s=3",
 ]
 
 
@@ -47,6 +51,8 @@ def run_with_failpoint(tmp_path: Path, failpoint: str) -> tuple[subprocess.Compl
         ("learner.checkpoint_write=kill@2", "restarting it (1 of 3) to resume from the last checkpoint"),
         ("weights.push_chunk=kill@100", "restarting it (1 of 3) to resume from the last checkpoint"),
         ("rollout.push=kill@100", "rollout replica-0 is back"),
+        ("learner.optim_step=stop@5", "stopped answering (3 health checks unanswered"),
+        ("rollout.push=stop@100", "has not answered for 3s although its process runs (hung or stopped)"),
     ],
     ids=[
         "learner mid forward_backward",
@@ -54,6 +60,8 @@ def run_with_failpoint(tmp_path: Path, failpoint: str) -> tuple[subprocess.Compl
         "learner mid checkpoint write",
         "learner mid weight push",
         "replica mid weight push",
+        "learner hung mid optim_step",
+        "replica hung mid weight push",
     ],
 )
 def test_a_kill_at_a_chosen_point_loses_nothing(tmp_path: Path, failpoint: str, recovery: str, anvil_home):
