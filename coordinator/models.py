@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from protos.errors import InvalidArgument, NotFound
+from servicekit.paths import user_path
 
 ANVIL_HOME_ENV = "ANVIL_HOME"
 BUILD_RECIPE_VERSION = 1
@@ -111,7 +112,7 @@ def model_name_of(base_model: str) -> str:
         raise InvalidArgument("base_model is empty; name the model to serve or train (e.g. anvil-tiny)")
     match = ACCOUNT_MODEL.match(base_model)
     name = match.group("name") if match else base_model
-    return name if Path(name).expanduser().is_dir() else name.split(":")[0]
+    return name if user_path(name).is_dir() else name.split(":")[0]
 
 
 def same_model(base_model: str, served: str, served_dir: Path) -> bool:
@@ -119,7 +120,7 @@ def same_model(base_model: str, served: str, served_dir: Path) -> bool:
     name = model_name_of(base_model)
     if name in (model_name_of(served), str(served_dir)):
         return True
-    path = Path(name).expanduser()
+    path = user_path(name)
     return path.is_dir() and path.resolve() == served_dir.resolve()
 
 
@@ -129,7 +130,7 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
     name_or_path = model_name_of(name_or_path)
     if name_or_path in BUILTIN_MODELS:
         return ensure_builtin_model(BUILTIN_MODELS[name_or_path], cache_dir)
-    path = Path(name_or_path).expanduser()
+    path = user_path(name_or_path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise NotFound(f"model directory {path} has no config.json; point at a Hugging Face model directory")

@@ -99,6 +99,9 @@ class LearnerConfig(BaseModel):
     """Open sessions allowed at once; each holds a full model and AdamW state in memory."""
     checkpoint_dir: Path = Path("runs/learner")
     """Root of SaveState and SaveWeights outputs: <checkpoint_dir>/<session_id>/{state,weights}/<name>."""
+    max_batch_rows: int = Field(default=65536, ge=1)
+    """Datums one Forward / ForwardBackward request may carry (a bound on what one request decodes;
+    memory is bounded by the token-budget micro-batches)."""
     sequence_gap_timeout_s: float = Field(default=120.0, gt=0)
     """How long a request waits for an earlier seq_id before failing with DEADLINE_EXCEEDED."""
     dedup_cache_size: int = Field(default=64, ge=1)

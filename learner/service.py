@@ -67,6 +67,11 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     async def _forward(self, session: TrainingSession, request: Any, backward: bool) -> Any:
         description = session.backend.description
         batch = batch_from_arrow(request.batch.arrow_ipc_stream, vocab_size=description.vocab_size)
+        if len(batch.data) > self.config.max_batch_rows:
+            raise InvalidArgument(
+                f"the batch has {len(batch.data)} rows; this learner takes at most {self.config.max_batch_rows} per "
+                "request (learner max_batch_rows): split it into several requests"
+            )
         longest = max(len(datum.model_input) for datum in batch.data)
         if description.max_context_length and longest > description.max_context_length:
             raise InvalidArgument(

@@ -14,6 +14,7 @@ from learner.background_writes import BackgroundWrites
 from learner.config import LearnerConfig
 from learner.transports.base import PublishedWeights
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
+from servicekit.paths import user_path
 from servicekit.sequencer import GapPolicy, Sequencer
 
 _BYTES_PER_PARAMETER = 16
@@ -50,7 +51,7 @@ class SessionRegistry:
         """A configured model name, or a Hugging Face directory."""
         if base_model in self._config.models:
             return self._config.models[base_model]
-        path = Path(base_model).expanduser()
+        path = user_path(base_model)
         if path.is_dir() and (path / "config.json").is_file():
             return path.resolve()
         known = ", ".join(sorted(self._config.models)) or "none configured"

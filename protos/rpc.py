@@ -66,8 +66,43 @@ class ServerConfig(BaseModel):
 # --- server side -------------------------------------------------------------------------------------
 
 
-def _wrap_behavior(behavior: Callable[..., Any], streaming_response: bool) -> Callable[..., Any]:
-    """Wrap a handler so domain errors abort with their status and nothing else leaks as UNKNOWN."""
+class _Undecodable:
+    """What a request deserializer gives for bytes that are not its message (grpc itself would answer
+    INTERNAL): the handler's wrapper turns it into INVALID_ARGUMENT naming the message type."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, and whatever else a corrupt message raises
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidArgument(f"the request is not a valid protobuf message of this method: {request.error}")
+    return request
+
+
+async def _decoded_stream(requests: Any) -> Any:
+    async for request in requests:
+        yield _decoded(request)
+
+
+def _wrap_behavior(
+    behavior: Callable[..., Any], streaming_request: bool, streaming_response: bool
+) -> Callable[..., Any]:
+    """Wrap a handler so domain errors abort with their status and nothing else leaks as UNKNOWN or INTERNAL
+    (undecodable request bytes included)."""
 
     async def abort_for(exc: Exception, context: grpc.aio.ServicerContext) -> None:
         code = status_for(exc)
@@ -76,11 +111,14 @@ def _wrap_behavior(behavior: Callable[..., Any], streaming_response: bool) -> Ca
             await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
         await context.abort(code, str(exc))
 
+    def checked(request: Any) -> Any:
+        return _decoded_stream(request) if streaming_request else _decoded(request)
+
     if streaming_response and inspect.isasyncgenfunction(behavior):
 
         async def wrapped_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                async for item in behavior(request, context):
+                async for item in behavior(checked(request), context):
                     yield item
             except grpc.aio.AbortError:
                 raise
@@ -91,7 +129,7 @@ def _wrap_behavior(behavior: Callable[..., Any], streaming_response: bool) -> Ca
 
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behavior(request, context)
+            return await behavior(checked(request), context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -101,26 +139,27 @@ def _wrap_behavior(behavior: Callable[..., Any], streaming_response: bool) -> Ca
 
 
 def _rebuild_handler(
-    handler: grpc.RpcMethodHandler, make_behavior: Callable[[Callable[..., Any], bool], Callable[..., Any]]
+    handler: grpc.RpcMethodHandler,
+    make_behavior: Callable[[Callable[..., Any], bool, bool], Callable[..., Any]],
+    tolerant: bool = False,
 ) -> grpc.RpcMethodHandler:
-    """A handler of the same kind and (de)serialisers whose behavior is make_behavior(old, streaming)."""
-    codecs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    """A handler of the same kind and (de)serialisers whose behavior is make_behavior(old, streaming request,
+    streaming response); `tolerant`: undecodable requests reach the behavior as `_Undecodable`."""
+    decode = _tolerant(handler.request_deserializer) if tolerant else handler.request_deserializer
+    codecs = {"request_deserializer": decode, "response_serializer": handler.response_serializer}
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(make_behavior(handler.unary_unary, False), **codecs)
+        return grpc.unary_unary_rpc_method_handler(make_behavior(handler.unary_unary, False, False), **codecs)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(make_behavior(handler.unary_stream, True), **codecs)
+        return grpc.unary_stream_rpc_method_handler(make_behavior(handler.unary_stream, False, True), **codecs)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(make_behavior(handler.stream_unary, False), **codecs)
-    return grpc.stream_stream_rpc_method_handler(make_behavior(handler.stream_stream, True), **codecs)
+        return grpc.stream_unary_rpc_method_handler(make_behavior(handler.stream_unary, True, False), **codecs)
+    return grpc.stream_stream_rpc_method_handler(make_behavior(handler.stream_stream, True, True), **codecs)
 
 
 class _ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = await continuation(handler_call_details)
-        return None if handler is None else _rebuild_handler(handler, _wrap_behavior)
+        return None if handler is None else _rebuild_handler(handler, _wrap_behavior, tolerant=True)
 
 
 class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -139,7 +178,7 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if hmac.compare_digest(given_bytes, self._expected):
             return handler
 
-        def reject(_: Callable[..., Any], __: bool) -> Callable[..., Any]:
+        def reject(_: Callable[..., Any], __: bool, ___: bool) -> Callable[..., Any]:
             async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
                 why = "missing" if not given else "wrong"
                 await context.abort(

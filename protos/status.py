@@ -8,6 +8,7 @@ through `call`, which raises the domain error a status stands for, so callers ca
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -30,11 +31,22 @@ STATUS_BY_ERROR: dict[type[errors.AnvilError], grpc.StatusCode] = {
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.AnvilError]] = {v: k for k, v in STATUS_BY_ERROR.items()}
 
 
+STATUS_BY_PATH_ERRNO = {
+    errno.ENAMETOOLONG: grpc.StatusCode.INVALID_ARGUMENT,
+    errno.EISDIR: grpc.StatusCode.INVALID_ARGUMENT,
+    errno.ENOENT: grpc.StatusCode.NOT_FOUND,
+    errno.ENOTDIR: grpc.StatusCode.NOT_FOUND,
+}
+"""A path a request names that cannot be one (too long) or is not there: the caller's to fix, not INTERNAL."""
+
+
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    """The gRPC status a raised exception maps to (INTERNAL for anything not an AnvilError)."""
+    """The gRPC status a raised exception maps to (INTERNAL for anything not an AnvilError, or a bad path)."""
     for cls in type(exc).__mro__:
         if cls in STATUS_BY_ERROR:
             return STATUS_BY_ERROR[cls]
+    if isinstance(exc, OSError) and exc.errno in STATUS_BY_PATH_ERRNO:
+        return STATUS_BY_PATH_ERRNO[exc.errno]
     return grpc.StatusCode.INTERNAL
 
 

@@ -87,3 +87,5 @@ class RolloutConfig(BaseModel):
     """Where the RolloutService listens and its auth."""
     engine: EngineConfig = Field(default_factory=default_engine_config)
     """Sampling engine."""
+    max_samples_per_request: int = Field(default=1024, ge=1)
+    """Samples one Sample request may ask for (they decode together: a bound on one request's memory)."""

@@ -16,7 +16,13 @@ async def start_rollout(config: RolloutConfig) -> tuple[RunningServer, RolloutSe
     shapes = checkpoint_shapes(model_path)
     engine = await build_engine(config.engine, model_path)
     updater = WeightUpdater(engine, shapes)
-    servicer = RolloutServicer(engine, updater, config.model_name or str(model_path), config.server.resolved_api_key())
+    servicer = RolloutServicer(
+        engine,
+        updater,
+        config.model_name or str(model_path),
+        config.server.resolved_api_key(),
+        config.max_samples_per_request,
+    )
     spec = ServiceSpec(add_rollout_service, servicer, SERVICE_NAME)
     try:
         running = await start_server(config.server, [spec])

@@ -27,9 +27,15 @@ STOP_REASONS = {"stop": common_pb2.STOP_REASON_STOP, "length": common_pb2.STOP_R
 
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     def __init__(
-        self, engine: RolloutEngine, updater: WeightUpdater, model_name: str, relay_api_key: str | None = None
+        self,
+        engine: RolloutEngine,
+        updater: WeightUpdater,
+        model_name: str,
+        relay_api_key: str | None = None,
+        max_samples_per_request: int = 1024,
     ) -> None:
         self.engine = engine
+        self.max_samples_per_request = max_samples_per_request
         self.updater = updater
         self.model_name = model_name
         self.relay_api_key = relay_api_key
@@ -66,6 +72,11 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             )
         if request.num_samples <= 0:
             raise InvalidArgument(f"num_samples is {request.num_samples}; ask for at least 1")
+        if request.num_samples > self.max_samples_per_request:
+            raise InvalidArgument(
+                f"num_samples is {request.num_samples}; this replica takes at most {self.max_samples_per_request} "
+                "per request (rollout max_samples_per_request): send several requests"
+            )
         if params.max_tokens < 0 or params.max_tokens > room:
             raise InvalidArgument(
                 f"sampling_params.max_tokens is {params.max_tokens}; it must be in [1, {room}] (the context left "

@@ -42,6 +42,10 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
         if tenant is None and request.url.path not in OPEN_PATHS:
             raise HTTPException(401, UNAUTHENTICATED)
         tenancy.enter(tenant or "")
+        size = request.headers.get("content-length", "0")
+        if not size.isdigit() or int(size) > service.config.max_request_bytes:
+            limit = service.config.max_request_bytes
+            raise HTTPException(413, f"the body is {size} bytes; this server takes at most {limit} (max_request_bytes)")
 
     app = FastAPI(title="Anvil Tinker gateway", docs_url=None, redoc_url=None, dependencies=[Depends(authenticate)])
     config = service.config

@@ -52,6 +52,8 @@ class GatewayConfig(BaseModel):
     """How long retrieve_future holds a poll before answering try_again (the SDK waits up to 45 s)."""
     sequence_gap_timeout_s: float = Field(default=300.0, gt=0)
     """How long a training request waits for a missing earlier seq_id before that one is declared lost."""
+    max_request_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    """Largest request body accepted; a larger one is refused with 413 before it is read."""
     fwdbwd_max_chunk_len: int = Field(default=1024, ge=1)
     """Datums per forward_backward request the SDK sends (it splits larger calls into chunks)."""
     default_max_tokens: int = Field(default=512, ge=1)

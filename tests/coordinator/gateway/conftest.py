@@ -84,7 +84,9 @@ def stop_stack(stack: Stack) -> None:
 
 @pytest.fixture(scope="package")
 def stack(tiny_model_dir: Path, tmp_path_factory) -> Iterator[Stack]:
-    running = build_stack(tmp_path_factory.mktemp("gateway"), tiny_model_dir, fwdbwd_max_chunk_len=3)
+    running = build_stack(
+        tmp_path_factory.mktemp("gateway"), tiny_model_dir, fwdbwd_max_chunk_len=3, max_request_bytes=4 * 2**20
+    )
     yield running
     stop_stack(running)
 

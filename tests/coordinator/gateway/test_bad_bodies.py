@@ -194,3 +194,12 @@ def test_errors_from_the_learner_show_no_server_path_and_the_client_still_trains
     stepped = ids.client.post("/api/v1/optim_step", json=sequenced(ids, adam_params={"learning_rate": 1e-4}))
     assert result(ids.client, stepped.json()["request_id"])["type"] == "optim_step"
     assert ids.client.get("/api/v1/healthz").json() == {"status": "ok"}
+
+
+def test_a_body_over_max_request_bytes_is_413_naming_the_limit(stack):
+    """The package gateway takes at most 4 MiB per body (max_request_bytes); the body is not read."""
+    headers = {"X-API-Key": TINKER_KEY, "Content-Type": "application/json"}
+    reply = httpx.post(f"{stack.base_url}/api/v1/forward_backward", content=b" " * (5 * 2**20), headers=headers)
+    assert reply.status_code == 413
+    assert "at most 4194304" in reply.json()["detail"] and "max_request_bytes" in reply.json()["detail"]
+    assert httpx.get(f"{stack.base_url}/api/v1/healthz").status_code == 200
