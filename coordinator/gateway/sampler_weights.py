@@ -72,8 +72,10 @@ class SamplerWeights:
         self.snapshots.path(identity)  # validates the name before any work
         reply = await model.learner.save_weights(f"sampler-{identity}", overwrite=True)
         if checkpoint_type == "base":
-            meta = await asyncio.to_thread(self.snapshots.add_base, identity, Path(reply.path))
+            meta = await asyncio.to_thread(self.snapshots.add_base, identity, Path(reply.path), model.owner)
         else:
-            meta = await asyncio.to_thread(self.snapshots.add_delta, identity, Path(reply.path), model.last_snapshot)
+            meta = await asyncio.to_thread(
+                self.snapshots.add_delta, identity, Path(reply.path), model.last_snapshot, model.owner
+            )
         model.last_snapshot = identity
         return {"path": identity, "type": "save_weights_for_sampler", "checkpoint_type": meta["kind"]}

@@ -17,6 +17,10 @@ compresses to a fraction of the full weights; it is exact (bit for bit), shapes 
 previous snapshot, and `digest` (protos.weights_codec.digest: sha256 over name-sorted tensor bytes) of
 the reconstructed weights is checked before anything is served. `materialize` rebuilds a delta's full
 Hugging Face directory from its chain (cached), or raises FailedPrecondition on any mismatch.
+
+A snapshot is its tenant's (`owner` in snapshot.json, coordinator.gateway.tenancy): another tenant's
+`meta(identity, owner)` is NOT_FOUND, as for one never saved, a delta cannot build on it, and its
+identity cannot be saved over (ALREADY_EXISTS: identities stay one namespace per account, like job ids).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from protos.errors import FailedPrecondition, InvalidArgument, NotFound
+from protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from protos.weights_codec import digest
 from protos.weights_delta import apply_in_place, xor_zstd_encode
 
@@ -62,24 +66,35 @@ class SnapshotStore:
     def exists(self, identity: str) -> bool:
         return (self.path(identity) / META).is_file()
 
-    def meta(self, identity: str) -> dict:
+    def meta(self, identity: str, owner: str | None = None) -> dict:
+        """The snapshot's metadata; with `owner`, NOT_FOUND unless that tenant saved it."""
         file = self.path(identity) / META
-        if not file.is_file():
+        meta = json.loads(file.read_text()) if file.is_file() else None
+        if meta is None or (owner is not None and meta.get("owner", "") != owner):
             raise NotFound(f"no sampler snapshot {identity!r}; save it with save_weights_for_sampler first")
-        return json.loads(file.read_text())
+        return meta
 
-    def add_base(self, identity: str, weights_dir: Path) -> dict:
-        """Adopt a Hugging Face directory (moved in) as a full snapshot."""
+    def _claim(self, identity: str, owner: str) -> Path:
+        """The directory for `identity`, which `owner` may write (new, or already `owner`'s)."""
         target = self.path(identity)
+        if self.exists(identity) and json.loads((target / META).read_text()).get("owner", "") != owner:
+            raise AlreadyExists(f"snapshot identity {identity!r} is taken in this account; choose another name")
+        return target
+
+    def add_base(self, identity: str, weights_dir: Path, owner: str = "") -> dict:
+        """Adopt a Hugging Face directory (moved in) as a full snapshot of tenant `owner`."""
+        target = self._claim(identity, owner)
         shutil.rmtree(target, ignore_errors=True)
         shutil.move(str(weights_dir), target)
         meta = {"format": FORMAT, "identity": identity, "kind": "base", "previous": None,
-                "digest": weights_digest(target)}  # fmt: skip
+                "digest": weights_digest(target), "owner": owner}  # fmt: skip
         (target / META).write_text(json.dumps(meta))
         return meta
 
-    def add_delta(self, identity: str, weights_dir: Path, previous: str) -> dict:
-        """Store `weights_dir` as a delta from snapshot `previous`; the full weights are not kept."""
+    def add_delta(self, identity: str, weights_dir: Path, previous: str, owner: str = "") -> dict:
+        """Store `weights_dir` as a delta from `owner`'s snapshot `previous`; the full weights are not kept."""
+        self.meta(previous, owner)
+        target = self._claim(identity, owner)
         before = load_file(self.materialize(previous) / WEIGHTS)
         after = load_file(weights_dir / WEIGHTS)
         if {n: (t.dtype, t.shape) for n, t in before.items()} != {n: (t.dtype, t.shape) for n, t in after.items()}:
@@ -87,11 +102,11 @@ class SnapshotStore:
         old, new = _tensor_bytes(before), _tensor_bytes(after)
         names = sorted(new)
         delta = xor_zstd_encode(b"".join(new[n] for n in names), b"".join(old[n] for n in names), level=3)
-        target = self.path(identity)
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
         (target / DELTA).write_bytes(delta)
-        meta = {"format": FORMAT, "identity": identity, "kind": "delta", "previous": previous, "digest": digest(new)}
+        meta = {"format": FORMAT, "identity": identity, "kind": "delta", "previous": previous, "digest": digest(new),
+                "owner": owner}  # fmt: skip
         (target / META).write_text(json.dumps(meta))
         shutil.rmtree(weights_dir, ignore_errors=True)
         return meta

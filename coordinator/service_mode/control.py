@@ -135,8 +135,10 @@ class ServiceMode:
 
     async def hot_load(self, deployment_id: str, identity: str, metadata: dict | None) -> None:
         runtime = self.ready_deployment(deployment_id)
-        self.snapshots.meta(identity)  # NOT_FOUND now for an unknown snapshot
+        self.snapshots.meta(identity, tenancy.current())  # NOT_FOUND now for an unknown (or another's) snapshot
         previous = (metadata or {}).get("previous_snapshot_identity")
+        if previous and self.snapshots.exists(previous):  # a delta's base: never another tenant's
+            self.snapshots.meta(previous, tenancy.current())
         runtime.loading = {"stage": "loading", "target_snapshot_identity": identity}
 
         async def load() -> None:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from coordinator.gateway.snapshot_store import WEIGHTS, SnapshotStore
-from protos.errors import FailedPrecondition, NotFound
+from protos.errors import AlreadyExists, FailedPrecondition, NotFound
 
 
 def copy_with(src: Path, dst: Path, change=None) -> Path:
@@ -65,3 +65,19 @@ def test_corruption_and_bad_chains_are_refused(tiny_model_dir, tmp_path):
         store.materialize("a")
     with pytest.raises(NotFound):
         store.materialize("missing")
+
+
+def test_a_snapshot_is_its_tenants(tiny_model_dir, tmp_path):
+    """Another tenant neither finds alice's snapshot, nor builds a delta on it, nor saves over its identity."""
+    store = SnapshotStore(tmp_path / "snapshots")
+    store.add_base("a", copy_with(tiny_model_dir, tmp_path / "a"), owner="tenant-alice")
+    assert store.meta("a", "tenant-alice")["owner"] == "tenant-alice"
+    with pytest.raises(NotFound, match="no sampler snapshot 'a'"):
+        store.meta("a", "tenant-bob")
+    with pytest.raises(NotFound):
+        store.add_delta("b", copy_with(tiny_model_dir, tmp_path / "b"), "a", owner="tenant-bob")
+    with pytest.raises(AlreadyExists, match="taken"):
+        store.add_base("a", copy_with(tiny_model_dir, tmp_path / "a2"), owner="tenant-bob")
+    assert store.meta("a", "tenant-alice")["owner"] == "tenant-alice"  # untouched
+    store.add_delta("b", copy_with(tiny_model_dir, tmp_path / "b2"), "a", owner="tenant-alice")
+    assert store.meta("b", "tenant-alice")["previous"] == "a"
