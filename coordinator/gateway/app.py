@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from coordinator.gateway import bodies, tenancy
 from coordinator.gateway.bodies import json_object, parse
 from coordinator.gateway.futures import Outcome, without_paths
+from coordinator.gateway.openapi import with_request_bodies
 from coordinator.gateway.operations import PROTOBUF, forward_operation, sequenced_operation
 from coordinator.gateway.service import TinkerService, fingerprint
 from coordinator.gateway.tenancy import UNAUTHENTICATED, tenant_of_request
@@ -242,4 +243,5 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
         path = parse(bodies.CheckpointRef, await body_json(request)).tinker_path
         return service.checkpoints.get(path).weights_info()
 
+    with_request_bodies(app)
     return app
