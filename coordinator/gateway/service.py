@@ -12,7 +12,6 @@ trainer job (Fireworks dialect, a snapshot store, no rollout router).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import json
@@ -182,8 +181,17 @@ class TinkerService:
         work = functools.partial(self.run_operation, model, operation)
         request_id = model.executor.submit(operation.seq_id, fingerprint, operation.kind, work)
         if not retry:
-            record = OpRecord(request_id, model.model_id, operation.seq_id, operation.kind, fingerprint, "", b"")
-            self.journal.op_accepted(dataclasses.replace(record, codec=operation.codec, body=operation.body))
+            self.journal.op_accepted(
+                OpRecord(
+                    request_id=request_id,
+                    target=model.model_id,
+                    seq_id=operation.seq_id,
+                    kind=operation.kind,
+                    fingerprint=fingerprint,
+                    codec=operation.codec,
+                    body=operation.body,
+                )
+            )
         return {"request_id": request_id, "model_id": operation.model_id}
 
     async def run_operation(self, model: TrainingModel, operation: Operation) -> Any:
