@@ -30,9 +30,11 @@ KEY = "tml-load-bench"
 PROMPT = [4, 40, 405, 226, 28]
 
 
-def start_serve(workdir: Path, engine: str, replicas: int) -> tuple[subprocess.Popen, str]:
+def start_serve(workdir: Path, engine: str, replicas: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`anvil serve` in `workdir` with `extra` `--set` settings; (process, base URL)."""
     settings = ["port=0", f'api_keys=["{KEY}"]', f'state_dir="{workdir / "state"}"',
-                f'services.rollout_engine.type="{engine}"', f"services.rollout_replicas={replicas}"]  # fmt: skip
+                f'services.rollout_engine.type="{engine}"', f"services.rollout_replicas={replicas}",
+                *extra]  # fmt: skip
     command = [sys.executable, "-m", "coordinator", "serve"] + [a for s in settings for a in ("--set", s)]
     log = workdir / "serve.log"
     with log.open("w") as handle:

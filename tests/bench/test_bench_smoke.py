@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from bench import checkpoint_stall, data_plane, learner_overhead, load, loop, rollout, weight_sync
+from bench import (
+    checkpoint_stall,
+    data_plane,
+    gateway_durability,
+    learner_overhead,
+    load,
+    loop,
+    rollout,
+    weight_sync,
+)
 
 TOP_LEVEL_KEYS = {"benchmark", "date", "git", "machine", "command", "config", "timings", "ratios", "notes"}
 MACHINE_KEYS = {"cpu_model", "cores", "ram_gib", "python", "versions"}
@@ -96,6 +105,12 @@ def test_load(tmp_path, anvil_home):
     assert figures["errors"] == 0, figures["error_examples"]
     assert figures["requests"] == 40 and figures["training_steps"] > 0
     assert figures["gateway_rss_after_mib"] > 0
+
+
+def test_gateway_durability(tmp_path, anvil_home):
+    result = run_quick(gateway_durability, tmp_path)
+    check_common(result, "gateway_durability", {"step with durable states / without"})
+    assert [len(t["samples_s"]) for t in result["timings"]] == [4, 4]  # 6 steps, 2 of them warm-up
 
 
 def test_checkpoint_stall(tmp_path):

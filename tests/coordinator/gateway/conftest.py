@@ -47,6 +47,16 @@ class Stack:
         return asyncio.run_coroutine_threadsafe(coroutine, self.threaded.loop).result(timeout)
 
 
+def rollout_config(model_dir: Path) -> RolloutConfig:
+    """A torch-engine replica of anvil-tiny with the stack's service key."""
+    return RolloutConfig(
+        model=model_dir,
+        model_name="anvil-tiny",
+        server=ServerConfig(api_key=SERVICE_KEY),
+        engine=TorchEngineConfig(device="cpu"),
+    )
+
+
 def build_stack(tmp: Path, model_dir: Path, **gateway_settings) -> Stack:
     threaded = ThreadedServers()
     learner_address, learner = threaded.start(
@@ -59,16 +69,7 @@ def build_stack(tmp: Path, model_dir: Path, **gateway_settings) -> Stack:
             )
         )
     )
-    rollout_address, _ = threaded.start(
-        start_rollout(
-            RolloutConfig(
-                model=model_dir,
-                model_name="anvil-tiny",
-                server=ServerConfig(api_key=SERVICE_KEY),
-                engine=TorchEngineConfig(device="cpu"),
-            )
-        )
-    )
+    rollout_address, _ = threaded.start(start_rollout(rollout_config(model_dir)))
     keys = [TINKER_KEY, OTHER_TENANT_KEY]
     config = GatewayConfig(port=0, api_keys=keys, state_dir=tmp / "gateway", **gateway_settings)
     gateway = asyncio.run_coroutine_threadsafe(

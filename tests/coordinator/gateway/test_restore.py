@@ -1,6 +1,7 @@
-"""A gateway stopped and started again on the same state directory (over the package's learner and
-rollout, so it is cheap): what it restores, what it must not, and a training client whose durable state
-is damaged reported lost by name while the rest of its session comes back."""
+"""A gateway stopped and started again on the same state directory (over the package's learner and a
+replica of its own - a replica serves one gateway's snapshots, whose versions only increase), cheap: what
+it restores, what it must not, and a training client whose durable state is damaged reported lost by name
+while the rest of its session comes back."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 
 from coordinator.gateway.config import GatewayConfig
 from coordinator.serve import start_gateway
-from tests.coordinator.gateway.conftest import SERVICE_KEY, TINKER_KEY, Stack
+from rollout.server import start_rollout
+from tests.coordinator.gateway.conftest import SERVICE_KEY, TINKER_KEY, Stack, rollout_config
 from tests.coordinator.gateway.test_rejections_and_ordering import _submit
 from tests.coordinator.gateway.test_tinker_sdk import datum, random_sequences
 
@@ -23,9 +25,9 @@ ADAM = types.AdamParams(learning_rate=1e-2)
 DATA = [datum(s, weights=[1.0] * (len(s) - 1)) for s in random_sequences(2, seed=7)]
 
 
-def _start(stack: Stack, state_dir: Path, port: int = 0):
+def _start(stack: Stack, state_dir: Path, replica: str, port: int = 0):
     config = GatewayConfig(port=port, api_keys=[TINKER_KEY], state_dir=state_dir)
-    return stack.run(start_gateway(config, stack.learner_address, [stack.rollout_address], SERVICE_KEY))
+    return stack.run(start_gateway(config, stack.learner_address, [replica], SERVICE_KEY))
 
 
 def _logprobs(training) -> list[list[float]]:
@@ -41,8 +43,11 @@ def _written(path: str) -> Path:
     return Path(path)
 
 
-def test_a_restarted_gateway_restores_what_is_open_and_names_what_it_cannot(stack: Stack, tmp_path: Path):
-    gateway = _start(stack, tmp_path / "state")
+def test_a_restarted_gateway_restores_what_is_open_and_names_what_it_cannot(
+    stack: Stack, tmp_path: Path, tiny_model_dir: Path
+):
+    replica, _ = stack.threaded.start(start_rollout(rollout_config(tiny_model_dir)))
+    gateway = _start(stack, tmp_path / "state", replica)
     port = int(gateway.address.rsplit(":", 1)[1])
     client = tinker.ServiceClient(base_url=f"http://{gateway.address}", api_key=TINKER_KEY)
     kept, damaged = (client.create_lora_training_client(base_model="anvil-tiny", rank=0).result() for _ in range(2))
@@ -67,7 +72,7 @@ def test_a_restarted_gateway_restores_what_is_open_and_names_what_it_cannot(stac
     early = _submit(http, kept_id, 100, [[5, 6, 7, 8]])  # accepted, waiting for seq ids the SDK has not sent
     stack.run(gateway.stop())
 
-    gateway = _start(stack, tmp_path / "state", port)
+    gateway = _start(stack, tmp_path / "state", replica, port)
     try:
         assert _logprobs(kept) == before  # the state as of its last request, gradient included
         kept.optim_step(ADAM).result()
