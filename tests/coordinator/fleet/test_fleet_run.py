@@ -31,6 +31,7 @@ SETTINGS = [
     "services.fleet.failures_to_dead=2",
     "services.fleet.restart_backoff_s=0.5",
     "services.fleet.publish_timeout_s=20",
+    "services.fleet.hung_kill_after_s=600",  # the stopped replica must be resynced on SIGCONT, not killed
 ]
 
 
