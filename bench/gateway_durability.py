@@ -13,13 +13,12 @@ in-memory copy of weights and AdamW; the ratio is the median step time with it o
 
 from __future__ import annotations
 
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from bench.common import Ratio, Timing, base_parser, console, run_main, timing_table, write_results
-from bench.load import KEY, start_serve
+from bench.load import KEY, start_serve, stop_serve
 
 NEVER = 10**9
 """durable_state_every_steps for the baseline: never within a run."""
@@ -51,11 +50,7 @@ async def steps_through_serve(model: str, every: int, steps: int, batch: int) ->
                 seconds.append(time.perf_counter() - start)
             return seconds[2:]
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_serve(process)
 
 
 async def main(args) -> None:

@@ -50,6 +50,15 @@ def start_serve(workdir: Path, engine: str, replicas: int, *extra: str) -> tuple
     raise RuntimeError(f"anvil serve did not start:\n{log.read_text()[-3000:]}")
 
 
+def stop_serve(process: subprocess.Popen) -> None:
+    """SIGTERM `anvil serve` (it stops what it started) and wait; SIGKILL if it takes over 2 minutes."""
+    process.terminate()
+    try:
+        process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -112,11 +121,7 @@ async def main(args) -> None:
             await asyncio.gather(*trainer_tasks)
             rss_after = gateway.memory_info().rss
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_serve(process)
 
     loaded = Timing("sample under load (per request)", latencies or [float("nan")])
     baseline = Timing("sample on the idle gateway (per request)", idle)
