@@ -81,9 +81,6 @@ class GatewayJournal:
                 (key, session_id, json.dumps(doc)),
             )
 
-    def delete(self, table: str, key: str) -> None:
-        self._db.execute(f"DELETE FROM {table} WHERE id = ?", (key,))
-
     def finish_session(self, session_id: str) -> None:
         """The session ended for good: it and its clients are not restored, their replay bodies go."""
         with self._db:
@@ -142,9 +139,6 @@ class GatewayJournal:
         self._db.execute(
             "UPDATE ops SET body = NULL WHERE target = ? AND seq_id <= ? AND body IS NOT NULL", (target, through_seq_id)
         )
-
-    def forget_op(self, request_id: str) -> None:
-        self._db.execute("DELETE FROM ops WHERE request_id = ?", (request_id,))
 
     def forget_model(self, model_id: str) -> None:
         """The training client was unloaded: nothing of it is restored."""
