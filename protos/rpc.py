@@ -98,6 +98,27 @@ async def _decoded_stream(requests: Any) -> Any:
         yield _decoded(request)
 
 
+_DRAIN_BEFORE_ABORT_S = 10.0
+
+
+async def _drain(requests: Any) -> None:
+    """Read the rest of a refused request stream (for at most _DRAIN_BEFORE_ABORT_S).
+
+    A client still writing when the server aborts can lose the race in grpc-core: its next send fails and the
+    call ends INTERNAL "Internal error from Core" instead of the server's status. Reading to the client's
+    half-close first lets every write land, so the client sees the real status and message.
+    """
+
+    async def read_all() -> None:
+        async for _ in requests:
+            pass
+
+    try:
+        await asyncio.wait_for(read_all(), _DRAIN_BEFORE_ABORT_S)
+    except Exception:  # a cut or slow stream: abort anyway
+        pass
+
+
 def _wrap_behavior(
     behavior: Callable[..., Any], streaming_request: bool, streaming_response: bool
 ) -> Callable[..., Any]:
@@ -133,6 +154,8 @@ def _wrap_behavior(
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
+            if streaming_request:
+                await _drain(request)
             await abort_for(exc, context)
 
     return wrapped

@@ -182,6 +182,25 @@ async def test_client_stream_error_maps_to_status(server):
     assert "unknown parameter 'bad'" in info.value.details()
 
 
+async def test_a_stream_refused_while_the_client_still_writes_keeps_its_status(server):
+    """The server refuses the first chunk while the client has many more to send: the client must see the
+    server's INVALID_ARGUMENT, not the INTERNAL "Internal error from Core" of a write racing the abort."""
+    payload = b"x" * 256 * 1024
+
+    def chunks():
+        yield rollout_pb2.PushWeightsRequest(version=1, chunk=common_pb2.WeightChunk(name="bad"))
+        for index in range(64):
+            yield rollout_pb2.PushWeightsRequest(version=1, chunk=common_pb2.WeightChunk(name=f"w{index}", data=payload))
+
+    async with open_channel(server.address) as channel:
+        stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+        refusals = await asyncio.gather(*(stub.PushWeights(chunks()) for _ in range(16)), return_exceptions=True)
+    for refusal in refusals:
+        assert isinstance(refusal, grpc.aio.AioRpcError)
+        assert refusal.code() == grpc.StatusCode.INVALID_ARGUMENT, refusal.details()
+        assert "unknown parameter 'bad'" in refusal.details()
+
+
 async def test_server_stream_error_maps_to_status_after_items(server):
     async with open_channel(server.address) as channel:
         stream = coordinator_pb2_grpc.CoordinatorServiceStub(channel).StreamMetrics(
