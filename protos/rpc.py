@@ -9,6 +9,7 @@ Health checks and reflection stay open when auth is on, so orchestrators can pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import inspect
 import logging
@@ -113,10 +114,8 @@ async def _drain(requests: Any) -> None:
         async for _ in requests:
             pass
 
-    try:
+    with contextlib.suppress(Exception):  # a cut or slow stream: abort anyway
         await asyncio.wait_for(read_all(), _DRAIN_BEFORE_ABORT_S)
-    except Exception:  # a cut or slow stream: abort anyway
-        pass
 
 
 def _wrap_behavior(
