@@ -31,6 +31,25 @@ class TaskConfig(_Strict):
     """Seed of the generated problems."""
 
 
+class WarmupConfig(_Strict):
+    """A supervised phase before RL, through the same learner session (coordinator/warmup.py): a model that
+    never emits the answer's shape gets no reward to learn from, so a few cross-entropy steps on right
+    answers give RL a policy that sometimes does. Kept short on purpose: RL does the learning after it."""
+
+    steps: int = Field(default=0, ge=0)
+    """Supervised optimizer steps before the first RL step (0: none). They count as learner steps: the first
+    RL step is `steps + 1`, and the rollout serves the warmed-up weights as that version before sampling."""
+    batch_size: int = Field(default=64, ge=1)
+    """Problems (prompt and right answer) per supervised step."""
+    learning_rate: float = Field(default=1e-3, gt=0)
+    """Adam's learning rate in this phase (the other Adam settings are loop.adam's)."""
+    seed: int = 1
+    """Seed of the warmup's generated problems: not the task's, so RL is asked problems the warmup never saw."""
+    dataset: Path | None = None
+    """A .jsonl or .parquet file with `prompt` and `answer` columns for this phase; unset: the task's own
+    problems (generated with `seed`, or task.dataset's rows when the task reads a file)."""
+
+
 class LoopConfig(_Strict):
     steps: int = Field(default=100, ge=1)
     """Optimizer steps (one batch of groups each)."""
@@ -124,6 +143,8 @@ class RunConfig(_Strict):
     """Seed of the learner session and of sampling."""
     task: TaskConfig = Field(default_factory=TaskConfig)
     """What the policy is trained on."""
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    """An optional supervised phase on the task's right answers before RL starts."""
     loop: LoopConfig = Field(default_factory=LoopConfig)
     """The RL loop."""
     services: ServicesConfig = Field(default_factory=ServicesConfig)

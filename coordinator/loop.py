@@ -81,6 +81,7 @@ class RLLoop:
             rewind=rewind,
         )
         self.step = int(session.info.step)
+        self._steps_before_rl = self.step - start_batch  # a supervised warmup's steps (coordinator/warmup.py)
         self._released = start_batch  # batches whose prompts may be sampled: < released + bound + 1
         self._released_changed = asyncio.Condition()
 
@@ -210,7 +211,7 @@ class RLLoop:
         learner_T = await self.objective.accumulate_gradients(self.session, fresh, metrics)
         if learner_T is not None and learner_T.size == sampler_T.size:
             metrics["kl_sample_train/v1"], metrics["kl_sample_train/v2"] = sampler_learner_kl(sampler_T, learner_T)
-        factor = learning_rate_factor(config.lr_schedule, self.step, config.steps)
+        factor = learning_rate_factor(config.lr_schedule, self.step - self._steps_before_rl, config.steps)
         adam = dataclasses.replace(config.adam, learning_rate=config.adam.learning_rate * factor)
         metrics["optim/learning_rate"] = adam.learning_rate
         stepped = await self.session.optim_step(adam)

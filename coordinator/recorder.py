@@ -54,6 +54,7 @@ class Recorder:
         self.console = console or Console()
         self.print_every = print_every
         self.started = time.time()
+        self._printed = False  # the first step is always printed (after a warmup it is not step 1)
         self._tensorboard = _tensorboard_writer(run_dir / "tensorboard")
         self._progress = Progress(
             TextColumn("[bold]step {task.completed}/{task.total}"),
@@ -77,7 +78,8 @@ class Recorder:
             for key, value in result.metrics.items():
                 self._tensorboard.add_scalar(key, value, result.step)
         self._progress.update(self._task, completed=result.step, status=self._status(row))
-        if result.step % self.print_every == 0 or result.step == 1 or result.step == self.total_steps:
+        if result.step % self.print_every == 0 or not self._printed or result.step == self.total_steps:
+            self._printed = True
             self._progress.console.print(f"step {row['step']:>4}  {self._status(row)}")
 
     @staticmethod

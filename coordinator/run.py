@@ -30,6 +30,7 @@ from coordinator.client.learner_api import LearnerSession
 from coordinator.config import RunConfig
 from coordinator.envs import build_source
 from coordinator.envs.answer_env import AnswerEnv
+from coordinator.envs.base import Problem
 from coordinator.failures import CHECKPOINTS_FILE, ServiceFailure, identify_failure
 from coordinator.fleet.replica_set import ReplicaSet
 from coordinator.learner_watch import wait_until_answering, watched
@@ -37,6 +38,7 @@ from coordinator.loop import RLLoop
 from coordinator.models import resolve_model
 from coordinator.recorder import CONSUMED_FILE, METRICS_FILE, Recorder, read_jsonl, truncate_to_step
 from coordinator.services import launch_services
+from coordinator.warmup import WARMUP_FILE, supervised_warmup
 from protos.anvil.v1 import learner_pb2
 from protos.channels import open_channel
 from protos.errors import FailedPrecondition, NotFound
@@ -90,7 +92,7 @@ async def run(config: RunConfig, run_dir: Path, resume: bool = False, console: C
     source = build_source(config.task.name, config.task.dataset, config.task.seed)
     console.print(f"[bold]anvil run[/] {run_dir}: {config.model} on {source.name}, {config.loop.steps} steps")
     services = await launch_services(config, model_dir, run_dir)
-    recorder = Recorder(run_dir, config.loop.steps, console)
+    recorder = Recorder(run_dir, config.warmup.steps + config.loop.steps, console)
     learner_channel = open_channel(services.learner_address, api_key=services.api_key)
     rollout = await ReplicaSet.connect(services.rollout_addresses, config.services.fleet, api_key=services.api_key)
     supervisor = services.supervise(rollout, config.services.fleet)
@@ -124,7 +126,7 @@ async def run(config: RunConfig, run_dir: Path, resume: bool = False, console: C
                 learner_channel = open_channel(services.learner_address, api_key=services.api_key)
                 resume = bool(read_jsonl(run_dir / CHECKPOINTS_FILE))
                 if not resume:  # no checkpoint yet: the run starts over, from the base weights
-                    for log in (METRICS_FILE, CONSUMED_FILE):
+                    for log in (METRICS_FILE, CONSUMED_FILE, WARMUP_FILE):
                         truncate_to_step(run_dir / log, 0)
     finally:
         if supervisor is not None:
@@ -159,6 +161,10 @@ async def train(
     session = await LearnerSession.create(learner_channel, base_model, lora_rank=0, seed=config.seed)
     console.print(f"learner: {session.info.backend}; rollout: {len(rollout.addresses)} replica(s)", markup=False)
     start_batch = 0
+
+    def make_env(problem: Problem) -> AnswerEnv:
+        return AnswerEnv(problem, tokenizer)
+
     if resume_from:
         loaded, checkpoint = await load_newest_intact(session, resume_from, console)
         start_batch = json.loads(loaded.client_state)["next_batch"]
@@ -170,6 +176,9 @@ async def train(
             f"resumed from step {loaded.step} ({checkpoint['path']}), next batch {start_batch}",
             markup=False, soft_wrap=True,
         )  # fmt: skip
+    elif config.warmup.steps:
+        warmup_source = build_source(config.task.name, config.warmup.dataset or config.task.dataset, config.warmup.seed)
+        await supervised_warmup(config.warmup, session, warmup_source, make_env, config.loop.adam, run_dir, console)
     if session.info.step > 0 or rewind:  # the replicas serve the restored weights before sampling resumes
         await rollout.publish(
             lambda addresses, rewind=False: session.publish_weights(
@@ -183,7 +192,7 @@ async def train(
         state = json.dumps({"next_batch": next_batch, "step": step}).encode()
         # Written while training goes on (a checkpoint cut short by a failure does not verify, so a resume
         # skips it); the last one is complete before the run ends and stops the learner.
-        background = step < config.loop.steps
+        background = step < config.warmup.steps + config.loop.steps
         saved = await session.save_state(f"step-{step:06d}", client_state=state, overwrite=True, background=background)
         with (run_dir / CHECKPOINTS_FILE).open("a") as handle:
             handle.write(json.dumps({"step": step, "next_batch": next_batch, "path": saved.path}) + "\n")
@@ -193,7 +202,7 @@ async def train(
         session=session,
         rollout=rollout,
         source=source,
-        make_env=lambda problem: AnswerEnv(problem, tokenizer),
+        make_env=make_env,
         seed=config.seed,
         start_batch=start_batch,
         on_step=recorder.on_step,

@@ -44,6 +44,13 @@ class AnswerEnv(Env):
         )
         return self._tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def reference_completion(self) -> list[int]:
+        """The right answer as the policy should sample it: its tokens, then EOS (the supervised warmup's target)."""
+        return [
+            *self._tokenizer(self.problem.answer, add_special_tokens=False)["input_ids"],
+            self._tokenizer.eos_token_id,
+        ]
+
     async def score(self, completion_tokens: list[int]) -> Score:
         eos = self._tokenizer.eos_token_id
         ended = bool(completion_tokens) and completion_tokens[-1] == eos

@@ -65,6 +65,19 @@ def policy_datum(
     return Datum(model_input=ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=inputs)
 
 
+def supervised_datum(prompt: Sequence[int], completion: Sequence[int], weight: float) -> Datum:
+    """A datum for cross_entropy: `weight` on each completion target, 0 on prompt targets (no gradient)."""
+    tokens = [*prompt, *completion]
+    weights = [0.0] * (len(prompt) - 1) + [weight] * len(completion)
+    return Datum(
+        model_input=ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": TensorData(tokens[1:], "int64", [len(tokens) - 1]),
+            "weights": TensorData(weights, "float32", [len(tokens) - 1]),
+        },
+    )
+
+
 def truncated_is_weights(learner_T: np.ndarray, sampler_T: np.ndarray, cap: float) -> np.ndarray:
     """min(p_learner / p_sampler, cap) per token: corrects the sampler/learner mismatch, bounded."""
     return np.minimum(np.exp(learner_T - sampler_T), cap)

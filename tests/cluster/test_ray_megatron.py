@@ -54,7 +54,9 @@ def test_megatron_ranks_in_a_ray_placement_group(local_ray, tmp_path, anvil_home
         monkeypatch.setenv(key, value)
     run_dir = tmp_path / "ray-megatron"
     settings = [*SETTINGS, 'cluster.type="ray"', f'cluster.address="{local_ray}"']
-    result = anvil_run("configs/tiny.toml", "--run-dir", str(run_dir), *(a for s in settings for a in ("--set", s)))
+    result = anvil_run(
+        "configs/copy_digit.toml", "--run-dir", str(run_dir), *(a for s in settings for a in ("--set", s))
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "learner: megatron(tp=2,pp=1,dp=1)" in result.stdout
     assert [r["step"] for r in rows(run_dir)] == [1, 2, 3]

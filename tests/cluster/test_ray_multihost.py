@@ -159,7 +159,7 @@ def test_a_run_across_three_hosts_survives_losing_its_remote_replica(ray_cluster
         "cluster.rollout_resources={host_c = 1}",
         "services.fleet.restart_backoff_s=0.5",
     ]
-    command = in_host("a", str(BIN / "anvil"), "run", "configs/tiny.toml", "--run-dir", str(run_dir))
+    command = in_host("a", str(BIN / "anvil"), "run", "configs/copy_digit.toml", "--run-dir", str(run_dir))
     command += [a for setting in settings for a in ("--set", setting)]
     log = (tmp_path / "run.log").open("w")
     before = {host: link_bytes(host) for host in hosts}

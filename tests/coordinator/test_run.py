@@ -20,7 +20,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ANVIL = str(Path(sys.executable).parent / "anvil")
 STEPS = 24
-OVERRIDES = [  # configs/tiny.toml, shortened, with a larger learning rate so a rise shows within 24 steps
+OVERRIDES = [  # configs/copy_digit.toml, shortened, with a larger learning rate so a rise shows within 24 steps
     f"loop.steps={STEPS}",
     "loop.checkpoint_every=4",
     "loop.groups_per_batch=32",
@@ -63,7 +63,7 @@ def wait_gone(pids: list[int], timeout_s: float = 60) -> list[int]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, anvil_home) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    result = anvil_run("configs/tiny.toml", "--run-dir", str(run_dir), *overrides())
+    result = anvil_run("configs/copy_digit.toml", "--run-dir", str(run_dir), *overrides())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
 
@@ -105,7 +105,7 @@ def test_run_directory_has_config_metrics_plot_and_checkpoints(uninterrupted):
 def test_resume_after_a_kill_loses_and_repeats_no_prompt(uninterrupted, tmp_path):
     run_dir = tmp_path / "killed"
     process = subprocess.Popen(
-        [ANVIL, "run", "configs/tiny.toml", "--run-dir", str(run_dir), *overrides()],
+        [ANVIL, "run", "configs/copy_digit.toml", "--run-dir", str(run_dir), *overrides()],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 600
@@ -151,7 +151,7 @@ def test_resume_after_a_kill_loses_and_repeats_no_prompt(uninterrupted, tmp_path
 def test_other_objectives_run(tmp_path, settings, expected_metric):
     """Short runs on the torch rollout engine: the objectives wire through end to end."""
     run_dir = tmp_path / "objective"
-    arguments = ["configs/tiny.toml", "--run-dir", str(run_dir)]
+    arguments = ["configs/copy_digit.toml", "--run-dir", str(run_dir)]
     for setting in [*settings, "loop.steps=4", "loop.checkpoint_every=0", 'services.rollout_engine.type="torch"']:
         arguments += ["--set", setting]
     result = anvil_run(*arguments)
@@ -177,7 +177,7 @@ def test_run_connects_to_a_running_learner(tmp_path, tiny_model_dir):
     try:
         address = next(line.split()[1] for line in learner.stdout if line.startswith("LISTENING "))
         run_dir = tmp_path / "connected"
-        arguments = ["configs/tiny.toml", "--run-dir", str(run_dir)]
+        arguments = ["configs/copy_digit.toml", "--run-dir", str(run_dir)]
         for setting in [
             "loop.steps=3",
             "loop.checkpoint_every=0",

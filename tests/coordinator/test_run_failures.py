@@ -48,7 +48,7 @@ def run_and_kill(
 ) -> EndedRun:
     """Start `anvil run`, send `service` SIG<signal_name> once `after_checkpoints` checkpoints exist, and
     wait for the run to end."""
-    arguments = ["configs/tiny.toml", "--run-dir", str(run_dir)]
+    arguments = ["configs/copy_digit.toml", "--run-dir", str(run_dir)]
     for setting in [*SETTINGS, *settings]:
         arguments += ["--set", setting]
     run_dir.mkdir(parents=True)

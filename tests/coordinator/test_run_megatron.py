@@ -28,7 +28,7 @@ SETTINGS = [
 
 
 def arguments(run_dir) -> list[str]:
-    return ["configs/tiny.toml", "--run-dir", str(run_dir), *(a for s in SETTINGS for a in ("--set", s))]
+    return ["configs/copy_digit.toml", "--run-dir", str(run_dir), *(a for s in SETTINGS for a in ("--set", s))]
 
 
 def test_a_run_with_a_megatron_learner_group(tmp_path, anvil_home):

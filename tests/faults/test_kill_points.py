@@ -35,7 +35,7 @@ def run_with_failpoint(tmp_path: Path, failpoint: str) -> tuple[subprocess.Compl
     run_dir, fired = tmp_path / "run", tmp_path / "fired"
     fired.mkdir()
     env = {**os.environ, ENV: failpoint, ONCE_DIR_ENV: str(fired)}
-    arguments = [ANVIL, "run", "configs/tiny.toml", "--run-dir", str(run_dir)]
+    arguments = [ANVIL, "run", "configs/copy_digit.toml", "--run-dir", str(run_dir)]
     for setting in [*SETTINGS, *WATCH]:
         arguments += ["--set", setting]
     result = subprocess.run(arguments, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -171,7 +171,7 @@ def test_anvil_run_over_mutual_tls(certs: Certs, tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if k not in tls.VARIABLES}
     env |= certs.server_env(mutual=True) | certs.client_env()
     run_dir = tmp_path / "run"
-    command = [str(Path(sys.executable).parent / "anvil"), "run", "configs/tiny.toml", "--run-dir", str(run_dir)]
+    command = [str(Path(sys.executable).parent / "anvil"), "run", "configs/copy_digit.toml", "--run-dir", str(run_dir)]
     for setting in ("loop.steps=2", "loop.checkpoint_every=0", 'services.rollout_engine.type="torch"'):
         command += ["--set", setting]
     repo = Path(__file__).resolve().parents[2]

@@ -72,7 +72,7 @@ def last_row(run_dir: Path) -> dict:
 
 def test_a_run_survives_a_killed_and_a_stopped_replica(tmp_path, anvil_home):
     run_dir = tmp_path / "fleet"
-    command = [ANVIL, "run", "configs/tiny.toml", "--run-dir", str(run_dir)]
+    command = [ANVIL, "run", "configs/copy_digit.toml", "--run-dir", str(run_dir)]
     for setting in SETTINGS:
         command += ["--set", setting]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
