@@ -95,6 +95,8 @@ class SampleEnvelope(Body):
     sampling_session_id: str
     seq_id: int = 0
     num_samples: int = Field(default=1, ge=1)
+    record_stability_info: bool | None = None
+    """Tinker's StableReinforce bookkeeping: refused at once (coordinator/gateway/sampling.py)."""
 
 
 # --- payloads: checked inside the request's future (a bad one fails it with category `user`) ----------

@@ -30,6 +30,13 @@ UNSUPPORTED_FIELDS = (
     ("topk_sample_logprobs", "top-k sample logprobs"),
     ("prompt_alt_tokens_k", "prompt alternative tokens"),
 )
+STABILITY_INFO_REFUSAL = (
+    "record_stability_info=True records samples for loss_fn='stable_reinforce', Tinker's proprietary loss (its "
+    "maths is unpublished), which this server does not offer: create the sampling client with "
+    "record_stability_info=False and train with loss_fn='importance_sampling' (or ppo, cispo, gspo) - in "
+    "tinker-cookbook, set loss_fn='importance_sampling' in the RL config"
+)
+"""Refused at the first sample, before any rollout is spent on a run whose training step would refuse it."""
 SAMPLING_FIELDS = {"max_tokens", "seed", "stop", "temperature", "top_k", "top_p"}
 
 
@@ -76,6 +83,8 @@ class Sampling:
 
     def asample(self, body: dict[str, Any]) -> dict[str, Any]:
         envelope = parse(SampleEnvelope, body)  # a bad id or count is a 4xx; the rest fails the future
+        if envelope.record_stability_info:
+            raise InvalidArgument(STABILITY_INFO_REFUSAL)
         sampler = self.sessions.sampler(envelope.sampling_session_id)
         seq_id = envelope.seq_id
         if seq_id not in sampler.requests:

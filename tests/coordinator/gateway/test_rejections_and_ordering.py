@@ -73,6 +73,18 @@ def test_bad_losses_and_data_are_user_errors_and_the_client_keeps_working(servic
     still_trains(training)
 
 
+def test_stable_reinforce_sampling_is_refused_at_the_first_sample(service_client):
+    """The cookbook's async default samples with record_stability_info=True for stable_reinforce: the first
+    sample is refused with the fix, before a step of rollouts is spent; the client's other samplers work."""
+    training = service_client.create_lora_training_client(base_model="anvil-tiny", rank=0).result()
+    stable = training.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    prompt, params = types.ModelInput.from_ints([4, 5]), types.SamplingParams(max_tokens=2)
+    with pytest.raises(tinker.BadRequestError, match="record_stability_info=False.*importance_sampling"):
+        stable.sample(prompt, 1, params).result()
+    plain = training.save_weights_and_get_sampling_client().result()
+    assert len(plain.sample(prompt, 2, params).result().sequences) == 2
+
+
 def test_sampling_rejections(service_client):
     sampler = service_client.create_sampling_client(base_model="anvil-tiny").result()
     with pytest.raises(tinker.RequestFailedError, match="topk_prompt_logprobs"):
