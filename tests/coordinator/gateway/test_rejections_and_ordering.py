@@ -79,7 +79,7 @@ def test_stable_reinforce_sampling_is_refused_at_the_first_sample(service_client
     training = service_client.create_lora_training_client(base_model="anvil-tiny", rank=0).result()
     stable = training.save_weights_and_get_sampling_client(record_stability_info=True).result()
     prompt, params = types.ModelInput.from_ints([4, 5]), types.SamplingParams(max_tokens=2)
-    with pytest.raises(tinker.BadRequestError, match="record_stability_info=False.*importance_sampling"):
+    with pytest.raises(tinker.BadRequestError, match=r"record_stability_info=False.*importance_sampling"):
         stable.sample(prompt, 1, params).result()
     plain = training.save_weights_and_get_sampling_client().result()
     assert len(plain.sample(prompt, 2, params).result().sequences) == 2
