@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from coordinator.fleet.cli import add_replicas_command
+from coordinator.tokenizer_cache import add_tokenizer_command
 from servicekit.config import add_config_arguments, add_override_argument
 
 
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_cmd_serve)
 
     add_replicas_command(commands)
+    add_tokenizer_command(commands)
 
     learner = commands.add_parser("learner", help="serve anvil.v1.LearnerService (full-parameter training)")
     add_config_arguments(learner)

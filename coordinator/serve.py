@@ -32,6 +32,7 @@ from coordinator.models import resolve_model
 from coordinator.service_mode.control import ServiceMode
 from coordinator.service_mode.routes import TrainerGateway, control_router
 from coordinator.services import start_services
+from coordinator.tokenizer_cache import install_served_tokenizer
 from protos.channels import open_channel
 
 
@@ -80,6 +81,7 @@ async def start_gateway(
 ) -> RunningGateway:
     """Serve the REST API for `config.model` over the given learner and rollout services."""
     model_dir = resolve_model(config.model)
+    print(install_served_tokenizer(config.model, model_dir), flush=True)
     replicas = await ReplicaSet.connect(rollout_addresses, config.services.fleet, api_key=services_api_key)
     router = SnapshotRouter(replicas, model_dir)
     await router.start()

@@ -6,17 +6,29 @@ not on the hub (the built-in ones are made in code), so that download fails. Ins
 files (no weights) are written into the local hub cache under the served model's name, in the cache's
 documented layout (`models--<name>/snapshots/<revision>/`, `refs/main`), where transformers and
 huggingface_hub find them without a network: `anvil serve` does this for clients on its own host, and
-`anvil tokenizer --base-url URL` fetches them from a gateway (GET /api/v1/anvil/tokenizer) for clients
-elsewhere. The revision is the files' content hash, so re-installing the same tokenizer is a no-op and a
-changed one gets a new snapshot.
+`anvil tokenizer --server URL` fetches them from a gateway (GET /api/v1/anvil/tokenizer) for clients
+elsewhere. The training client's `tokenizer_id` is the served name too (not the server's directory,
+which a client on another host does not have).
+
+Hugging Face resolves a hub name over the network first; only offline (`HF_HUB_OFFLINE=1`, or no network:
+then after its retries, about two minutes) does it take the cached copy, and on a machine with network a
+name that is not on the hub is an error. So clients set HF_HUB_OFFLINE=1, the hub's own switch for models
+it must not download - Anvil cannot change what the unmodified SDK asks of transformers. The revision is
+the files' content hash, so re-installing the same tokenizer is a no-op and a changed one gets a new
+snapshot.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import os
 from pathlib import Path
+
+from coordinator.server_cli import request, server_arguments
+
+TOKENIZER_ROUTE = "/api/v1/anvil/tokenizer"
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -76,3 +88,39 @@ def install_in_hub_cache(repo_id: str, files: dict[str, bytes], cache_dir: Path 
     (repo_dir / "refs").mkdir(exist_ok=True)
     (repo_dir / "refs" / "main").write_text(revision)
     return snapshot
+
+
+def is_hub_name(base_model: str) -> bool:
+    """Whether `base_model` is a hub-style name (`name` or `org/name`) rather than a directory path."""
+    return not Path(base_model).is_absolute() and base_model.count("/") <= 1 and not base_model.startswith(".")
+
+
+def install_served_tokenizer(base_model: str, model_dir: Path) -> str:
+    """`anvil serve`'s start: the served model's tokenizer into this host's hub cache; a line saying so."""
+    if not is_hub_name(base_model):
+        return f"tokenizer: {base_model} is a directory; get_tokenizer() loads it from there on this host"
+    try:
+        snapshot = install_in_hub_cache(base_model, tokenizer_files(model_dir))
+    except (OSError, ValueError) as exc:
+        return f"tokenizer: not installed in the Hugging Face cache ({exc})"
+    return (
+        f"tokenizer: {base_model} installed in the Hugging Face cache ({snapshot}); with HF_HUB_OFFLINE=1 "
+        "the SDK's get_tokenizer() loads it"
+    )
+
+
+def add_tokenizer_command(commands: argparse._SubParsersAction) -> None:
+    tokenizer = commands.add_parser(
+        "tokenizer",
+        parents=[server_arguments()],
+        help="put the tokenizer a running anvil serve serves into this host's Hugging Face cache",
+    )
+    tokenizer.set_defaults(handler=_pull)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    answer = request(args, "anvil tokenizer", "GET", TOKENIZER_ROUTE)
+    snapshot = install_in_hub_cache(answer["base_model"], decode_files(answer["files"]))
+    print(f"{answer['base_model']}: {snapshot}")
+    print("AutoTokenizer.from_pretrained and the tinker SDK's get_tokenizer() load it with HF_HUB_OFFLINE=1")
+    return 0

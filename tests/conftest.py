@@ -6,6 +6,7 @@ No test downloads anything: HF_HUB_OFFLINE is forced on, and the built-in models
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from protos.rpc import ServerConfig
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# anvil serve puts its tokenizer in the hub cache (coordinator/tokenizer_cache.py): a cache of the tests' own
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="anvil-tests-hf-hub-")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from coordinator.fleet.config import REPLICAS_PATH as PREFIX
+from coordinator.server_cli import request, server_arguments
 
 
 def add_replicas_command(commands: argparse._SubParsersAction) -> None:
     replicas = commands.add_parser("replicas", help="list, add or remove the rollout replicas of a running anvil serve")
-    server = argparse.ArgumentParser(add_help=False)
-    server.add_argument(
-        "--server",
-        default=os.environ.get("ANVIL_SERVER", "http://127.0.0.1:8000"),
-        help="anvil serve's URL (default: $ANVIL_SERVER or http://127.0.0.1:8000)",
-    )
-    server.add_argument("--api-key", default=os.environ.get("ANVIL_API_KEY"), help="default: $ANVIL_API_KEY")
+    server = server_arguments()
     actions = replicas.add_subparsers(dest="replicas_command", required=True, metavar="ACTION")
     listing = actions.add_parser("list", parents=[server], help="every replica: state, address, version, load")
     listing.set_defaults(handler=_list)
@@ -38,21 +29,7 @@ def add_replicas_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _request(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(args.server.rstrip("/") + path, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    if args.api_key:
-        request.add_header("X-API-Key", args.api_key)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
-        raise SystemExit(f"anvil replicas: {exc.code} {detail}") from None
-    except urllib.error.URLError as exc:
-        raise SystemExit(
-            f"anvil replicas: cannot reach {args.server} ({exc.reason}); is anvil serve running?"
-        ) from None
+    return request(args, "anvil replicas", method, path, body)
 
 
 def _print(replicas: list[dict[str, Any]]) -> None:

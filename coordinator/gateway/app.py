@@ -26,6 +26,7 @@ from coordinator.gateway.openapi import with_request_bodies
 from coordinator.gateway.operations import PROTOBUF, forward_operation, sequenced_operation
 from coordinator.gateway.service import TinkerService, fingerprint
 from coordinator.gateway.tenancy import UNAUTHENTICATED, tenant_of_request
+from coordinator.tokenizer_cache import TOKENIZER_ROUTE, encode_files, tokenizer_files
 from protos.errors import AlreadyExists, AnvilError, FailedPrecondition, InvalidArgument, NotFound
 
 OPEN_PATHS = {"/api/v1/healthz"}
@@ -242,6 +243,11 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
     async def weights_info(request: Request) -> dict[str, Any]:
         path = parse(bodies.CheckpointRef, await body_json(request)).tinker_path
         return service.checkpoints.get(path).weights_info()
+
+    @app.get(TOKENIZER_ROUTE)
+    async def tokenizer() -> dict[str, Any]:
+        """The served model's tokenizer files (no weights), for `anvil tokenizer` (coordinator/tokenizer_cache.py)."""
+        return {"base_model": config.model, "files": encode_files(tokenizer_files(service.model_dir))}
 
     with_request_bodies(app)
     return app

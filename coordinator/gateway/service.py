@@ -170,7 +170,7 @@ class TinkerService:
             "is_lora": False,
             "lora_rank": None,
             "optimizer_config": {"type": "adamw"},
-            "model_data": {"arch": "llama", "model_name": model.base_model, "tokenizer_id": str(self.model_dir)},
+            "model_data": {"arch": "llama", "model_name": model.base_model, "tokenizer_id": model.base_model},
         }
 
     def submit(self, operation: Operation, fingerprint: bytes) -> dict[str, Any]:
