@@ -4,9 +4,11 @@
   full (`base`) or as a delta from this client's previous one, which a deployment can hot-load.
 - With a name otherwise: a named checkpoint, `tinker://<run>/sampler_weights/<name>`.
 - Without a name (`save_weights_and_get_sampling_client`): an unnamed snapshot as of this seq_id, bound
-  to a new sampling session. Only the newest `sampler_snapshots_kept` of a client are kept: they are
-  whole weight copies, written for every sampling client the loop asks for, and older ones are
-  deleted (their sampling clients then answer NOT_FOUND).
+  to a new sampling session. Only the `sampler_snapshots_kept` most recently used of a client are kept
+  (made, or sampled from: `SessionRegistry.touch_snapshot`): they are whole weight copies, written for
+  every sampling client an RL loop asks for, so the old policies a loop no longer samples go, while a
+  snapshot still sampled from - a DPO reference, a KL reference, a teacher - stays however many newer
+  ones follow. A deleted one's sampling clients answer NOT_FOUND saying so.
 """
 
 from __future__ import annotations

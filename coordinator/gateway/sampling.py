@@ -23,7 +23,7 @@ from coordinator.gateway.sessions import SamplingSession, SessionRegistry
 from coordinator.gateway.snapshot_router import SnapshotRouter
 from coordinator.gateway.wire import prompt_logprobs_of
 from protos.anvil.v1 import common_pb2, rollout_pb2
-from protos.errors import FailedPrecondition, InvalidArgument
+from protos.errors import FailedPrecondition, InvalidArgument, NotFound
 
 UNSUPPORTED_FIELDS = (
     ("topk_prompt_logprobs", "top-k prompt logprobs"),
@@ -87,7 +87,14 @@ class Sampling:
             raise InvalidArgument(STABILITY_INFO_REFUSAL)
         sampler = self.sessions.sampler(envelope.sampling_session_id)
         seq_id = envelope.seq_id
-        if seq_id not in sampler.requests:
+        if seq_id not in sampler.requests:  # new work (a retried seq_id gets its first answer)
+            if not sampler.snapshot.exists():
+                raise NotFound(
+                    f"the weights of sampling client {sampler.sampling_session_id!r} were deleted: a training "
+                    f"client keeps its {self.config.sampler_snapshots_kept} most recently used unnamed snapshots "
+                    "(sampler_snapshots_kept); save_weights_for_sampler with a name keeps weights for good"
+                )
+            self.sessions.touch_snapshot(sampler)
             self.start(sampler, seq_id, body)
         ids = [f"{sampler.sampling_session_id}:{seq_id}:{index}" for index in range(envelope.num_samples)]
         return {"request_id": sampler.requests[seq_id], "sample_sequence_ids": ids}

@@ -38,7 +38,8 @@ class TrainingModel:
     user_metadata: dict[str, str] = field(default_factory=dict)
     last_request_time: str = field(default_factory=utc_now)
     unnamed_snapshots: deque[Path] = field(default_factory=deque)
-    """Directories of this model's unnamed sampler snapshots, oldest first (deleted with the session)."""
+    """Directories of this model's unnamed sampler snapshots, least recently used first (made or sampled
+    from; deleted with the session)."""
     loss_tokens: int = 0
     """Tokens with a nonzero weight (or advantage) accumulated since the last optim_step."""
     loss_sequences: int = 0
@@ -135,6 +136,15 @@ class SessionRegistry:
         if sampler is None:
             raise NotFound(f"no sampling session {sampling_session_id!r}")
         return sampler
+
+    def touch_snapshot(self, sampler: SamplingSession) -> None:
+        """A sampled-from unnamed snapshot becomes its training client's most recently used one
+        (sampler_weights.py deletes the least recently used beyond `sampler_snapshots_kept`)."""
+        session = self._open(sampler.sampling_session_id.split(":", 1)[0])
+        for model in session.models.values() if session is not None else ():
+            if sampler.snapshot in model.unnamed_snapshots:
+                model.unnamed_snapshots.remove(sampler.snapshot)
+                model.unnamed_snapshots.append(sampler.snapshot)
 
     def _open(self, session_id: str) -> Session | None:
         session = self.sessions.get(session_id)
