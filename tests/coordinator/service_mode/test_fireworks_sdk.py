@@ -1,7 +1,8 @@
 """Fireworks' full-parameter RL workflow through the unmodified `fireworks-ai` SDK against `anvil serve`:
-the SDK-only driver end to end, loraRank > 0 refused at job creation with nothing left running, a
-corrupted hot-load refused with the deployment serving the previous snapshot bit for bit, and jobs and
-deployments - and a trainer job's training client - surviving a restart of `anvil serve`."""
+the SDK-only driver end to end, one trainer hot-loading several deployments, loraRank > 0 refused at job
+creation with nothing left running, a corrupted hot-load refused with the deployment serving the previous
+snapshot bit for bit, and jobs and deployments - and a trainer job's training client - surviving a
+restart of `anvil serve`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.coordinator.service_mode.conftest import KEY, start_serve
+from tests.coordinator.service_mode.conftest import KEY, start_serve, trained_policy
 
 fw = pytest.importorskip("fireworks.training.sdk", reason="fireworks-ai[training-sdk]==1.2.30 is a dev dependency")
 
@@ -76,6 +77,43 @@ def test_the_sdk_only_driver_end_to_end(serve):
     assert json.loads((delta / "snapshot.json").read_text())["kind"] == "delta"
     assert size(delta) < 0.7 * size(base)
     # deleted at the end: the records are gone and so are their processes
+    assert rows(serve, "deployments") == rows(serve, "trainer_jobs") == 0
+    assert serve.children() == baseline
+
+
+def test_one_trainer_hot_loads_several_deployments(serve):
+    """One RLOR trainer job's snapshots, base then delta, hot-loaded into two deployments: each serves the
+    trainer's weights (its logprobs are the trainer's on the same tokens), and the two agree bit for bit."""
+    baseline = serve.children()
+    deployments = fw.DeploymentManager(api_key=KEY, base_url=serve.base_url)
+    names = ("left", "right")
+    for name in names:
+        deployments.create_or_get(fw.DeploymentConfig(deployment_id=name, base_model="anvil-tiny"))
+    for name in names:
+        deployments.wait_for_ready(name)
+    trainers, endpoint, _service, policy, data = trained_policy(serve, PROMPT, learning_rate=1e-2)
+    syncers = {name: fw.WeightSyncer(policy_client=policy, deploy_mgr=deployments, deployment_id=name,
+                                     base_model="anvil-tiny") for name in names}  # fmt: skip
+    prompt = fw.ModelInput.from_ints(PROMPT)
+    for step, kind in enumerate(("base", "delta")):
+        if step:
+            policy.forward_backward(data, "cross_entropy").result()
+            policy.optim_step(fw.AdamParams(learning_rate=1e-2)).result()
+        identity = syncers["left"].save_only(f"shared-{step}", checkpoint_type=kind)
+        for name in names:
+            assert syncers[name].hotload(identity, kind), deployments.last_hotload_error_message
+            assert served_identity(serve, name) == identity
+        learner = policy.forward(data, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data
+        served = {}
+        for name in names:
+            sampler = fw.FiretitanSamplingClient(syncers[name].get_deployment_sampler())
+            served[name] = sampler.compute_logprobs(prompt).result()
+            sampler.close()
+        assert served["left"] == served["right"], "the same snapshot serves the same logprobs everywhere"
+        np.testing.assert_allclose(served["left"][1:], learner, rtol=1e-4, atol=1e-4)
+    for name in names:
+        deployments.delete(name)
+    trainers.delete(endpoint.job_id)
     assert rows(serve, "deployments") == rows(serve, "trainer_jobs") == 0
     assert serve.children() == baseline
 
