@@ -44,7 +44,9 @@ class WarmupConfig(_Strict):
     learning_rate: float = Field(default=1e-3, gt=0)
     """Adam's learning rate in this phase (the other Adam settings are loop.adam's)."""
     seed: int = 1
-    """Seed of the warmup's generated problems: not the task's, so RL is asked problems the warmup never saw."""
+    """Seed of the warmup's generated problems: another draw of the task than RL's (a small task repeats
+    prompts: `reverse` has 1000, most of which both phases see; the warmup is kept too short to learn
+    them - the main job's leaves 1 % of answers exact)."""
     dataset: Path | None = None
     """A .jsonl or .parquet file with `prompt` and `answer` columns for this phase; unset: the task's own
     problems (generated with `seed`, or task.dataset's rows when the task reads a file)."""

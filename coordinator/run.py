@@ -178,7 +178,8 @@ async def train(
         )  # fmt: skip
     elif config.warmup.steps:
         warmup_source = build_source(config.task.name, config.warmup.dataset or config.task.dataset, config.warmup.seed)
-        await supervised_warmup(config.warmup, session, warmup_source, make_env, config.loop.adam, run_dir, console)
+        warmup = supervised_warmup(config.warmup, session, warmup_source, make_env, config.loop.adam, run_dir, console)
+        await watched(warmup, watched_address, config.services.learner_watch)  # a hung learner is caught here too
     if session.info.step > 0 or rewind:  # the replicas serve the restored weights before sampling resumes
         await rollout.publish(
             lambda addresses, rewind=False: session.publish_weights(
@@ -192,7 +193,7 @@ async def train(
         state = json.dumps({"next_batch": next_batch, "step": step}).encode()
         # Written while training goes on (a checkpoint cut short by a failure does not verify, so a resume
         # skips it); the last one is complete before the run ends and stops the learner.
-        background = step < config.warmup.steps + config.loop.steps
+        background = next_batch < config.loop.steps
         saved = await session.save_state(f"step-{step:06d}", client_state=state, overwrite=True, background=background)
         with (run_dir / CHECKPOINTS_FILE).open("a") as handle:
             handle.write(json.dumps({"step": step, "next_batch": next_batch, "path": saved.path}) + "\n")

@@ -24,8 +24,10 @@ import argparse
 import base64
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
+from coordinator.models import BUILTIN_MODELS
 from coordinator.server_cli import request, server_arguments
 
 TOKENIZER_ROUTE = "/api/v1/anvil/tokenizer"
@@ -69,7 +71,11 @@ def hub_cache_dir() -> Path:
 
 
 def install_in_hub_cache(repo_id: str, files: dict[str, bytes], cache_dir: Path | None = None) -> Path:
-    """Write `files` as the `main` revision of model `repo_id` in the hub cache; the snapshot directory."""
+    """Write `files` as the `main` revision of model `repo_id` in the hub cache; the snapshot directory.
+
+    Refuses (ValueError) to repoint an entry whose current revision holds anything but tokenizer files: that
+    is a real model someone downloaded, and a tokenizer-only `main` would hide its weights.
+    """
     if not ({"tokenizer_config.json", "tokenizer.json"} & set(files)):
         raise ValueError(f"no tokenizer among {sorted(files)}")
     digest = hashlib.sha1()
@@ -77,16 +83,22 @@ def install_in_hub_cache(repo_id: str, files: dict[str, bytes], cache_dir: Path 
         digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
     revision = digest.hexdigest()
     repo_dir = (cache_dir or hub_cache_dir()) / f"models--{repo_id.replace('/', '--')}"
+    main = repo_dir / "refs" / "main"
+    if main.is_file():
+        current = repo_dir / "snapshots" / main.read_text().strip()
+        foreign = sorted(p.name for p in current.iterdir() if p.name not in TOKENIZER_FILES) if current.is_dir() else []
+        if foreign:
+            raise ValueError(f"the Hugging Face cache already holds a model {repo_id!r} ({', '.join(foreign[:3])}…)")
     snapshot = repo_dir / "snapshots" / revision
     snapshot.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         path = snapshot / name
         if not path.is_file() or path.read_bytes() != data:
-            partial = path.with_suffix(path.suffix + ".partial")
-            partial.write_bytes(data)
-            partial.replace(path)
-    (repo_dir / "refs").mkdir(exist_ok=True)
-    (repo_dir / "refs" / "main").write_text(revision)
+            with tempfile.NamedTemporaryFile(dir=snapshot, prefix=f".{name}.", delete=False) as partial:
+                partial.write(data)
+            Path(partial.name).replace(path)  # whole files only, even with two installs at once
+    main.parent.mkdir(exist_ok=True)
+    main.write_text(revision)
     return snapshot
 
 
@@ -96,8 +108,12 @@ def is_hub_name(base_model: str) -> bool:
 
 
 def install_served_tokenizer(base_model: str, model_dir: Path) -> str:
-    """`anvil serve`'s start: the served model's tokenizer into this host's hub cache; a line saying so."""
-    if not is_hub_name(base_model):
+    """`anvil serve`'s start: a built-in model's tokenizer into this host's hub cache; a line saying so.
+
+    Only built-in models: they exist nowhere else. A served Hugging Face directory is its own tokenizer
+    (get_tokenizer() on this host loads the path), and its name may well be a real hub model's.
+    """
+    if base_model not in BUILTIN_MODELS:
         return f"tokenizer: {base_model} is a directory; get_tokenizer() loads it from there on this host"
     try:
         snapshot = install_in_hub_cache(base_model, tokenizer_files(model_dir))
@@ -120,7 +136,15 @@ def add_tokenizer_command(commands: argparse._SubParsersAction) -> None:
 
 def _pull(args: argparse.Namespace) -> int:
     answer = request(args, "anvil tokenizer", "GET", TOKENIZER_ROUTE)
-    snapshot = install_in_hub_cache(answer["base_model"], decode_files(answer["files"]))
+    if not is_hub_name(answer["base_model"]):
+        raise SystemExit(
+            f"anvil tokenizer: the server serves the directory {answer['base_model']}, which get_tokenizer() loads "
+            "by path; copy its tokenizer files to the same path here"
+        )
+    try:
+        snapshot = install_in_hub_cache(answer["base_model"], decode_files(answer["files"]))
+    except ValueError as exc:
+        raise SystemExit(f"anvil tokenizer: {exc}") from None
     print(f"{answer['base_model']}: {snapshot}")
     print("AutoTokenizer.from_pretrained and the tinker SDK's get_tokenizer() load it with HF_HUB_OFFLINE=1")
     return 0

@@ -5,8 +5,10 @@ no reward and so gets no gradient from RL. A short supervised phase (RunConfig.w
 that is right now and then, which group-relative advantages can then sharpen. The phase is deliberately
 short: the run's first RL step still scores far below what RL takes it to.
 
-Each step trains `batch_size` problems of the warmup's own source (another seed than the task's, so RL
-is asked prompts the warmup never saw) with Tinker's `cross_entropy` loss, weights 1/targets so the loss
+Each step trains `batch_size` problems of the warmup's own source (another seed than the task's: another
+draw, not a held-out set - `reverse` has only 1000 prompts, and most RL prompts also appear in the main
+job's warmup, which is why it stops while 1 % of answers are exact) with Tinker's `cross_entropy` loss,
+weights 1/targets so the loss
 is the mean negative log-likelihood of the answer tokens (a sum would make grad clipping bite at once).
 Each step's loss goes to warmup.jsonl; the learner's step counter advances, so the first RL step is
 `steps + 1` and checkpoints, resume and weight versions keep counting learner steps.

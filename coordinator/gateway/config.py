@@ -60,9 +60,9 @@ class GatewayConfig(BaseModel):
     """Completion cap when a sample request leaves max_tokens unset (never past the model's context)."""
     sampler_snapshots_kept: int = Field(default=4, ge=1)
     """Unnamed sampler snapshots (save_weights_and_get_sampling_client) kept per training client: the most
-    recently *used* ones (made or sampled from), so a reference or teacher snapshot that is still sampled
-    stays however many newer ones follow; the least recently used beyond this are deleted, and their
-    sampling clients answer NOT_FOUND."""
+    recently *used* ones (made or sampled from), so a reference or teacher snapshot sampled at least once
+    between every `sampler_snapshots_kept` new snapshots stays however many follow; the least recently
+    used beyond this are deleted, and their sampling clients answer NOT_FOUND."""
     durable_state_every_steps: int = Field(default=1, ge=1)
     """A training client's state (weights and AdamW) is saved in the background after every this many
     optim_steps, so a restart of `anvil serve` restores it: from the newest such state plus a replay of

@@ -7,8 +7,10 @@
   to a new sampling session. Only the `sampler_snapshots_kept` most recently used of a client are kept
   (made, or sampled from: `SessionRegistry.touch_snapshot`): they are whole weight copies, written for
   every sampling client an RL loop asks for, so the old policies a loop no longer samples go, while a
-  snapshot still sampled from - a DPO reference, a KL reference, a teacher - stays however many newer
-  ones follow. A deleted one's sampling clients answer NOT_FOUND saying so.
+  snapshot sampled from at least once between every `kept` new ones - a DPO reference scored every
+  step, a teacher - stays however many follow. A deleted one's sampling clients answer NOT_FOUND saying
+  so. The order is journalled with the client's durable state, so after a gateway restart it is the
+  order of the last one (a use since then is forgotten: at most one step's worth).
 """
 
 from __future__ import annotations

@@ -89,15 +89,21 @@ class Sampling:
         seq_id = envelope.seq_id
         if seq_id not in sampler.requests:  # new work (a retried seq_id gets its first answer)
             if not sampler.snapshot.exists():
-                raise NotFound(
-                    f"the weights of sampling client {sampler.sampling_session_id!r} were deleted: a training "
-                    f"client keeps its {self.config.sampler_snapshots_kept} most recently used unnamed snapshots "
-                    "(sampler_snapshots_kept); save_weights_for_sampler with a name keeps weights for good"
-                )
+                raise NotFound(self._weights_gone(sampler))
             self.sessions.touch_snapshot(sampler)
             self.start(sampler, seq_id, body)
         ids = [f"{sampler.sampling_session_id}:{seq_id}:{index}" for index in range(envelope.num_samples)]
         return {"request_id": sampler.requests[seq_id], "sample_sequence_ids": ids}
+
+    def _weights_gone(self, sampler: SamplingSession) -> str:
+        """Why a sampling client's weights are no longer on disk."""
+        if sampler.model_path:
+            return f"the sampler weights {sampler.model_path} were deleted; save new ones with save_weights_for_sampler"
+        return (
+            f"the weights of sampling client {sampler.sampling_session_id!r} were deleted: a training client keeps "
+            f"its {self.config.sampler_snapshots_kept} most recently used unnamed snapshots (sampler_snapshots_kept); "
+            "save_weights_for_sampler with a name keeps weights for good"
+        )
 
     def start(self, sampler: SamplingSession, seq_id: int, body: dict[str, Any], request_id: str | None = None) -> None:
         """Run sample `seq_id` of `sampler` (under `request_id` when it is one from before a restart); the

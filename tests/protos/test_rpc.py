@@ -189,7 +189,7 @@ async def test_a_stream_refused_while_the_client_still_writes_keeps_its_status(s
 
     def chunks():
         yield rollout_pb2.PushWeightsRequest(version=1, chunk=common_pb2.WeightChunk(name="bad"))
-        for index in range(64):
+        for index in range(32):
             chunk = common_pb2.WeightChunk(name=f"w{index}", data=payload)
             yield rollout_pb2.PushWeightsRequest(version=1, chunk=chunk)
 

@@ -43,6 +43,7 @@ def test_get_tokenizer_works_offline_after_anvil_tokenizer(stack, tiny_model_dir
     client = [sys.executable, "-c", CLIENT, stack.base_url, TINKER_KEY, TEXT]
     before = subprocess.run(client, env=env, capture_output=True, text=True, timeout=300)
     assert before.returncode != 0, "an empty cache must not load a tokenizer: the test could not fail otherwise"
+    assert "LocalEntryNotFoundError" in before.stderr or "cached files" in before.stderr, before.stderr[-2000:]
 
     anvil = str(Path(sys.executable).parent / "anvil")
     pulled = subprocess.run([anvil, "tokenizer", "--server", stack.base_url, "--api-key", TINKER_KEY],
@@ -71,3 +72,11 @@ def test_the_cache_install_is_idempotent_and_takes_only_tokenizer_files(tiny_mod
         decode_files({"../../etc/passwd": ""})
     with pytest.raises(ValueError, match="no tokenizer"):
         install_in_hub_cache("anvil-tiny", {"config.json": b"{}"}, tmp_path)
+    real = tmp_path / "models--org--real" / "snapshots" / "abc"
+    real.mkdir(parents=True)
+    (real / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "models--org--real" / "refs").mkdir()
+    (tmp_path / "models--org--real" / "refs" / "main").write_text("abc")
+    with pytest.raises(ValueError, match="already holds a model 'org/real'"):
+        install_in_hub_cache("org/real", files, tmp_path)
+    assert (tmp_path / "models--org--real" / "refs" / "main").read_text() == "abc", "a real model is left alone"
