@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 
 from coordinator.client.learner_api import LearnerSession
@@ -56,10 +55,7 @@ async def supervised_warmup(
         weight = 1.0 / sum(len(completion) for _, completion in pairs)
         data = [supervised_datum(prompt, completion, weight) for prompt, completion in pairs]
         output = await session.forward_backward(data, "cross_entropy")
-        loss = -sum(
-            float(np.dot(out["logprobs"].to_numpy(), datum.loss_fn_inputs["weights"].to_numpy()))
-            for out, datum in zip(output.loss_fn_outputs, data, strict=True)
-        )
+        loss = output.metrics["loss:sum"]  # -sum(weights * logprobs): with weights 1/targets, the mean NLL
         step = int((await session.optim_step(adam)).step)
         first_loss = loss if first_loss is None else first_loss
         with (run_dir / WARMUP_FILE).open("a") as handle:
