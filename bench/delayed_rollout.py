@@ -17,7 +17,7 @@ from protos.anvil.v1 import rollout_pb2_grpc
 from protos.rpc import RunningServer, ServerConfig, ServiceSpec, serve_until_signal, start_server
 from rollout.config import TorchEngineConfig
 from rollout.engines import build_engine
-from rollout.engines.base import RolloutEngine, SampleResult, SamplingSpec
+from rollout.engines.base import PromptScoring, RolloutEngine, SampleResult, SamplingSpec
 from rollout.service import RolloutServicer
 from rollout.weights import WeightUpdater, checkpoint_shapes
 from servicekit.process import die_with_parent
@@ -31,9 +31,9 @@ class DelayedEngine:
     def __init__(self, engine: RolloutEngine, delay_s: float) -> None:
         self._engine, self._delay_s = engine, delay_s
 
-    async def sample(self, prompt: list[int], n: int, spec: SamplingSpec, prompt_logprobs: bool) -> SampleResult:
+    async def sample(self, prompt: list[int], n: int, spec: SamplingSpec, scoring: PromptScoring) -> SampleResult:
         await asyncio.sleep(self._delay_s)
-        return await self._engine.sample(prompt, n, spec, prompt_logprobs)
+        return await self._engine.sample(prompt, n, spec, scoring)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)

@@ -27,7 +27,7 @@ from protos.channels import open_channel
 from protos.rpc import ServerConfig, ServiceSpec, start_server
 from rollout.config import TorchEngineConfig, VllmEngineConfig
 from rollout.engines import build_engine
-from rollout.engines.base import SamplingSpec
+from rollout.engines.base import PromptScoring, SamplingSpec
 from rollout.server import SERVICE_NAME
 from rollout.service import RolloutServicer
 from rollout.weights import WeightUpdater, checkpoint_shapes
@@ -53,7 +53,7 @@ async def bench_engine(name: str, args: argparse.Namespace, model_path, repeats:
             async def direct(seed: int) -> None:
                 async def one(index: int, prompt: list[int]) -> int:
                     spec = SamplingSpec(args.max_tokens, 1.0, 1.0, -1, seed * 1000 + index, (), (), True)
-                    result = await engine.sample(prompt, args.samples, spec, False)
+                    result = await engine.sample(prompt, args.samples, spec, PromptScoring())
                     return sum(len(s.tokens) for s in result.sequences)
 
                 made = await asyncio.gather(*(one(i, p) for i, p in enumerate(batch)))

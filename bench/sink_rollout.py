@@ -81,7 +81,7 @@ class BufferEngine(RolloutEngine):
     def description(self) -> EngineDescription:
         return self._description
 
-    async def sample(self, prompt_tokens, num_samples, spec: SamplingSpec, include_prompt_logprobs) -> SampleResult:
+    async def sample(self, prompt_tokens, num_samples, spec: SamplingSpec, scoring) -> SampleResult:
         raise NotImplementedError("the buffer engine serves weights only")
 
     async def compute_logprobs(self, tokens: list[int]) -> list[float]:

@@ -25,6 +25,7 @@ import uvicorn
 from coordinator.fleet.replica_set import ReplicaSet
 from coordinator.fleet.routes import fleet_router
 from coordinator.gateway.app import create_app
+from coordinator.gateway.checkpoint_routes import sweep_expired_forever
 from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.service import TinkerService
 from coordinator.gateway.snapshot_router import SnapshotRouter
@@ -118,8 +119,10 @@ async def start_gateway(
             raise OSError(f"the gateway could not listen on {config.host}:{config.port}")
         await asyncio.sleep(0.02)
     host, port = server.servers[0].sockets[0].getsockname()[:2]
-    expiry = asyncio.get_running_loop().create_task(service.sessions.expire_forever(config.session_timeout_s))
-    return RunningGateway(f"{host}:{port}", service, server, control, serving, [expiry])
+    loop = asyncio.get_running_loop()
+    expiry = loop.create_task(service.sessions.expire_forever(config.session_timeout_s))
+    sweep = loop.create_task(sweep_expired_forever(service.checkpoints))
+    return RunningGateway(f"{host}:{port}", service, server, control, serving, [expiry, sweep])
 
 
 STOPPING = "anvil serve: stopping; the services it started are stopped too"

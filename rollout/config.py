@@ -63,6 +63,10 @@ class VllmEngineConfig(SwapSettings):
     staging_dir: Path = Path("/dev/shm")
     """RAM-backed directory where pushed weights are written as safetensors for vLLM to reload."""
     seed: int = 0
+    max_logprobs: int = Field(default=20, ge=-1)
+    """The most prompt top-k logprobs a request may ask for (vLLM's own default, 20); -1 = the whole
+    vocabulary, which target prompt logprobs (distillation's `target_prompt_logprobs`) need on vLLM: it
+    scores a given token only through its full-vocabulary prompt logprobs."""
     """Engine seed (requests without a seed draw from it)."""
 
 

@@ -17,7 +17,7 @@ from protos.anvil.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 from protos.errors import InvalidArgument
 from protos.weights_codec import parse_push_request
 from protos.weights_relay import relay_chain
-from rollout.engines.base import RolloutEngine, SamplingSpec
+from rollout.engines.base import PromptScoring, RolloutEngine, SamplingSpec
 from rollout.relay import RelayForward
 from rollout.weights import WeightUpdater
 
@@ -59,6 +59,26 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         bad = next((t for t in tokens if not 0 <= t < description.vocab_size), None)
         if bad is not None:
             raise InvalidArgument(f"{field} holds token id {bad}; token ids must be in [0, {description.vocab_size})")
+
+    def prompt_scoring(self, request: rollout_pb2.SampleRequest) -> PromptScoring:
+        """What the request scores on its prompt, range-checked (positions 1..n-1, ids in the vocabulary)."""
+        vocab, length = self.engine.description.vocab_size, len(request.prompt_tokens)
+        if not 0 <= request.prompt_logprobs_top_k <= vocab:
+            raise InvalidArgument(f"prompt_logprobs_top_k is {request.prompt_logprobs_top_k}; give 0 to {vocab}")
+        positions, tokens = list(request.prompt_target_positions), list(request.prompt_target_tokens)
+        if len(positions) != len(tokens):
+            raise InvalidArgument(
+                f"prompt_target_positions has {len(positions)} entries and prompt_target_tokens {len(tokens)}; "
+                "give one position per token"
+            )
+        bad = next((p for p in positions if not 1 <= p < length), None)
+        if bad is not None:
+            raise InvalidArgument(f"prompt_target_positions holds {bad}; positions are 1 to {length - 1}")
+        if tokens:
+            self._check_tokens("prompt_target_tokens", tokens)
+        return PromptScoring(
+            request.include_prompt_logprobs, request.prompt_logprobs_top_k, tuple(zip(positions, tokens, strict=True))
+        )
 
     def sampling_spec(self, request: rollout_pb2.SampleRequest) -> SamplingSpec:
         """Resolve and range-check a request's sampling settings (InvalidArgument names the field)."""
@@ -109,9 +129,10 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         prompt = list(request.prompt_tokens)
         self._check_tokens("prompt_tokens", prompt)
         spec = self.sampling_spec(request)
+        scoring = self.prompt_scoring(request)
         async with self.updater.gate.reading():  # only a "drain" swap waits for it
             version = self.engine.weight_version
-            result = await self.engine.sample(prompt, request.num_samples, spec, request.include_prompt_logprobs)
+            result = await self.engine.sample(prompt, request.num_samples, spec, scoring)
         # An engine that cannot swap in flight labels no token: all of them come from the version it started on.
         per_token = [s.token_versions or [version] * len(s.tokens) for s in result.sequences]
         return rollout_pb2.SampleResponse(
@@ -125,6 +146,9 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                 for sequence, versions in zip(result.sequences, per_token, strict=True)
             ],
             prompt_logprobs=result.prompt_logprobs or [],
+            prompt_topk_tokens=[token for row in result.prompt_topk or [] for token, _ in row],
+            prompt_topk_logprobs=[logprob for row in result.prompt_topk or [] for _, logprob in row],
+            prompt_target_logprobs=result.prompt_target_logprobs or [],
             weight_version=min((v for versions in per_token for v in versions), default=version),
         )
 

@@ -21,6 +21,9 @@ from fastapi.responses import JSONResponse, Response
 
 from coordinator.gateway import bodies, tenancy
 from coordinator.gateway.bodies import json_object, parse
+from coordinator.gateway.checkpoint_copies import CheckpointCopies
+from coordinator.gateway.checkpoint_routes import checkpoint_router
+from coordinator.gateway.external_weights import FILES_ROUTE, ExternalWeightLinks
 from coordinator.gateway.futures import Outcome, without_paths
 from coordinator.gateway.openapi import with_request_bodies
 from coordinator.gateway.operations import PROTOBUF, forward_operation, sequenced_operation
@@ -30,6 +33,8 @@ from coordinator.tokenizer_cache import TOKENIZER_ROUTE, encode_files, tokenizer
 from protos.errors import AlreadyExists, AnvilError, FailedPrecondition, InvalidArgument, NotFound
 
 OPEN_PATHS = {"/api/v1/healthz"}
+OPEN_PREFIXES = (FILES_ROUTE + "/",)
+"""Signed download URLs: fetched without a key (each carries its own signature; external_weights.py)."""
 _STATUS = {InvalidArgument: 400, NotFound: 404, FailedPrecondition: 400, AlreadyExists: 400}
 
 
@@ -41,7 +46,8 @@ async def body_json(request: Request) -> dict[str, Any]:
 def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
     async def authenticate(request: Request) -> None:
         tenant = tenant_of_request(request.headers, api_keys)
-        if tenant is None and request.url.path not in OPEN_PATHS:
+        path = request.url.path
+        if tenant is None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             raise HTTPException(401, UNAUTHENTICATED)
         tenancy.enter(tenant or "")
         size = request.headers.get("content-length", "0")
@@ -165,16 +171,16 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
     async def save_weights_for_sampler(request: Request) -> dict[str, Any]:
         return await sequenced(request, "save_weights_for_sampler")
 
+    @app.post("/api/v1/save_weights_external")
+    async def save_weights_external(request: Request) -> dict[str, Any]:
+        return await sequenced(request, "save_weights_external")
+
     @app.post("/api/v1/load_weights")
     async def load_weights(request: Request) -> dict[str, Any]:
         body = await body_json(request)
         if body.get("model_id") is None:  # create-via-load: a new training client from a state
             return service.create_from_state(body)
         return await sequenced(request, "load_weights")
-
-    @app.get("/api/v1/list_checkpoints")
-    async def list_checkpoints() -> dict[str, Any]:
-        return {"checkpoints": service.checkpoints.state_names()}
 
     @app.post("/api/v1/unload_model")
     async def unload_model(request: Request) -> dict[str, Any]:
@@ -224,30 +230,14 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
         page = [service.training_run(run_id) for run_id in ids[offset : offset + limit]]
         return {"training_runs": page, "cursor": {"offset": offset, "limit": limit, "total_count": len(ids)}}
 
-    @app.get("/api/v1/training_runs/{run_id}/checkpoints")
-    async def run_checkpoints(run_id: str) -> dict[str, Any]:
-        return {"checkpoints": [c.to_tinker() for c in service.checkpoints.of_run(run_id)], "cursor": None}
-
-    @app.delete("/api/v1/training_runs/{run_id}/checkpoints/{kind}/{name}")
-    async def delete_checkpoint(run_id: str, kind: str, name: str) -> dict[str, Any]:
-        service.checkpoints.delete(f"tinker://{run_id}/{kind}/{name}")
-        return {}
-
-    @app.get("/api/v1/checkpoints")
-    async def all_checkpoints(limit: int = Query(100, ge=0), offset: int = Query(0, ge=0)) -> dict[str, Any]:
-        records = service.checkpoints.all()
-        page = [c.to_tinker() for c in records[offset : offset + limit]]
-        return {"checkpoints": page, "cursor": {"offset": offset, "limit": limit, "total_count": len(records)}}
-
-    @app.post("/api/v1/weights_info")
-    async def weights_info(request: Request) -> dict[str, Any]:
-        path = parse(bodies.CheckpointRef, await body_json(request)).tinker_path
-        return service.checkpoints.get(path).weights_info()
-
     @app.get(TOKENIZER_ROUTE)
     async def tokenizer() -> dict[str, Any]:
         """The served model's tokenizer files (no weights), for `anvil tokenizer` (coordinator/tokenizer_cache.py)."""
         return {"base_model": config.model, "files": encode_files(tokenizer_files(service.model_dir))}
 
+    state_dir = config.state_dir
+    copies = CheckpointCopies(state_dir, service.checkpoints, service.training_runs)
+    links = ExternalWeightLinks(state_dir, service.checkpoints)
+    app.include_router(checkpoint_router(service.checkpoints, copies, links))
     with_request_bodies(app)
     return app

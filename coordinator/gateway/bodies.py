@@ -162,6 +162,27 @@ class SaveWeights(Body):
     optimizer: bool = False
     checkpoint_type: str | None = None
     sampling_session_seq_id: int | None = None
+    ttl_seconds: int | None = None
+    user_metadata: dict[str, str] | None = None
+
+
+class SaveWeightsExternal(Body):
+    path: str = Field(min_length=1)
+    ttl_seconds: int | None = None
+    age_encryption_recipients: list[str] | None = None
+
+
+class CopyWeights(Body):
+    source_path: str
+    session_id: str | None = None
+    model_seq_id: int | None = Field(default=None, ge=0)
+    destination_project_id: str | None = None
+    ttl_seconds: int | None = None
+    weights_access_token: str | None = None
+
+
+class CheckpointTtl(Body):
+    ttl_seconds: int | None
 
 
 class SamplingParams(Body):

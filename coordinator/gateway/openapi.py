@@ -34,6 +34,9 @@ REQUEST_BODIES: dict[str, tuple[type[BaseModel], ...]] = {
     "/api/v1/asample": (bodies.Sample,),
     "/api/v1/retrieve_future": (bodies.FutureRef,),
     "/api/v1/weights_info": (bodies.CheckpointRef,),
+    "/api/v1/save_weights_external": (bodies.Sequenced, bodies.SaveWeightsExternal),
+    "/api/v1/copy_weights": (bodies.CopyWeights,),
+    "/api/v1/training_runs/{run_id}/checkpoints/{kind}/{name}/ttl": (bodies.CheckpointTtl,),
 }
 """Route -> the body models whose fields it reads (all of them, when several)."""
 
@@ -46,7 +49,8 @@ def with_request_bodies(app: FastAPI) -> None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for path, models in REQUEST_BODIES.items():
-                operation = schema["paths"].get(path, {}).get("post")
+                methods = schema["paths"].get(path, {})
+                operation = methods.get("post") or methods.get("put")
                 if operation is None:
                     continue
                 refs = [_component(model, components) for model in models]

@@ -22,7 +22,9 @@ from protos.errors import InvalidArgument
 PROTOBUF = "application/x-protobuf"
 STATE_CHANGING = frozenset({"forward_backward", "optim_step", "load_weights"})
 """The operations that change a training model: a restore replays these (and only these) on its state."""
-SEQUENCED_KINDS = frozenset({"optim_step", "save_weights", "save_weights_for_sampler", "load_weights"})
+SEQUENCED_KINDS = frozenset(
+    {"optim_step", "save_weights", "save_weights_for_sampler", "save_weights_external", "load_weights"}
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ def forward_operation(raw: bytes, content_type: str, content_encoding: str, forw
 
 
 def sequenced_operation(kind: str, raw: bytes) -> Operation:
-    """The operation of an optim_step, save_weights, save_weights_for_sampler or load_weights request."""
+    """The operation of an optim_step, save_weights, save_weights_for_sampler, save_weights_external or
+    load_weights request."""
     envelope = parse(Sequenced, json_object(raw))
     return Operation(kind, envelope.model_id, envelope.seq_id, raw)
 
@@ -85,6 +88,8 @@ def work_of(
         return lambda model: training.optim_step(model, body)
     if operation.kind == "save_weights":
         return lambda model: training.save_state(model, body)
+    if operation.kind == "save_weights_external":
+        return lambda model: training.save_external(model, body)
     if operation.kind == "load_weights":
         return lambda model: training.load(model, body)
     if operation.kind == "save_weights_for_sampler":

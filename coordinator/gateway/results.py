@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.gateway import wire
+from coordinator.gateway import prompt_scores, wire
 from protos.anvil.v1 import rollout_pb2
 
 
@@ -31,12 +31,23 @@ class ForwardResult:
 class SampleResult:
     reply: rollout_pb2.SampleResponse
     prompt_logprobs: np.ndarray | None
+    topk: dict[str, list] | None = None
+    """Top-k prompt logprobs, `{"token_ids", "logprobs"}` [len(prompt), k] (coordinator.gateway.prompt_scores)."""
+    targets: dict[str, Any] | None = None
+    """Target prompt logprobs as TensorData JSON, in the request's layout."""
 
     def proto(self) -> bytes:
-        return wire.sample_output_proto(self.reply, self.prompt_logprobs)
+        message = wire.sample_output_message(self.reply, self.prompt_logprobs)
+        prompt_scores.add_to_proto(message, self.topk, self.targets)
+        return message.SerializeToString()
 
     def json(self) -> dict[str, Any]:
-        return wire.sample_output_json(self.reply, self.prompt_logprobs)
+        result = wire.sample_output_json(self.reply, self.prompt_logprobs)
+        if self.topk is not None:
+            result["topk_prompt_logprobs"] = prompt_scores.topk_json(self.topk)
+        if self.targets is not None:
+            result["target_prompt_logprobs"] = self.targets
+        return result
 
 
 def encode_value(value: Any) -> dict[str, Any]:
@@ -54,6 +65,8 @@ def encode_value(value: Any) -> dict[str, Any]:
         return {
             "sample": _b64(value.reply.SerializeToString()),
             "prompt_logprobs": None if prompt is None else {"dtype": prompt.dtype.str, "data": _b64(prompt.tobytes())},
+            "topk": value.topk,
+            "targets": value.targets,
         }
     return {"json": value}
 
@@ -70,7 +83,7 @@ def decode_value(doc: dict[str, Any]) -> Any:
         reply = rollout_pb2.SampleResponse.FromString(base64.b64decode(doc["sample"]))
         prompt = doc["prompt_logprobs"]
         array = None if prompt is None else np.frombuffer(base64.b64decode(prompt["data"]), dtype=prompt["dtype"])
-        return SampleResult(reply, None if array is None else array.copy())
+        return SampleResult(reply, None if array is None else array.copy(), doc.get("topk"), doc.get("targets"))
     return doc["json"]
 
 

@@ -43,14 +43,16 @@ class SamplerWeights:
         if name and self.snapshots is not None:
             return await self._save_snapshot(model, name, request.checkpoint_type or "base")
         if name:
+            self.checkpoints.expiry(request.ttl_seconds)  # a bad TTL is refused before the learner writes
             try:
                 reply = await model.learner.save_weights(name)
             except AlreadyExists:  # the learner's message names its directory; the client knows the name
                 message = f"sampler weights {name!r} of this training run already exist; choose another name"
                 raise AlreadyExists(message) from None
             record = self.checkpoints.add(
-                model.model_id, "sampler_weights", name, reply.path, model.base_model, model.owner
-            )
+                model.model_id, "sampler_weights", name, reply.path, model.base_model, model.owner,
+                request.ttl_seconds, request.user_metadata,
+            )  # fmt: skip
             return {"path": record.path, "type": "save_weights_for_sampler"}
         if request.sampling_session_seq_id is None:
             raise InvalidArgument("save_weights_for_sampler needs a path (name) or a sampling_session_seq_id")

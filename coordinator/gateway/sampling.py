@@ -3,7 +3,8 @@ a named sampler checkpoint, or an unnamed snapshot), and `asample` turns Tinker'
 `Sample` on a replica that serves exactly those weights (the SnapshotRouter hot-loads them if needed).
 
 A sample is deduplicated by (sampling session, seq_id): a retried `asample` gets the first request id.
-Tinker features Anvil does not serve (top-k logprobs, prompt alternatives, image chunks) are user
+Top-k and target prompt logprobs go to the replica with the sample (coordinator.gateway.prompt_scores).
+Tinker features Anvil does not serve (top-k sample logprobs, prompt alternatives, image chunks) are user
 errors, never silently ignored.
 """
 
@@ -18,6 +19,7 @@ from coordinator.gateway.checkpoints import CheckpointStore
 from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.futures import FutureStore
 from coordinator.gateway.journal import OpRecord
+from coordinator.gateway.prompt_scores import parse_targets, topk_of
 from coordinator.gateway.results import SampleResult
 from coordinator.gateway.sessions import SamplingSession, SessionRegistry
 from coordinator.gateway.snapshot_router import SnapshotRouter
@@ -26,7 +28,6 @@ from protos.anvil.v1 import common_pb2, rollout_pb2
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
 
 UNSUPPORTED_FIELDS = (
-    ("topk_prompt_logprobs", "top-k prompt logprobs"),
     ("topk_sample_logprobs", "top-k sample logprobs"),
     ("prompt_alt_tokens_k", "prompt alternative tokens"),
 )
@@ -65,7 +66,7 @@ class Sampling:
         if sampler_id not in session.samplers:
             if envelope.model_path:
                 record = self.checkpoints.get(envelope.model_path)
-                if record.kind != "sampler_weights":
+                if record.kind == "weights":
                     raise FailedPrecondition(
                         f"{record.path} is a training state; sample from a save_weights_for_sampler path "
                         "(tinker://…/sampler_weights/…)"
@@ -128,8 +129,6 @@ class Sampling:
         for field, what in UNSUPPORTED_FIELDS:
             if getattr(given, field):
                 raise InvalidArgument(f"{field} ({what}) is not supported by this server; leave it at 0")
-        if given.target_prompt_logprobs:
-            raise InvalidArgument("target_prompt_logprobs is not supported by this server")
         prompt = []
         for chunk in given.prompt.chunks:
             if chunk.type != "encoded_text":
@@ -139,11 +138,20 @@ class Sampling:
             raise InvalidArgument("the prompt is empty; send at least one token")
         params = self._sampling_params(given.sampling_params or SamplingParams())
         want_prompt_logprobs = bool(given.prompt_logprobs)
+        top_k = given.topk_prompt_logprobs or 0
+        if top_k < 0:
+            raise InvalidArgument(f"topk_prompt_logprobs is {top_k}; give 0 (none) or a positive k")
+        targets = None
+        if given.target_prompt_logprobs is not None:
+            targets = parse_targets(given.target_prompt_logprobs, len(prompt))
         request = rollout_pb2.SampleRequest(
             prompt_tokens=prompt,
             num_samples=given.num_samples,
             sampling_params=params,
             include_prompt_logprobs=want_prompt_logprobs,
+            prompt_logprobs_top_k=top_k if len(prompt) > 1 else 0,
+            prompt_target_positions=targets.positions if targets else [],
+            prompt_target_tokens=targets.tokens if targets else [],
         )
         if self.router is None:
             raise FailedPrecondition("this trainer has no sampler; sample from a deployment (hot-load a snapshot)")
@@ -151,7 +159,13 @@ class Sampling:
         prompt_logprobs = (
             prompt_logprobs_of(reply, len(prompt), given.prompt_logprobs_last_n) if want_prompt_logprobs else None
         )
-        return SampleResult(reply, prompt_logprobs)
+        last_n = given.prompt_logprobs_last_n
+        return SampleResult(
+            reply,
+            prompt_logprobs,
+            topk_of(reply, len(prompt), top_k, last_n) if top_k and len(prompt) > 1 else None,
+            targets.answer(list(reply.prompt_target_logprobs)) if targets else None,
+        )
 
     def _sampling_params(self, given: SamplingParams) -> common_pb2.SamplingParams:
         from coordinator.client import types

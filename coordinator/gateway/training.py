@@ -1,5 +1,6 @@
 """The sequenced operations of one training client, each a learner call: forward / forward_backward,
-optim_step, save_state (`save_weights`) and load_state (`load_weights`).
+optim_step, save_state (`save_weights`), load_state (`load_weights`) and save_weights_external (a
+Hugging Face model directory to download, through URLs coordinator.gateway.external_weights signs).
 
 They run through the client's OrderedExecutor (seq_id order, exactly once), so they see one consistent
 model. Two things here are Fireworks' additions to Tinker: optim_step's `grad_accumulation_normalization`
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.gateway.bodies import OptimStep, SaveWeights, parse
+from coordinator.gateway.bodies import OptimStep, SaveWeights, SaveWeightsExternal, parse
 from coordinator.gateway.checkpoints import CheckpointStore
 from coordinator.gateway.results import ForwardResult
 from coordinator.gateway.sessions import TrainingModel
@@ -78,14 +79,40 @@ class TrainingOps:
     async def save_state(self, model: TrainingModel, body: dict[str, Any]) -> dict[str, Any]:
         request = parse(SaveWeights, body)
         name = request.path or ""
+        self.checkpoints.expiry(request.ttl_seconds)  # a bad TTL is refused before the learner writes
         try:
             reply = await model.learner.save_state(name, overwrite=request.overwrite)
         except AlreadyExists:  # the learner's message names its directory; the client knows the name
             raise AlreadyExists(
                 f"checkpoint {name!r} of this training run already exists; choose another name or pass overwrite=true"
             ) from None
-        record = self.checkpoints.add(model.model_id, "weights", name, reply.path, model.base_model, model.owner)
+        record = self.checkpoints.add(
+            model.model_id, "weights", name, reply.path, model.base_model, model.owner,
+            request.ttl_seconds, request.user_metadata,
+        )  # fmt: skip
         return {"path": name if self.bare_checkpoint_names else record.path, "type": "save_weights"}
+
+    async def save_external(self, model: TrainingModel, body: dict[str, Any]) -> dict[str, Any]:
+        """`save_weights_external`: the model's weights as a Hugging Face directory (config, tokenizer,
+        safetensors), downloadable file by file through signed URLs (get_external_weights_urls)."""
+        request = parse(SaveWeightsExternal, body)
+        if request.age_encryption_recipients:
+            raise InvalidArgument(
+                "age encryption of exported weights is not offered by this server; omit age_encryption_recipients "
+                "(downloads are served by the gateway itself, over its own TLS when configured)"
+            )
+        self.checkpoints.expiry(request.ttl_seconds)
+        try:
+            reply = await model.learner.save_weights(f"external-{request.path}")
+        except AlreadyExists:
+            raise AlreadyExists(
+                f"external weights {request.path!r} of this training run already exist; choose another name"
+            ) from None
+        record = self.checkpoints.add(
+            model.model_id, "external_weights", request.path, reply.path, model.base_model, model.owner,
+            request.ttl_seconds,
+        )  # fmt: skip
+        return {"path": record.path, "size_bytes": record.size_bytes, "type": "save_weights_external"}
 
     async def load(self, model: TrainingModel, body: dict[str, Any]) -> dict[str, Any]:
         """`load_weights` into an existing training client."""

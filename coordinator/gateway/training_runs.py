@@ -34,6 +34,10 @@ class TrainingRuns:
         with self._file.open("a") as handle:
             handle.write(json.dumps(run) + "\n")
 
+    def known(self, run_id: str) -> bool:
+        """Whether any tenant has a run `run_id` (ids are global, so a new one must not reuse it)."""
+        return run_id in self._runs
+
     def ids(self) -> list[str]:
         """The caller's run ids, oldest first."""
         return [run_id for run_id, run in self._runs.items() if tenancy.owns(run.get("owner", ""))]

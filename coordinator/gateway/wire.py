@@ -225,7 +225,7 @@ def prompt_logprobs_of(reply: rollout_pb2.SampleResponse, prompt_length: int, la
     return values
 
 
-def sample_output_proto(reply: rollout_pb2.SampleResponse, prompt_logprobs: np.ndarray | None) -> bytes:
+def sample_output_message(reply: rollout_pb2.SampleResponse, prompt_logprobs: np.ndarray | None) -> tpb.SampleResponse:
     message = tpb.SampleResponse()
     for sequence in reply.sequences:
         message.sequences.add(
@@ -235,7 +235,7 @@ def sample_output_proto(reply: rollout_pb2.SampleResponse, prompt_logprobs: np.n
         )
     if prompt_logprobs is not None:
         message.prompt_logprobs = prompt_logprobs.tobytes()
-    return message.SerializeToString()
+    return message
 
 
 def sample_output_json(reply: rollout_pb2.SampleResponse, prompt_logprobs: np.ndarray | None) -> dict[str, Any]:

@@ -47,10 +47,43 @@ class GeneratedSequence:
 
 
 @dataclass(frozen=True)
+class PromptScoring:
+    """What a sample request also scores on its prompt, at positions 1..n-1 (each given its prefix)."""
+
+    logprobs: bool = False
+    """The prompt's own tokens' logprobs."""
+    top_k: int = 0
+    """The k most likely tokens at each position, and their logprobs."""
+    targets: tuple[tuple[int, int], ...] = ()
+    """(position, token) pairs to score, whatever the prompt's token there (distillation's targets)."""
+
+
+@dataclass(frozen=True)
 class SampleResult:
     sequences: list[GeneratedSequence]
     prompt_logprobs: list[float] | None
     """Logprobs of prompt tokens 1..n-1, when asked for."""
+    prompt_topk: list[list[tuple[int, float]]] | None = None
+    """With PromptScoring.top_k: per position 1..n-1, k (token, logprob) pairs, most likely first."""
+    prompt_target_logprobs: list[float] | None = None
+    """With PromptScoring.targets: one logprob per pair, in order."""
+
+
+def score_prompt(logprobs_LV: torch.Tensor, prompt: list[int], scoring: PromptScoring) -> dict:
+    """SampleResult's prompt fields from the log-softmax at prompt positions 1..n-1 (row i: position i + 1)."""
+    found: dict = {"prompt_logprobs": None}
+    if scoring.logprobs:
+        found["prompt_logprobs"] = logprobs_LV.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist()
+    if scoring.top_k:
+        values_LK, tokens_LK = torch.topk(logprobs_LV, scoring.top_k, dim=-1)
+        found["prompt_topk"] = [
+            list(zip(tokens, values, strict=True))
+            for tokens, values in zip(tokens_LK.tolist(), values_LK.tolist(), strict=True)
+        ]
+    if scoring.targets:
+        positions, tokens = zip(*scoring.targets, strict=True)
+        found["prompt_target_logprobs"] = logprobs_LV[torch.tensor(positions) - 1, torch.tensor(tokens)].tolist()
+    return found
 
 
 @dataclass(frozen=True)
@@ -81,7 +114,7 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     async def sample(
-        self, prompt_tokens: list[int], num_samples: int, spec: SamplingSpec, include_prompt_logprobs: bool
+        self, prompt_tokens: list[int], num_samples: int, spec: SamplingSpec, scoring: PromptScoring
     ) -> SampleResult: ...
 
     @abstractmethod

@@ -22,7 +22,15 @@ from pathlib import Path
 import torch
 
 from rollout.config import TorchEngineConfig
-from rollout.engines.base import EngineDescription, GeneratedSequence, RolloutEngine, SampleResult, SamplingSpec
+from rollout.engines.base import (
+    EngineDescription,
+    GeneratedSequence,
+    PromptScoring,
+    RolloutEngine,
+    SampleResult,
+    SamplingSpec,
+    score_prompt,
+)
 from rollout.engines.boundary import TokenBoundary
 
 
@@ -79,22 +87,21 @@ class TorchEngine(RolloutEngine):
         return self._description
 
     async def sample(
-        self, prompt_tokens: list[int], num_samples: int, spec: SamplingSpec, include_prompt_logprobs: bool
+        self, prompt_tokens: list[int], num_samples: int, spec: SamplingSpec, scoring: PromptScoring
     ) -> SampleResult:
         async with self._lock:
-            return await asyncio.to_thread(self._sample, prompt_tokens, num_samples, spec, include_prompt_logprobs)
+            return await asyncio.to_thread(self._sample, prompt_tokens, num_samples, spec, scoring)
 
     @torch.no_grad()
-    def _sample(self, prompt: list[int], n: int, spec: SamplingSpec, include_prompt_logprobs: bool) -> SampleResult:
+    def _sample(self, prompt: list[int], n: int, spec: SamplingSpec, scoring: PromptScoring) -> SampleResult:
         generator = torch.Generator().manual_seed(spec.seed if spec.seed is not None else random.getrandbits(63))
         input_ids_NL = torch.tensor([prompt] * n, device=self._device)
         with self._boundary.step():
             out = self.model(input_ids=input_ids_NL, use_cache=True)
             version = self.weight_version
-        prompt_logprobs = None
-        if include_prompt_logprobs:
-            prompt_lp_LV = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
-            prompt_logprobs = prompt_lp_LV.gather(1, input_ids_NL[0, 1:, None])[:, 0].tolist()
+        prompt_scores: dict = {"prompt_logprobs": None}
+        if scoring != PromptScoring():
+            prompt_scores = score_prompt(torch.log_softmax(out.logits[0, :-1].float(), dim=-1).cpu(), prompt, scoring)
         past, next_logits_NV = out.past_key_values, out.logits[:, -1].float()
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
@@ -125,7 +132,7 @@ class TorchEngine(RolloutEngine):
             GeneratedSequence(tokens[row], logprobs[row], "stop" if stopped[row] else "length", versions[row])
             for row in range(n)
         ]
-        return SampleResult(sequences, prompt_logprobs)
+        return SampleResult(sequences, **prompt_scores)
 
     def _is_stop(self, generated: list[int], spec: SamplingSpec) -> bool:
         last = generated[-1]

@@ -30,8 +30,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from protos.errors import FailedPrecondition, InvalidArgument
 from rollout.config import VllmEngineConfig
-from rollout.engines.base import EngineDescription, GeneratedSequence, RolloutEngine, SampleResult, SamplingSpec
+from rollout.engines.base import (
+    EngineDescription,
+    GeneratedSequence,
+    PromptScoring,
+    RolloutEngine,
+    SampleResult,
+    SamplingSpec,
+)
 from rollout.staging import new_staging_dir, remove_orphans
 
 RELOAD_WEIGHTS_RPC = "reload_weights"
@@ -80,6 +88,7 @@ class VllmEngine(RolloutEngine):
             max_model_len=config.max_model_len,
             seed=config.seed,
             kv_cache_memory_bytes=config.kv_cache_memory_bytes,
+            max_logprobs=config.max_logprobs,
             **extra,
         )
         engine = AsyncLLM.from_engine_args(args)
@@ -107,7 +116,7 @@ class VllmEngine(RolloutEngine):
         return final
 
     async def sample(
-        self, prompt_tokens: list[int], num_samples: int, spec: SamplingSpec, include_prompt_logprobs: bool
+        self, prompt_tokens: list[int], num_samples: int, spec: SamplingSpec, scoring: PromptScoring
     ) -> SampleResult:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -124,7 +133,7 @@ class VllmEngine(RolloutEngine):
             ignore_eos=spec.ignore_eos,
             include_stop_str_in_output=True,
             logprobs=0,  # the sampled token's logprob only
-            prompt_logprobs=0 if include_prompt_logprobs else None,
+            prompt_logprobs=self._prompt_logprobs_setting(scoring),
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         final = await self._final_output(prompt_tokens, params)
@@ -141,10 +150,33 @@ class VllmEngine(RolloutEngine):
             )
             for completion in sorted(final.outputs, key=lambda c: c.index)
         ]
-        prompt_logprobs = None
-        if include_prompt_logprobs:
-            prompt_logprobs = _prompt_logprobs(final.prompt_logprobs, prompt_tokens)
-        return SampleResult(sequences, prompt_logprobs)
+        per_position = final.prompt_logprobs
+        return SampleResult(
+            sequences,
+            _prompt_logprobs(per_position, prompt_tokens) if scoring.logprobs else None,
+            _prompt_topk(per_position, scoring.top_k) if scoring.top_k else None,
+            [per_position[p][t].logprob for p, t in scoring.targets] if scoring.targets else None,
+        )
+
+    def _prompt_logprobs_setting(self, scoring: PromptScoring) -> int | None:
+        """vLLM's `prompt_logprobs` for `scoring`: None (none), k (the top k, plus the prompt's own token),
+        or -1 (the whole vocabulary: the only way vLLM scores a token that is not in the top k)."""
+        limit = self._config.max_logprobs
+        if scoring.targets:
+            if limit != -1:
+                raise FailedPrecondition(
+                    "target prompt logprobs need this vLLM replica's full-vocabulary prompt logprobs; start it "
+                    "with max_logprobs = -1 (rollout engine setting), or sample from a torch-engine replica"
+                )
+            return -1
+        if scoring.top_k:
+            if limit != -1 and scoring.top_k > limit:
+                raise InvalidArgument(
+                    f"top-k prompt logprobs of {scoring.top_k} exceed this replica's max_logprobs ({limit}); ask for "
+                    "at most that many, or start the replica with a larger max_logprobs"
+                )
+            return scoring.top_k
+        return 0 if scoring.logprobs else None
 
     async def compute_logprobs(self, tokens: list[int]) -> list[float]:
         from vllm import SamplingParams
@@ -200,6 +232,16 @@ def _token_versions(spans, num_tokens: int) -> list[int]:
     if versions and len(versions) != num_tokens:  # never seen; keep the lengths in step rather than fail
         versions = (versions + [versions[-1]] * num_tokens)[:num_tokens]
     return versions
+
+
+def _prompt_topk(per_position, k: int) -> list[list[tuple[int, float]]]:
+    """The k most likely (token, logprob) at positions 1..n-1: vLLM adds the prompt's own token to its top
+    k, with its rank, so the top k are the entries of rank <= k."""
+    rows = []
+    for entries in per_position[1:]:
+        ranked = sorted(entries.items(), key=lambda item: item[1].rank)
+        rows.append([(token, lp.logprob) for token, lp in ranked if lp.rank <= k][:k])
+    return rows
 
 
 def _prompt_logprobs(per_position, tokens: list[int]) -> list[float]:

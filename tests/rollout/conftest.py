@@ -24,7 +24,11 @@ ENGINES = ["torch", "vllm"]
 
 
 def start_rollout_process(model_dir: Path, engine: str) -> tuple[subprocess.Popen, str]:
+    """A rollout server of `engine`; a vLLM one with full-vocabulary prompt logprobs (max_logprobs = -1),
+    which target prompt logprobs need (tests/rollout/test_sampling.py)."""
     command = [sys.executable, "-m", "rollout", "--set", f'model="{model_dir}"', "--set", f'engine.type="{engine}"']
+    if engine == "vllm":
+        command += ["--set", "engine.max_logprobs=-1"]
     return start_process(command, engine)
 
 

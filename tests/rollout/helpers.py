@@ -11,10 +11,14 @@ from protos.weights_codec import TensorBytes
 
 def teacher_forced_logprobs(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
     """log p(tokens[i] | tokens[:i]) for i >= 1, from one float32 transformers forward pass."""
+    logprobs = next_token_logprobs(model, tokens)
+    return logprobs.gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+
+
+def next_token_logprobs(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
+    """[len(tokens) - 1, vocab]: row i is the log-softmax over the token at position i + 1."""
     with torch.no_grad():
-        ids = torch.tensor([tokens])
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-        return logprobs.gather(1, ids[0, 1:, None])[:, 0]
+        return torch.log_softmax(model(input_ids=torch.tensor([tokens])).logits[0, :-1].float(), dim=-1)
 
 
 def perturbed(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from protos.anvil.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 from protos.channels import open_channel
-from tests.rollout.helpers import teacher_forced_logprobs
+from tests.rollout.helpers import next_token_logprobs, teacher_forced_logprobs
 
 PROMPT = [4, 295, 289, 226, 22, 23, 16, 28, 36, 2, 5]  # "<|user|>What is 12+7?<|end|><|assistant|>"
 TOL = 1e-4
@@ -50,6 +51,40 @@ async def test_sampled_logprobs_match_transformers(served):
         torch.testing.assert_close(torch.tensor(list(sequence.logprobs)), expected, atol=TOL, rtol=0)
     expected_prompt = teacher_forced_logprobs(served.model, PROMPT)
     torch.testing.assert_close(torch.tensor(list(reply.prompt_logprobs)), expected_prompt, atol=TOL, rtol=0)
+
+
+async def test_prompt_topk_and_target_logprobs_match_transformers(served):
+    """Top-k prompt logprobs and (position, token) targets, against the full log-softmax of a transformers
+    forward pass: the top k in order, and targets the prompt does not hold (distillation's case)."""
+    k, positions, tokens = 5, [1, 3, 3, len(PROMPT) - 1], [7, 100, 200, 511]
+    request = sample_request(n=1, max_tokens=2, include_prompt_logprobs=True)
+    request.prompt_logprobs_top_k = k
+    request.prompt_target_positions.extend(positions)
+    request.prompt_target_tokens.extend(tokens)
+    reply = await sample(served, request)
+    expected_LV = next_token_logprobs(served.model, PROMPT)
+    top_values, top_tokens = torch.topk(expected_LV, k, dim=-1)
+    assert list(reply.prompt_topk_tokens) == top_tokens.flatten().tolist()
+    torch.testing.assert_close(torch.tensor(list(reply.prompt_topk_logprobs)), top_values.flatten(), atol=TOL, rtol=0)
+    expected_targets = expected_LV[torch.tensor(positions) - 1, torch.tensor(tokens)]
+    torch.testing.assert_close(torch.tensor(list(reply.prompt_target_logprobs)), expected_targets, atol=TOL, rtol=0)
+    assert len(reply.prompt_logprobs) == len(PROMPT) - 1
+
+
+async def test_prompt_targets_out_of_the_prompt_are_refused(served):
+    cases = [
+        ([0], [5], "positions are 1 to"),
+        ([1, 2], [5], "one position per token"),
+        ([len(PROMPT)], [5], "positions are 1 to"),
+        ([1], [512], "token id 512"),
+    ]
+    for positions, tokens, says in cases:
+        request = sample_request(n=1, max_tokens=1)
+        request.prompt_target_positions.extend(positions)
+        request.prompt_target_tokens.extend(tokens)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await sample(served, request)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and says in refused.value.details()
 
 
 async def test_logprobs_are_raw_even_at_other_temperatures(served):

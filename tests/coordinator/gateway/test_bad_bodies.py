@@ -134,7 +134,7 @@ CASES: list[tuple[str, str, Body, int | str, str]] = [
     ("get_info", "model-id", lambda i: {"model_id": 3}, 400, "model_id must be a string"),
     ("unload_model", "model-id", lambda i: {"model_id": []}, 400, "model_id"),
     ("weights_info", "tinker-path", lambda i: {"tinker_path": 3}, 400, "tinker_path"),
-    ("weights_info", "not-a-path", lambda i: {"tinker_path": "x"}, 400, "expected tinker://<run_id>/weights/<name>"),
+    ("weights_info", "not-a-path", lambda i: {"tinker_path": "x"}, 400, "expected tinker://<run_id>/<kind>/<name>"),
     ("GET training_runs?limit=abc", "limit", None, 400, "limit must be an integer, got 'abc'"),
     ("GET checkpoints?offset=-1", "offset", None, 400, "offset"),
 ]

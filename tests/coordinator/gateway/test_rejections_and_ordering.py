@@ -87,9 +87,9 @@ def test_stable_reinforce_sampling_is_refused_at_the_first_sample(service_client
 
 def test_sampling_rejections(service_client):
     sampler = service_client.create_sampling_client(base_model="anvil-tiny").result()
-    with pytest.raises(tinker.RequestFailedError, match="topk_prompt_logprobs"):
+    with pytest.raises(tinker.RequestFailedError, match="topk_sample_logprobs"):
         sampler.sample(types.ModelInput.from_ints([4, 5]), 1, types.SamplingParams(max_tokens=2),
-                       include_prompt_logprobs=True, topk_prompt_logprobs=3).result()  # fmt: skip
+                       include_prompt_logprobs=True, topk_sample_logprobs=3).result()  # fmt: skip
     response = sampler.sample(types.ModelInput.from_ints([4, 5]), 1, types.SamplingParams(max_tokens=2)).result()
     assert len(response.sequences[0].tokens) <= 2
 
