@@ -27,12 +27,13 @@ from coordinator.fleet.routes import fleet_router
 from coordinator.gateway.app import create_app
 from coordinator.gateway.checkpoint_routes import sweep_expired_forever
 from coordinator.gateway.config import GatewayConfig
+from coordinator.gateway.sampling_models import connect_sampling_models
 from coordinator.gateway.service import TinkerService
 from coordinator.gateway.snapshot_router import SnapshotRouter
 from coordinator.models import resolve_model
 from coordinator.service_mode.control import ServiceMode
 from coordinator.service_mode.routes import TrainerGateway, control_router
-from coordinator.services import start_services
+from coordinator.services import Services, service_env, start_rollout_process, start_services
 from coordinator.tokenizer_cache import install_served_tokenizer
 from protos.channels import open_channel
 
@@ -70,6 +71,7 @@ class RunningGateway:
                 await task
         await self.service.suspend("the server stopped")
         await self.service.router.close()
+        await self.service.sampling.sampling_only.close()
         await self.service.learner_channel.close()
 
 
@@ -79,19 +81,28 @@ async def start_gateway(
     rollout_addresses: list[str],
     services_api_key: str | None,
     learner_base_model: str | None = None,
+    sampling_addresses: dict[str, list[str]] | None = None,
 ) -> RunningGateway:
-    """Serve the REST API for `config.model` over the given learner and rollout services."""
+    """Serve the REST API for `config.model` over the given learner and rollout services, and for each
+    sampling-only model over its replicas (`sampling_addresses`, model name → addresses; by default the
+    addresses `config.sampling_models` gives)."""
     model_dir = resolve_model(config.model)
     print(install_served_tokenizer(config.model, model_dir), flush=True)
     replicas = await ReplicaSet.connect(rollout_addresses, config.services.fleet, api_key=services_api_key)
     router = SnapshotRouter(replicas, model_dir)
     await router.start()
+    if sampling_addresses is None:
+        sampling_addresses = {m.model: m.rollout_addresses for m in config.sampling_models}
+    for name in sampling_addresses:
+        print(install_served_tokenizer(name, resolve_model(name)), flush=True)
+    sampling_only = await connect_sampling_models(sampling_addresses, config.services.fleet, services_api_key)
     service = TinkerService(
         config,
         open_channel(learner_address, api_key=services_api_key),
         learner_base_model or config.model,
         model_dir,
         router,
+        sampling_only=sampling_only,
     )
     restored = await service.restore()
     if restored.sessions:
@@ -126,6 +137,25 @@ async def start_gateway(
 
 
 STOPPING = "anvil serve: stopping; the services it started are stopped too"
+
+
+async def start_sampling_replicas(config: GatewayConfig, services: Services) -> dict[str, list[str]]:
+    """The replicas of each sampling-only model: its given addresses, or replicas started here (stopped
+    with the other services; named sampler-<model>-<i>, and not restarted when they exit)."""
+    addresses: dict[str, list[str]] = {}
+    engine = config.services.rollout_engine.model_dump(exclude_none=True)
+    logs, timeout = config.state_dir / "logs", config.services.startup_timeout_s
+    for index, extra in enumerate(config.sampling_models):
+        addresses[extra.model] = list(extra.rollout_addresses)
+        for replica in range(0 if extra.rollout_addresses else extra.replicas):
+            process = await start_rollout_process(
+                f"sampler-{index}-{replica}", extra.model, resolve_model(extra.model), engine, logs,
+                service_env(services.api_key), timeout, slot=config.services.rollout_replicas + replica,
+            )  # fmt: skip
+            services.processes.append(process)
+            addresses[extra.model].append(process.address)
+    services.write_record()
+    return addresses
 
 
 async def serve(config: GatewayConfig) -> None:
@@ -163,9 +193,11 @@ async def _serve(config: GatewayConfig, stop_requested: asyncio.Event) -> None:
     try:
         # A learner started here knows the model by its directory; a remote one by the configured name.
         learner_model = config.model if config.services.learner_address else str(model_dir)
+        sampling_addresses = await start_sampling_replicas(config, services)
         running = await start_gateway(
-            config, services.learner_address, services.rollout_addresses, services.api_key, learner_model
-        )
+            config, services.learner_address, services.rollout_addresses, services.api_key, learner_model,
+            sampling_addresses,
+        )  # fmt: skip
         # Replicas started here are restarted when they exit; they rejoin once they answer again.
         supervisor = services.supervise(running.service.router.replicas, config.services.fleet)
         print(f"LISTENING {running.address}", flush=True)

@@ -94,7 +94,7 @@ def create_app(service: TinkerService, api_keys: list[str]) -> FastAPI:
     @app.get("/api/v1/get_server_capabilities")
     async def capabilities() -> dict[str, Any]:
         model = {"model_name": config.model, "trainable": True, "sampleable": True}
-        return {"supported_models": [model]}
+        return {"supported_models": [model, *service.sampling.sampling_only.capabilities()]}
 
     @app.post("/api/v1/create_session")
     async def create_session(request: Request) -> dict[str, Any]:

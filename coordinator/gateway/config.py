@@ -17,6 +17,18 @@ from protos.errors import InvalidArgument
 API_KEYS_ENV = "ANVIL_TINKER_API_KEYS"
 
 
+class SamplingModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    model: str
+    """A built-in name or a Hugging Face directory; clients sample it by this name."""
+    rollout_addresses: list[str] = Field(default_factory=list)
+    """Running rollout replicas serving it (host:port); empty starts `replicas` of them on loopback, with
+    the engine settings of `services.rollout_engine`."""
+    replicas: int = Field(default=1, ge=1)
+    """How many replicas to start when no addresses are given."""
+
+
 class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -38,6 +50,9 @@ class GatewayConfig(BaseModel):
     """With it, HTTPS clients must present a certificate signed by this CA (mutual TLS)."""
     model: str = "anvil-tiny"
     """The base model served: a built-in name or a Hugging Face directory. `create_model` takes this name."""
+    sampling_models: list[SamplingModelConfig] = Field(default_factory=list)
+    """Sampling-only base models served beside `model` (a teacher, a grader): sampled by name, never
+    trained (coordinator.gateway.sampling_models)."""
     services: ServicesConfig = Field(default_factory=ServicesConfig)
     """Learner and rollout services: addresses of running ones, or how to start them on loopback."""
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -107,8 +122,16 @@ class GatewayConfig(BaseModel):
     def check_base_model(self, base_model: str | None, model_dir: Path) -> str:
         """The served model's name for a request's `base_model` (unset, or any form coordinator.models
         accepts: the name, `accounts/<account>/models/<name>`, its directory);
-        InvalidArgument for any other model: one gateway serves one base model."""
+        InvalidArgument for any other model: one gateway trains one base model."""
         if base_model and not same_model(base_model, self.model, model_dir):
+            extra = next(
+                (m.model for m in self.sampling_models if model_name_of(m.model) == model_name_of(base_model)), None
+            )
+            if extra is not None:
+                raise InvalidArgument(
+                    f"{extra!r} is a sampling-only model on this server (sampling_models): sample it with "
+                    f"create_sampling_client(base_model={extra!r}); the model trained here is {self.model!r}"
+                )
             raise InvalidArgument(
                 f"base_model {base_model!r} is not served here; this server serves {self.model!r} "
                 f"(also accepted as accounts/<account>/models/{model_name_of(self.model)})"

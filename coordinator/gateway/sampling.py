@@ -21,6 +21,7 @@ from coordinator.gateway.futures import FutureStore
 from coordinator.gateway.journal import OpRecord
 from coordinator.gateway.prompt_scores import parse_targets, topk_of
 from coordinator.gateway.results import SampleResult
+from coordinator.gateway.sampling_models import SamplingOnlyModels
 from coordinator.gateway.sessions import SamplingSession, SessionRegistry
 from coordinator.gateway.snapshot_router import SnapshotRouter
 from coordinator.gateway.wire import prompt_logprobs_of
@@ -50,6 +51,7 @@ class Sampling:
         futures: FutureStore,
         checkpoints: CheckpointStore,
         router: SnapshotRouter | None,
+        sampling_only: SamplingOnlyModels | None = None,
     ) -> None:
         self.config = config
         self.model_dir = model_dir
@@ -58,6 +60,8 @@ class Sampling:
         self.checkpoints = checkpoints
         self.router = router
         """The rollout replicas; None on a trainer job's gateway (it samples through a deployment)."""
+        self.sampling_only = sampling_only or SamplingOnlyModels([])
+        """Teachers and graders served beside the trained model, each by its own replicas."""
 
     def create_session(self, body: dict[str, Any]) -> dict[str, Any]:
         envelope = parse(NewSampler, body)
@@ -72,6 +76,8 @@ class Sampling:
                         "(tinker://…/sampler_weights/…)"
                     )
                 sampler = SamplingSession(sampler_id, record.base_model, Path(record.local_path), record.path)
+            elif extra := self.sampling_only.find(envelope.base_model):
+                sampler = SamplingSession(sampler_id, extra.name, extra.model_dir)
             else:
                 base_model = self.config.check_base_model(envelope.base_model, self.model_dir)
                 sampler = SamplingSession(sampler_id, base_model, self.model_dir)
@@ -153,9 +159,10 @@ class Sampling:
             prompt_target_positions=targets.positions if targets else [],
             prompt_target_tokens=targets.tokens if targets else [],
         )
-        if self.router is None:
+        router = self.sampling_only.router_for(sampler.base_model) or self.router
+        if router is None:
             raise FailedPrecondition("this trainer has no sampler; sample from a deployment (hot-load a snapshot)")
-        reply = await self.router.run(sampler.snapshot, lambda stub: stub.Sample(request))
+        reply = await router.run(sampler.snapshot, lambda stub: stub.Sample(request))
         prompt_logprobs = (
             prompt_logprobs_of(reply, len(prompt), given.prompt_logprobs_last_n) if want_prompt_logprobs else None
         )

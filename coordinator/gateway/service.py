@@ -32,6 +32,7 @@ from coordinator.gateway.operations import Operation, work_of
 from coordinator.gateway.restore import RestoreSummary, restore_service
 from coordinator.gateway.sampler_weights import SamplerWeights
 from coordinator.gateway.sampling import Sampling
+from coordinator.gateway.sampling_models import SamplingOnlyModels
 from coordinator.gateway.sequencer import OrderedExecutor
 from coordinator.gateway.sessions import Session, SessionRegistry, TrainingModel
 from coordinator.gateway.snapshot_router import SnapshotRouter
@@ -57,6 +58,7 @@ class TinkerService:
         model_dir: Path,
         router: SnapshotRouter | None,
         snapshots: SnapshotStore | None = None,
+        sampling_only: SamplingOnlyModels | None = None,
     ) -> None:
         self.config = config
         self.learner_channel = learner_channel
@@ -74,7 +76,9 @@ class TinkerService:
         self.sampler_weights = SamplerWeights(self.sessions, self.checkpoints, snapshots, config.sampler_snapshots_kept)
         self.restarted: set[str] = set()
         """Request ids from before a restart that the restore ran again."""
-        self.sampling = Sampling(config, model_dir, self.sessions, self.futures, self.checkpoints, router)
+        self.sampling = Sampling(
+            config, model_dir, self.sessions, self.futures, self.checkpoints, router, sampling_only
+        )
 
     def create_model_once(self, body: dict[str, Any], kind: str, request_id: str | None = None) -> dict[str, Any]:
         """Create a training model once per (session, model_seq_id); retries get its request id. `kind`:
