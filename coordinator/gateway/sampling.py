@@ -25,6 +25,7 @@ from coordinator.gateway.sampling_models import SamplingOnlyModels
 from coordinator.gateway.sessions import SamplingSession, SessionRegistry
 from coordinator.gateway.snapshot_router import SnapshotRouter
 from coordinator.gateway.wire import prompt_logprobs_of
+from coordinator.models import same_model
 from protos.anvil.v1 import common_pb2, rollout_pb2
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -159,7 +160,13 @@ class Sampling:
             prompt_target_positions=targets.positions if targets else [],
             prompt_target_tokens=targets.tokens if targets else [],
         )
-        router = self.sampling_only.router_for(sampler.base_model) or self.router
+        router = self.sampling_only.router_for(sampler.base_model)
+        if router is None and not same_model(sampler.base_model, self.config.model, self.model_dir):
+            raise FailedPrecondition(
+                f"{sampler.base_model!r} is no longer served here (not in sampling_models since a restart); "
+                f"sample {self.config.model!r} or a model the server lists in get_server_capabilities"
+            )
+        router = router or self.router
         if router is None:
             raise FailedPrecondition("this trainer has no sampler; sample from a deployment (hot-load a snapshot)")
         reply = await router.run(sampler.snapshot, lambda stub: stub.Sample(request))
