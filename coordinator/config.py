@@ -173,4 +173,7 @@ class RunConfig(_Strict):
     def _dpo_needs_pairs(self) -> RunConfig:
         if self.loop.objective.type == "dpo" and self.loop.group_size < 2:
             raise ValueError("loop.objective.type = 'dpo' pairs samples within a group: set loop.group_size >= 2")
+        objective = self.loop.objective
+        if getattr(objective, "loss_normalization", None) == "constant" and objective.constant_tokens is None:
+            objective.constant_tokens = self.loop.max_tokens  # Dr. GRPO's constant: the generation budget
         return self

@@ -41,6 +41,34 @@ def batch_advantages(rewards_BG: Sequence[Sequence[float]], normalize_by_std: bo
     return out
 
 
+LOSS_NORMALIZATIONS = ("sum", "token_mean", "sequence_mean", "constant")
+
+
+def loss_scales(lengths: Sequence[int], normalization: str, constant_tokens: int | None = None) -> list[float]:
+    """The factor on each sequence's advantages that turns the learner's summed policy-gradient loss (Tinker's
+    losses are sums over tokens, and linear in the advantage for any positive factor, clipping included)
+    into the chosen normalisation over n sequences of `lengths` tokens:
+
+    - sum (Tinker): every token counts 1; longer answers weigh more;
+    - token_mean (DAPO): the mean over every token of the batch, 1 / sum(lengths);
+    - sequence_mean (GRPO as first published): each sequence's mean token, averaged, 1 / (len_i * n);
+    - constant (Dr. GRPO): 1 / (constant_tokens * n), a fixed budget instead of the lengths, so no
+      length bias and no per-batch rescaling.
+    """
+    count = len(lengths)
+    if normalization == "sum":
+        return [1.0] * count
+    if normalization == "token_mean":
+        return [1.0 / max(sum(lengths), 1)] * count
+    if normalization == "sequence_mean":
+        return [1.0 / (max(length, 1) * count) for length in lengths]
+    if normalization == "constant":
+        if not constant_tokens or constant_tokens < 1:
+            raise ValueError("the constant normalisation needs constant_tokens >= 1 (Dr. GRPO: the generation budget)")
+        return [1.0 / (constant_tokens * count)] * count
+    raise ValueError(f"unknown loss normalisation {normalization!r}; choose one of {LOSS_NORMALIZATIONS}")
+
+
 def policy_datum(
     prompt: Sequence[int],
     completion: Sequence[int],

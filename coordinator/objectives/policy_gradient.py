@@ -11,7 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from coordinator.client.learner_api import LearnerSession
 from coordinator.client.types import Datum, SampledSequence
 from coordinator.objectives.base import Objective, ScoredGroup, completion_logprobs
-from coordinator.objectives.maths import batch_advantages, group_advantages, policy_datum, truncated_is_weights
+from coordinator.objectives.maths import (
+    batch_advantages,
+    group_advantages,
+    loss_scales,
+    policy_datum,
+    truncated_is_weights,
+)
 
 
 class AdvantageConfig(BaseModel):
@@ -43,6 +49,13 @@ class PolicyGradientConfig(AdvantageConfig):
     """The learner's built-in policy-gradient loss (see docs/losses.md)."""
     loss_config: dict[str, float] = Field(default_factory=dict)
     """The loss's settings (clip_low_threshold / clip_high_threshold for ppo and cispo)."""
+    loss_normalization: Literal["sum", "token_mean", "sequence_mean", "constant"] = "sum"
+    """How the per-token loss terms of a step add up (coordinator.objectives.maths.loss_scales): `sum` as
+    Tinker's losses are (every token counts 1), `token_mean` as DAPO (and TRL's default), `sequence_mean`
+    as GRPO first did, `constant` as Dr. GRPO (divided by `constant_tokens` x sequences). Applied by
+    scaling each sequence's advantages, which every built-in loss is linear in."""
+    constant_tokens: int | None = Field(default=None, ge=1)
+    """The token budget of the `constant` normalisation; unset, the run's `loop.max_tokens`."""
     tis_cap: float | None = Field(default=None, gt=0)
     """Truncated importance sampling: scale advantages by min(p_learner / p_sampler, cap) per token
     (one extra Forward per step). None disables."""
@@ -59,6 +72,8 @@ class PolicyGradient(Objective):
         entries = config.entries(groups)
         if not entries:
             return None
+        scales = loss_scales([len(s.tokens) for _, s, _ in entries], config.loss_normalization, config.constant_tokens)
+        entries = [(p, s, a * scale) for (p, s, a), scale in zip(entries, scales, strict=True)]
         data = [policy_datum(p, s.tokens, s.logprobs, a, s.token_weight_versions) for p, s, a in entries]
         if config.tis_cap is not None:
             data = await self._truncated_is(session, entries, data, metrics)

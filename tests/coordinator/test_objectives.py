@@ -17,6 +17,7 @@ from coordinator.objectives.maths import (
     batch_advantages,
     dpo_loss,
     group_advantages,
+    loss_scales,
     policy_datum,
     sampler_learner_kl,
     truncated_is_weights,
@@ -131,3 +132,56 @@ async def test_a_custom_torch_loss_trains_exactly_like_the_built_in_it_rewrites(
     assert any(g.abs().sum() > 0 for g in gradients[0].values())
     for name, expected in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], expected, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_loss_scales_turn_the_sum_into_each_normalisation():
+    lengths, terms = [3, 1, 4], [np.array([0.5, -1.0, 2.0]), np.array([3.0]), np.array([1.0, 1.0, -2.0, 0.5])]
+
+    def scaled_sum(normalization: str) -> float:
+        scales = loss_scales(lengths, normalization, constant_tokens=8)
+        return float(sum(scale * t.sum() for scale, t in zip(scales, terms, strict=True)))
+
+    assert scaled_sum("sum") == pytest.approx(sum(t.sum() for t in terms))
+    assert scaled_sum("token_mean") == pytest.approx(np.concatenate(terms).mean())
+    assert scaled_sum("sequence_mean") == pytest.approx(np.mean([t.mean() for t in terms]))
+    assert scaled_sum("constant") == pytest.approx(sum(t.sum() for t in terms) / (8 * 3))
+    with pytest.raises(ValueError, match="constant_tokens"):
+        loss_scales(lengths, "constant")
+    config = load_config(
+        RunConfig, None, ['loop.objective={type="ppo", loss_normalization="constant"}', "loop.max_tokens=16"]
+    )
+    assert config.loop.objective.constant_tokens == 16, "Dr. GRPO's constant defaults to the generation budget"
+
+
+async def test_each_loss_normalisation_is_the_learners_loss(servers, tiny_model_dir):
+    """importance_sampling through the real learner under each normalisation equals the normalised loss
+    computed here from a transformers forward pass: -exp(lp - lp_sampler) * A per token, then summed,
+    token-mean, sequence-mean or divided by constant_tokens x sequences."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    groups = scored_groups()
+    terms = []
+    for group in groups:
+        for sequence, advantage in zip(group.sequences, group_advantages(group.rewards, True), strict=True):
+            tokens = [*group.prompt, *sequence.tokens]
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(input_ids=torch.tensor([tokens[:-1]])).logits[0].float(), -1)
+            lp = logprobs[len(group.prompt) - 1 :].gather(1, torch.tensor(sequence.tokens)[:, None])[:, 0].numpy()
+            terms.append(-np.exp(lp - np.asarray(sequence.logprobs)) * advantage)
+    expected = {
+        "sum": sum(t.sum() for t in terms),
+        "token_mean": np.concatenate(terms).mean(),
+        "sequence_mean": np.mean([t.mean() for t in terms]),
+        "constant": sum(t.sum() for t in terms) / (5 * len(terms)),
+    }
+    async with open_channel(servers["learner_address"], api_key="client-test-key") as channel:
+        for normalization, want in expected.items():
+            config = PolicyGradientConfig(
+                type="importance_sampling", loss_normalization=normalization, constant_tokens=5
+            )
+            session = await LearnerSession.create(channel, "anvil-tiny", seed=0)
+            metrics: dict[str, float] = {}
+            await make_objective(config).accumulate_gradients(session, groups, metrics)
+            await session.close()
+            assert metrics["loss/sum"] == pytest.approx(want, rel=1e-4), normalization
