@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -138,3 +139,22 @@ def start_anvil_serve(
         process.kill()
         raise AssertionError(log_path.read_text()[-3000:])
     return process, address
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` is still running (a zombie, exited but not yet reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def stop_anvil_serve(process: subprocess.Popen, tmp_path: Path, services: dict) -> None:
+    """SIGTERM `anvil serve`: it exits 0, and no process of its `services.json` outlives it."""
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=120)
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    for name, entry in services.items():
+        assert not pid_alive(entry["pid"]), f"{name} (pid {entry['pid']}) outlived anvil serve"

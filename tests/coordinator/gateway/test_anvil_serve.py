@@ -4,8 +4,6 @@ trains and samples through it with sampler logprobs equal to the learner's, and 
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +12,9 @@ import pytest
 tinker = pytest.importorskip("tinker", reason="tinker==0.38.0 is a dev dependency (pip install -e .[dev])")
 from tinker import types  # noqa: E402
 
-from tests.coordinator.gateway.conftest import start_anvil_serve  # noqa: E402
+from tests.coordinator.gateway.conftest import start_anvil_serve, stop_anvil_serve  # noqa: E402
 
 KEY = "tml-serve-test"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.mark.integration
@@ -57,8 +47,4 @@ def test_anvil_serve_end_to_end_and_clean_stop(tmp_path: Path, anvil_home: Path)
             np.testing.assert_allclose(sequence.logprobs, learner[len(prompt) - 1 :], rtol=1e-3, atol=1e-3)
         client.close("success").result()
     finally:
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=120)
-    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
-    for name, entry in services.items():
-        assert not _alive(entry["pid"]), f"{name} (pid {entry['pid']}) outlived anvil serve"
+        stop_anvil_serve(process, tmp_path, services)

@@ -20,19 +20,11 @@ tinker = pytest.importorskip("tinker", reason="tinker==0.38.0 is a dev dependenc
 from tinker import types  # noqa: E402
 
 from tests.coordinator.conftest import wait  # noqa: E402
-from tests.coordinator.gateway.conftest import fleet_serve_settings, start_anvil_serve  # noqa: E402
+from tests.coordinator.gateway.conftest import fleet_serve_settings, pid_alive, start_anvil_serve  # noqa: E402
 from tests.rollout.conftest import start_rollout_process  # noqa: E402
 
 KEY = "tml-fleet-test"
 ANVIL = str(Path(sys.executable).parent / "anvil")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
 def _listing(address: str) -> urllib.request.Request:
@@ -88,7 +80,7 @@ def test_sampling_goes_on_while_a_replica_is_killed_and_restarted(tmp_path: Path
             wait(lambda: replicas("list")["extra"]["state"] == "healthy", "the added replica to serve")
             removed_pid = json.loads((state / "services.json").read_text())["rollout-1"]["pid"]
             assert set(replicas("remove", "replica-1")) == {"replica-0", "extra"}
-            wait(lambda: not _alive(removed_pid), "the removed replica's process to stop")
+            wait(lambda: not pid_alive(removed_pid), "the removed replica's process to stop")
             assert all(len(response.sequences) == 2 for response in sample_many(8))
             assert replicas("list")["extra"]["in_flight"] == 0
         finally:

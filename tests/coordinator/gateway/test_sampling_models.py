@@ -6,15 +6,13 @@ replica with everything else."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.coordinator.gateway.conftest import start_anvil_serve
+from tests.coordinator.gateway.conftest import start_anvil_serve, stop_anvil_serve
 from tests.rollout.helpers import perturbed, teacher_forced_logprobs
 
 tinker = pytest.importorskip("tinker", reason="tinker==0.38.0 is a dev dependency (pip install -e .[dev])")
@@ -22,14 +20,6 @@ from tinker import types  # noqa: E402
 
 KEY = "tml-sampling-models-test"
 PROMPT = [4, 17, 230, 96, 41, 8, 300]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +62,4 @@ def test_a_teacher_is_sampled_by_name_and_never_trained(tmp_path: Path, tiny_mod
             client.create_lora_training_client(base_model=str(teacher_dir), rank=0).result()
         client.close("success").result()
     finally:
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=120)
-    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
-    for name, entry in services.items():
-        assert not _alive(entry["pid"]), f"{name} (pid {entry['pid']}) outlived anvil serve"
+        stop_anvil_serve(process, tmp_path, services)
