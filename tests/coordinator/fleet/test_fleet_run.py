@@ -32,6 +32,9 @@ SETTINGS = [
     "services.fleet.restart_backoff_s=0.5",
     "services.fleet.publish_timeout_s=20",
     "services.fleet.hung_kill_after_s=600",  # the stopped replica must be resynced on SIGCONT, not killed
+    # The test pauses the learner (SIGSTOP) while a replacement replica starts; the run's learner watchdog
+    # must not take that for a hung learner and restart it (30 s of unanswered probes by default).
+    "services.learner_watch.failures_to_dead=60",
 ]
 
 
