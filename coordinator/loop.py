@@ -220,7 +220,7 @@ class RLLoop:
         metrics["time/train_s"] = time.perf_counter() - train_start
 
         sync_start = time.perf_counter()
-        published = await self.rollout.publish(self.rollout.publisher)
+        published = await self.rollout.publish(self.rollout.publisher, version=self.step)
         metrics["time/weight_sync_s"] = time.perf_counter() - sync_start
         metrics["weights/published_bytes"] = float(published.num_bytes) if published is not None else 0.0
         # What the learner itself sent, all replicas together (a relay sends the model once), per model.

@@ -187,6 +187,7 @@ async def train(
                 target_timeout_s=config.services.fleet.publish_timeout_s,
             ),
             rewind=rewind,
+            version=session.info.step,
         )  # fmt: skip
 
     async def save_checkpoint(step: int, next_batch: int) -> None:

@@ -228,17 +228,22 @@ class ReplicaSet(RolloutCalls):
     # --- weights ------------------------------------------------------------------------------------
 
     async def publish(
-        self, publisher: Publisher, only_stale: bool = False, rewind: bool = False
+        self, publisher: Publisher, only_stale: bool = False, rewind: bool = False, version: int | None = None
     ) -> learner_pb2.PublishWeightsResponse | None:
         """Publish the learner's current weights to every reachable replica (or only the stale ones) and
         record who took them; the fleet's version becomes the published one. `rewind`: the learner went
-        back to an earlier checkpoint, and replicas serving newer weights take these anyway."""
+        back to an earlier checkpoint, and replicas serving newer weights take these anyway. `version`: the
+        learner's version, so the fleet moves on to it even when no replica can take it now (every one
+        suspect): a replica that answers again later is then STALE and resynced, never served as current."""
         async with self._publishing:
             wanted = (ReplicaState.STALE,) if only_stale else (ReplicaState.HEALTHY, ReplicaState.STALE)
             # Only replicas that answered their last probe: one that stopped answering would hold the
             # learner until the publication's per-target timeout.
             targets = [r for r in self.health.replicas.values() if r.state in wanted and r.failures == 0]
             if not targets:
+                if version is not None and not only_stale:
+                    self.health.published(version, succeeded=[], rewind=rewind)
+                    await self._notify()
                 return None
             rewind = rewind or any(self.health.diverged(r.version) for r in targets)
             reply = await publisher([r.address for r in targets], rewind=rewind)

@@ -143,7 +143,20 @@ def test_a_run_survives_a_killed_and_a_stopped_replica(tmp_path, anvil_home):
     metrics = rows(run_dir)
     assert [r["step"] for r in metrics] == list(range(1, STEPS + 1))
     assert metrics[-1]["fleet/healthy"] == 2.0
-    assert all(r["weights/rollout_version_min"] == r["step"] for r in metrics), "healthy replicas serve the step"
+
+    # Every replica routable after a step's publication serves that step's weights. On a loaded machine every
+    # replica can miss a probe at once (suspect, not routable), so a row may have none healthy (-1).
+    def healthy_behind(row: dict) -> bool:
+        replicas = [f"fleet/replica-{i}" for i in (0, 1)]
+        return any(row[f"{r}/state"] == HEALTHY and row[f"{r}/version"] != row["step"] for r in replicas)
+
+    behind = [
+        {k: v for k, v in r.items() if k == "step" or k.startswith(("fleet/", "weights/rollout"))}
+        for r in metrics
+        if r["weights/rollout_version_min"] not in (r["step"], -1) or healthy_behind(r)
+    ]
+    assert not behind, f"healthy replicas serve the step: {behind[:3]}"
+    assert sum(r["weights/rollout_version_min"] == r["step"] for r in metrics) > STEPS // 2
     assert metrics[-1]["fleet/replica-0/tokens_per_s"] > 0
     consumed = rows(run_dir, "consumed.jsonl")
     assert [c["batch"] for c in consumed] == list(range(STEPS)), "each batch consumed exactly once, in order"

@@ -167,3 +167,29 @@ async def test_a_rewind_brings_every_replica_back_to_the_learners_earlier_weight
         await fleet.close()
         for server in (*replicas, learner):
             await server.stop(0)
+
+
+async def test_a_step_no_replica_could_take_still_moves_the_fleet_on(tiny_model_dir):
+    """Seen in CI on a loaded machine: every replica missed one probe (suspect) as a step published, so no
+    replica was a target, the fleet's version stayed behind the learner's, and the next good probe made a
+    replica serving the previous weights HEALTHY. The step's version moves the fleet on anyway: the replica
+    comes back STALE, to be resynced before it gets traffic."""
+    running = await start_replica(tiny_model_dir)
+    fleet = await ReplicaSet.connect([running.address], FleetConfig(probe_interval_s=3600))
+    try:
+        await fleet.probe()
+        assert fleet.health.replicas["replica-0"].state is ReplicaState.HEALTHY
+        fleet.health.failed("replica-0")  # one probe too slow: suspect
+
+        async def unreachable(addresses, rewind=False):
+            raise AssertionError(f"no replica answered its last probe, yet {addresses} were published to")
+
+        assert await fleet.publish(unreachable, version=3) is None
+        assert fleet.health.version == 3
+        await fleet.probe()
+        replica = fleet.health.replicas["replica-0"]
+        assert (replica.state, replica.version) == (ReplicaState.STALE, 0), "behind the learner: resynced first"
+        assert await fleet.versions() == []
+    finally:
+        await fleet.close()
+        await running.stop(0)
