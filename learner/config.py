@@ -95,6 +95,9 @@ class LearnerConfig(BaseModel):
     """Model/optimizer backend."""
     models: dict[str, Path] = Field(default_factory=dict)
     """Named base models this learner serves (name -> Hugging Face directory); any directory path works too."""
+    allow_lora: bool = False
+    """Serve CreateSession with lora_rank > 0 (a PEFT adapter on the frozen base, torch backend). Off by
+    default: Anvil trains full parameters, and service-mode trainers refuse LoRA whatever this says."""
     max_sessions: int = Field(default=1, ge=1)
     """Open sessions allowed at once; each holds a full model and AdamW state in memory."""
     checkpoint_dir: Path = Path("runs/learner")

@@ -41,7 +41,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     # --- sessions --------------------------------------------------------------------------------
 
     async def CreateSession(self, request, context):
-        session = await self.sessions.create(request.base_model, request.lora_rank, request.seed)
+        session = await self.sessions.create(request.base_model, request.lora_rank, request.seed, request.lora)
         return learner_pb2.CreateSessionResponse(session_id=session.session_id, info=_model_info(session))
 
     async def CloseSession(self, request, context):
@@ -169,7 +169,8 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
                 session.published,
                 request.rewind,
             )
-            transport = make_transport(request.transport, targets, context)
+            adapter = session.backend.description.lora_rank > 0
+            transport = make_transport(request.transport, targets, context, adapter)
             version = request.version or session.backend.step
             start = time.perf_counter()
             results = await transport.publish(version, session.backend, targets)
@@ -207,5 +208,5 @@ def _model_info(session: TrainingSession) -> learner_pb2.ModelInfo:
         max_context_length=description.max_context_length,
         step=session.backend.step,
         backend=description.backend,
-        lora_rank=0,
+        lora_rank=description.lora_rank,
     )

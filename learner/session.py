@@ -10,10 +10,12 @@ from pathlib import Path
 
 from learner.backends import build_backend
 from learner.backends.base import LearnerBackend
+from learner.backends.lora import lora_spec
 from learner.background_writes import BackgroundWrites
 from learner.config import LearnerConfig
 from learner.transports.base import PublishedWeights
-from protos.errors import FailedPrecondition, InvalidArgument, NotFound
+from protos.anvil.v1 import learner_pb2
+from protos.errors import FailedPrecondition, NotFound
 from servicekit.paths import user_path
 from servicekit.sequencer import GapPolicy, Sequencer
 
@@ -59,13 +61,13 @@ class SessionRegistry:
             f"unknown base_model {base_model!r}: give a Hugging Face model directory or a configured name ({known})"
         )
 
-    async def create(self, base_model: str, lora_rank: int, seed: int) -> TrainingSession:
-        if lora_rank > 0:
-            raise InvalidArgument(
-                f"lora_rank={lora_rank}: service-mode trainers are full-parameter only; set lora_rank to 0"
+    async def create(self, base_model: str, lora_rank: int, seed: int, lora_options=None) -> TrainingSession:
+        lora = lora_spec(lora_rank, lora_options or learner_pb2.LoraOptions())
+        if lora is not None and not self._config.allow_lora:
+            raise FailedPrecondition(
+                f"lora_rank={lora_rank}: this learner trains full parameters only; set lora_rank to 0, or start "
+                "the learner with allow_lora = true"
             )
-        if lora_rank < 0:
-            raise InvalidArgument(f"lora_rank={lora_rank} is negative; set lora_rank to 0")
         model_path = self.resolve_model(base_model)
         async with self._lock:
             limit = self._config.max_sessions
@@ -75,7 +77,7 @@ class SessionRegistry:
                     "close one with CloseSession or start the learner with a larger max_sessions"
                 )
             _check_memory(model_path)
-            backend = await asyncio.to_thread(build_backend, self._config.backend, model_path, seed)
+            backend = await asyncio.to_thread(build_backend, self._config.backend, model_path, seed, lora)
             session_id = f"sess-{uuid.uuid4().hex[:12]}"
             session = TrainingSession(
                 session_id=session_id,

@@ -63,11 +63,14 @@ class VllmEngineConfig(SwapSettings):
     staging_dir: Path = Path("/dev/shm")
     """RAM-backed directory where pushed weights are written as safetensors for vLLM to reload."""
     seed: int = 0
+    """Engine seed (requests without a seed draw from it)."""
     max_logprobs: int = Field(default=20, ge=-1)
     """The most prompt top-k logprobs a request may ask for (vLLM's own default, 20); -1 = the whole
     vocabulary, which target prompt logprobs (distillation's `target_prompt_logprobs`) need on vLLM: it
     scores a given token only through its full-vocabulary prompt logprobs."""
-    """Engine seed (requests without a seed draw from it)."""
+    max_lora_rank: int = Field(default=0, ge=0)
+    """0: LoRA off. Else vLLM serves LoRA adapters (a LoRA learner session's publications) up to this rank
+    (one of vLLM's sizes: 1, 8, 16, 32, 64, 128, 256, 320, 512), taking the adapter alone at each update."""
 
 
 EngineConfig = Annotated[TorchEngineConfig | VllmEngineConfig, Field(discriminator="type")]

@@ -5,7 +5,7 @@ discards an older open one); `push(version, chunks)` stages chunks through proto
 ChunkAssembler, which rejects unknown names, wrong shapes and overlapping bytes as they arrive; a
 stream that errors or is cut off discards the staging area; `commit(version, digest)` verifies the
 digest and that every parameter arrived complete, and only then swaps the weights in. `load_directory`
-hot-loads a checkpoint directory the same way.
+hot-loads a checkpoint directory the same way, or a LoRA adapter directory (rollout/adapters.py).
 
 A swap happens inside the ServingGate's `swap_window`. With the engine's `swap_mode = "inflight"` (the
 default) that is the engine's token boundary: running requests pause between two tokens, the weights and
@@ -30,6 +30,7 @@ from protos.errors import FailedPrecondition, InvalidArgument, NotFound
 from protos.weights_assembler import ChunkAssembler
 from protos.weights_codec import TensorBytes
 from protos.weights_segment import MappedSegment
+from rollout.adapters import is_adapter, read_adapter
 from rollout.engines.base import RolloutEngine
 from servicekit.failpoints import failpoint
 
@@ -211,6 +212,11 @@ class WeightUpdater:
     async def load_directory(self, path: Path, version: int, rewind: bool = False) -> float:
         if not path.is_dir():
             raise NotFound(f"no model directory at {path}")
+        if is_adapter(path):  # a LoRA session's weights: an adapter on the served base model
+            layers = await asyncio.to_thread(read_adapter, path, self._expected)
+            async with self._lock:
+                self._require_newer(version, rewind)
+                return await self._swap(version, lambda: self.engine.load_adapter(path, layers))
         shapes = await asyncio.to_thread(checkpoint_shapes, path)
         if shapes != self._expected:
             missing = sorted(set(self._expected) - set(shapes))[:3]

@@ -1,8 +1,8 @@
 """The learner backend interface: what a model-and-optimizer holder must do, independent of sharding.
 
-A backend owns one model (all parameters trainable: lora_rank = 0) and its AdamW state. The service
-calls it from one request at a time per session (the sequencer guarantees order), so implementations
-need no locking. Gradients accumulate across `forward_backward` calls until `optim_step`;
+A backend owns one model (all parameters trainable, or a LoRA adapter's: torch backend only) and its
+AdamW state. The service calls it from one request at a time per session (the sequencer guarantees
+order), so implementations need no locking. Gradients accumulate across `forward_backward` calls until `optim_step`;
 `forward` never touches them. Weights are named by their Hugging Face parameter names everywhere.
 """
 
@@ -28,6 +28,8 @@ class ModelDescription:
     vocab_size: int
     max_context_length: int
     backend: str
+    lora_rank: int = 0
+    """0: every parameter trains; else the rank of the session's LoRA adapter (num_parameters counts it)."""
 
 
 @dataclass(frozen=True)

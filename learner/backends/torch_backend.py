@@ -1,13 +1,14 @@
-"""The plain-PyTorch learner backend: one Hugging Face causal LM on one device, trained in full.
+"""The plain-PyTorch learner backend: one Hugging Face causal LM on one device, trained in full (or, in a
+LoRA session, a PEFT adapter on the frozen model: learner/backends/lora.py).
 
 Precision: float32 parameters everywhere. On CPU the maths is float32 end to end; on a CUDA device the
 forward runs under bf16 autocast while the parameters (and so AdamW's update) stay float32 - bf16
 compute with fp32 master weights. Logprobs are always taken from a float32 log-softmax.
 
 State on disk (inside a directory the checkpoint module provides): `model.safetensors` (parameters by
-HF name, tied ones once), `optimizer.pt` (AdamW state_dict), `rng.pt`, `state.json` (step, shapes).
-`load_state` reads and checks everything before it changes anything, so a bad checkpoint leaves the
-live model and optimizer exactly as they were.
+HF name, tied ones once; a LoRA session's adapter only, by PEFT name), `optimizer.pt` (AdamW state_dict),
+`rng.pt`, `state.json` (step, shapes, LoRA options). `load_state` reads and checks everything before it
+changes anything, so a bad checkpoint leaves the live model and optimizer exactly as they were.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from learner.backends.base import ForwardResult, LearnerBackend, ModelDescription, clip_and_step
+from learner.backends.lora import LoraSpec, trainable, with_adapter
 from learner.backends.packing import combine_metrics, pack, peak_rss_gib, plan_micro_batches, target_logprobs
 from learner.batch import Datum, TrainingBatch
 from learner.config import TorchBackendConfig
@@ -54,7 +56,7 @@ def _without_dropout(model: torch.nn.Module) -> None:
 
 
 class TorchBackend(LearnerBackend):
-    def __init__(self, model_path: Path, config: TorchBackendConfig, seed: int) -> None:
+    def __init__(self, model_path: Path, config: TorchBackendConfig, seed: int, lora: LoraSpec | None = None) -> None:
         from transformers import AutoModelForCausalLM
 
         self._model_path = model_path
@@ -63,25 +65,31 @@ class TorchBackend(LearnerBackend):
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self._device)
         self.model.eval()  # no dropout: Forward and ForwardBackward see the same function
         self.model.requires_grad_(True)
+        self.lora = lora
+        if lora is not None:  # the base frozen, an adapter (A from the seed, B zero) on it
+            self.model = with_adapter(self.model, lora)
+        hf_model = self.model.get_base_model() if lora is not None else self.model
         self._config = config
         if config.activation_checkpointing:  # recompute each layer's activations in backward
             # Hugging Face checkpoints layers only in train mode; with every dropout at 0, train mode
             # computes the same function as eval mode.
-            _without_dropout(self.model)
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _without_dropout(hf_model)
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.train()
         # The decoder and output projection apart, so logprobs never hold a full [tokens, vocab] block.
-        self._decoder = getattr(self.model, self.model.base_model_prefix)
-        self._head = self.model.get_output_embeddings()
+        # (With an adapter, PEFT has put its layers inside both: they are the same modules.)
+        self._decoder = getattr(hf_model, hf_model.base_model_prefix)
+        self._head = hf_model.get_output_embeddings()
         self.optimizer = self._new_optimizer()
         self._step = 0
-        model_config = self.model.config
+        model_config = hf_model.config
         self._description = ModelDescription(
             model_path=model_path,
-            num_parameters=sum(p.numel() for p in self.model.parameters()),
+            num_parameters=sum(p.numel() for p in self._state_parameters().values()),
             vocab_size=int(model_config.vocab_size),
             max_context_length=int(getattr(model_config, "max_position_embeddings", 0) or 0),
             backend="torch",
+            lora_rank=lora.rank if lora is not None else 0,
         )
 
     # --- properties -------------------------------------------------------------------------------
@@ -159,10 +167,14 @@ class TorchBackend(LearnerBackend):
             return torch.cuda.max_memory_allocated(self._device) / 2**30
         return peak_rss_gib()
 
+    def _state_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """What training changes and a state checkpoint holds: every parameter, or a LoRA adapter's."""
+        return trainable(self.model) if self.lora is not None else dict(self.model.named_parameters())
+
     def _new_optimizer(self) -> torch.optim.AdamW:
         defaults = AdamParams()
         return torch.optim.AdamW(
-            self.model.parameters(),
+            list(self._state_parameters().values()),
             lr=defaults.learning_rate,
             betas=(defaults.beta1, defaults.beta2),
             eps=defaults.eps,
@@ -182,7 +194,7 @@ class TorchBackend(LearnerBackend):
     # --- state --------------------------------------------------------------------------------------
 
     def _parameter_shapes(self) -> dict[str, list[int]]:
-        return {name: list(p.shape) for name, p in self.model.named_parameters()}
+        return {name: list(p.shape) for name, p in self._state_parameters().items()}
 
     def save_state(self, directory: Path) -> None:
         self.state_snapshot()(directory)
@@ -190,7 +202,7 @@ class TorchBackend(LearnerBackend):
     def state_snapshot(self) -> Callable[[Path], None]:
         """Copy everything `save_state` writes (weights, AdamW state, RNG, step) and return the function
         that writes the copy: training may go on while it is written (SaveState with background)."""
-        tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in self.model.named_parameters()}
+        tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in self._state_parameters().items()}
         optimizer = copy.deepcopy(self.optimizer.state_dict())
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -201,6 +213,7 @@ class TorchBackend(LearnerBackend):
             "step": self._step,
             "model_path": str(self._model_path),
             "parameter_shapes": self._parameter_shapes(),
+            "lora": self.lora.as_dict() if self.lora is not None else None,
         }
 
         def write(directory: Path) -> None:
@@ -215,6 +228,12 @@ class TorchBackend(LearnerBackend):
         state = json.loads((directory / "state.json").read_text())
         if state.get("format") != STATE_FORMAT:
             raise FailedPrecondition(f"{directory} is not a learner state ({STATE_FORMAT}); was it saved by SaveState?")
+        mine = self.lora.as_dict() if self.lora is not None else None
+        if state.get("lora") != mine:
+            raise FailedPrecondition(
+                f"checkpoint {directory} was trained with LoRA {state.get('lora')}, this session with {mine}; load "
+                "it into a session created with the same lora_rank and LoRA options"
+            )
         if state["parameter_shapes"] != self._parameter_shapes():
             raise FailedPrecondition(
                 f"checkpoint {directory} holds a different model (parameter names or shapes differ from "
@@ -233,7 +252,7 @@ class TorchBackend(LearnerBackend):
         rng = torch.load(directory / "rng.pt", weights_only=True)
         # Everything is read and checked: apply.
         with torch.no_grad():
-            for name, parameter in self.model.named_parameters():
+            for name, parameter in self._state_parameters().items():
                 parameter.copy_(tensors[name].to(parameter.device))
                 parameter.grad = None
         self.optimizer = optimizer
@@ -243,7 +262,10 @@ class TorchBackend(LearnerBackend):
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     def save_weights(self, directory: Path) -> None:
-        self.model.save_pretrained(directory, safe_serialization=True)
+        """The model as a Hugging Face directory; a LoRA session's as a PEFT adapter directory (the adapter
+        alone, the base model by name in adapter_config.json), with the base's tokenizer either way."""
+        adapter_only = {"save_embedding_layers": False} if self.lora is not None else {}  # lm_head's base stays
+        self.model.save_pretrained(directory, safe_serialization=True, **adapter_only)
         for source in self._model_path.iterdir():
             is_weights = source.name.endswith(_WEIGHT_FILE_SUFFIXES) or source.name in _WEIGHT_INDEX_FILES
             target = directory / source.name
@@ -251,5 +273,11 @@ class TorchBackend(LearnerBackend):
                 shutil.copyfile(source, target)  # tokenizer files, chat template, generation config
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """By Hugging Face name; a LoRA session's adapter by the names it is saved under."""
+        if self.lora is not None:
+            from peft import get_peft_model_state_dict
+
+            yield from get_peft_model_state_dict(self.model, save_embedding_layers=False).items()
+            return
         for name, parameter in self.model.named_parameters():
             yield name, parameter.detach()

@@ -21,8 +21,10 @@ TRANSPORTS: dict[str, type[WeightTransport]] = {
 DEFAULT_TRANSPORT = RelayTransport.name
 
 
-def make_transport(name: str, targets: list[str], context: PublishContext) -> WeightTransport:
-    """Validate a PublishWeights request before any work; the transport it names ("" = the default)."""
+def make_transport(name: str, targets: list[str], context: PublishContext, adapter: bool = False) -> WeightTransport:
+    """Validate a PublishWeights request before any work; the transport it names ("" = the default). A LoRA
+    session's weights (`adapter`) always go as an adapter directory the replicas load (the checkpoint
+    transport): megabytes, where the stream transports carry whole models by Hugging Face name."""
     if not targets or any(not address for address in targets):
         raise InvalidArgument("targets is empty or holds an empty address; name each rollout as host:port")
     repeated = sorted({address for address in targets if targets.count(address) > 1})
@@ -31,7 +33,7 @@ def make_transport(name: str, targets: list[str], context: PublishContext) -> We
     transport = TRANSPORTS.get(name or DEFAULT_TRANSPORT)
     if transport is None:
         raise InvalidArgument(f"unknown transport {name!r}; use one of {list(TRANSPORTS)}")
-    return transport(context)
+    return CheckpointTransport(context) if adapter else transport(context)
 
 
 __all__ = [

@@ -135,6 +135,19 @@ class RolloutEngine(ABC):
             tensors.update(load_file(file))
         await self.load_weights(tensors)
 
+    async def load_adapter(self, directory: Path, layers: dict[str, tuple[torch.Tensor, ...]]) -> None:
+        """Serve the base model (the directory this replica started from) with a verified LoRA adapter
+        (rollout/adapters.py). By default the adapter is merged into the base weights and loaded in full;
+        engines with LoRA support of their own (vLLM) serve the adapter as it is."""
+        from safetensors.torch import load_file
+
+        from rollout.adapters import merged
+
+        base: dict[str, torch.Tensor] = {}
+        for file in sorted(self.description.model_path.glob("*.safetensors")):
+            base.update(load_file(file))
+        await self.load_weights(merged(base, layers))
+
     @abstractmethod
     async def close(self) -> None:
         """Release the engine (processes, memory)."""

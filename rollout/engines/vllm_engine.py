@@ -55,6 +55,9 @@ class VllmEngine(RolloutEngine):
         """Where the weights being served came from: the rollback source if a reload fails."""
         self._owned_dirs: set[Path] = set()
         self.swap_mode = config.swap
+        self._adapters: list = []
+        """LoRARequests loaded, newest last: the last one is served; the one before stays loaded for the
+        requests that started on it (a request keeps its adapter to its end)."""
         remove_orphans(config.staging_dir)  # what replicas killed before us left in tmpfs
 
     @contextlib.asynccontextmanager
@@ -81,6 +84,9 @@ class VllmEngine(RolloutEngine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         extra = {"distributed_executor_backend": "uni"} if config.single_process_worker else {}
+        # Two adapter slots: the one served, and the previous one while requests started on it finish.
+        lora = {"enable_lora": True, "max_lora_rank": config.max_lora_rank, "max_loras": 2}
+        lora = lora if config.max_lora_rank else {}
         args = AsyncEngineArgs(
             model=str(model_path),
             dtype=config.dtype,
@@ -90,6 +96,7 @@ class VllmEngine(RolloutEngine):
             kv_cache_memory_bytes=config.kv_cache_memory_bytes,
             max_logprobs=config.max_logprobs,
             **extra,
+            **lora,
         )
         engine = AsyncLLM.from_engine_args(args)
         model_config = engine.model_config
@@ -107,13 +114,36 @@ class VllmEngine(RolloutEngine):
     def description(self) -> EngineDescription:
         return self._description
 
-    async def _final_output(self, prompt_tokens: list[int], params):
+    async def _final_output(self, prompt_tokens: list[int], params, adapter=None):
         """The one RequestOutput of a FINAL_ONLY request (CUMULATIVE outputs of n > 1 can miss children)."""
         final = None
         prompt = {"prompt_token_ids": prompt_tokens, "cache_salt": f"anvil-weights-v{self.weight_version}"}
-        async for output in self._engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+        request_id = uuid.uuid4().hex
+        async for output in self._engine.generate(prompt, params, request_id=request_id, lora_request=adapter):
             final = output
         return final
+
+    async def load_adapter(self, directory: Path, layers) -> None:
+        """Load the adapter into vLLM now (add_lora: a bad one fails here, while the previous one is still
+        served) and serve it to requests from now on; adapters older than the previous one are dropped."""
+        from vllm.lora.request import LoRARequest
+
+        from rollout.adapters import adapter_rank
+
+        rank = adapter_rank(directory)
+        if not self._config.max_lora_rank or rank > self._config.max_lora_rank:
+            raise FailedPrecondition(
+                f"{directory} is a rank-{rank} LoRA adapter and this vLLM replica serves LoRA up to rank "
+                f"{self._config.max_lora_rank} (0: off); start it with engine.max_lora_rank >= {rank}"
+            )
+        last_id = self._adapters[-1].lora_int_id if self._adapters else 0
+        adapter = LoRARequest(f"anvil-{last_id + 1}", last_id + 1, str(directory))
+        if not await self._engine.add_lora(adapter):
+            raise FailedPrecondition(f"vLLM did not load the LoRA adapter in {directory}")
+        self._adapters.append(adapter)
+        for old in self._adapters[:-2]:
+            await self._engine.remove_lora(old.lora_int_id)
+        self._adapters = self._adapters[-2:]
 
     async def sample(
         self, prompt_tokens: list[int], num_samples: int, spec: SamplingSpec, scoring: PromptScoring
@@ -136,7 +166,10 @@ class VllmEngine(RolloutEngine):
             prompt_logprobs=self._prompt_logprobs_setting(scoring),
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        final = await self._final_output(prompt_tokens, params)
+        # A request keeps the adapter (and so the version) it started with: vLLM labels its tokens with the
+        # version of each step, which is right for weights swapped in place, not for a request's adapter.
+        adapter, version = (self._adapters[-1] if self._adapters else None), self.weight_version
+        final = await self._final_output(prompt_tokens, params, adapter)
         if len(final.outputs) != num_samples:
             raise RuntimeError(f"vLLM returned {len(final.outputs)} completions for n={num_samples}")
         sequences = [
@@ -146,7 +179,9 @@ class VllmEngine(RolloutEngine):
                     step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids, strict=True)
                 ],
                 stop_reason="length" if completion.finish_reason == "length" else "stop",
-                token_versions=_token_versions(completion.weight_versions, len(completion.token_ids)),
+                token_versions=[version] * len(completion.token_ids)
+                if adapter is not None
+                else _token_versions(completion.weight_versions, len(completion.token_ids)),
             )
             for completion in sorted(final.outputs, key=lambda c: c.index)
         ]
@@ -185,7 +220,7 @@ class VllmEngine(RolloutEngine):
         params = SamplingParams(
             max_tokens=1, prompt_logprobs=0, logprobs=None, output_kind=RequestOutputKind.FINAL_ONLY
         )
-        final = await self._final_output(tokens, params)
+        final = await self._final_output(tokens, params, self._adapters[-1] if self._adapters else None)
         return _prompt_logprobs(final.prompt_logprobs, tokens)
 
     async def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:

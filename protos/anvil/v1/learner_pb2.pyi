@@ -9,14 +9,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("base_model", "lora_rank", "seed")
+    __slots__ = ("base_model", "lora_rank", "seed", "lora")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     lora_rank: int
     seed: int
-    def __init__(self, base_model: _Optional[str] = ..., lora_rank: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    lora: LoraOptions
+    def __init__(self, base_model: _Optional[str] = ..., lora_rank: _Optional[int] = ..., seed: _Optional[int] = ..., lora: _Optional[_Union[LoraOptions, _Mapping]] = ...) -> None: ...
+
+class LoraOptions(_message.Message):
+    __slots__ = ("skip_attn", "skip_mlp", "skip_unembed", "alpha")
+    SKIP_ATTN_FIELD_NUMBER: _ClassVar[int]
+    SKIP_MLP_FIELD_NUMBER: _ClassVar[int]
+    SKIP_UNEMBED_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    skip_attn: bool
+    skip_mlp: bool
+    skip_unembed: bool
+    alpha: float
+    def __init__(self, skip_attn: _Optional[bool] = ..., skip_mlp: _Optional[bool] = ..., skip_unembed: _Optional[bool] = ..., alpha: _Optional[float] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
     __slots__ = ("session_id", "info")

@@ -99,7 +99,8 @@ class LearnerServiceServicer:
         AdamW state and returns its session id.
 
         Errors include:
-        - INVALID_ARGUMENT: lora_rank > 0 (Anvil trains full parameters only; set lora_rank to 0)
+        - INVALID_ARGUMENT: lora_rank < 0, or LoRA options that adapt nothing
+        - FAILED_PRECONDITION: lora_rank > 0 on a learner started without allow_lora, or on the megatron backend
         - NOT_FOUND: the base model is neither a built-in name nor a model directory
         - FAILED_PRECONDITION: the learner already holds its maximum number of open sessions
         - UNAUTHENTICATED: auth is on and the API key is missing or wrong
