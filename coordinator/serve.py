@@ -187,8 +187,15 @@ async def _serve(config: GatewayConfig, stop_requested: asyncio.Event) -> None:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(config.model)
     overrides = (f"max_sessions={config.learner_max_sessions}",)
+    services_config = config.services
+    if config.lora_max_rank:  # LoRA opted in: the learner serves it, vLLM replicas load adapters
+        overrides += ("allow_lora=true",)
+        engine = services_config.rollout_engine
+        if engine.type == "vllm" and engine.max_lora_rank < config.lora_max_rank:
+            engine = engine.model_copy(update={"max_lora_rank": config.lora_max_rank})
+            services_config = services_config.model_copy(update={"rollout_engine": engine})
     services = await start_services(
-        config.services, config.model, model_dir, config.state_dir, overrides, cluster=config.cluster
+        services_config, config.model, model_dir, config.state_dir, overrides, cluster=config.cluster
     )
     try:
         # A learner started here knows the model by its directory; a remote one by the configured name.

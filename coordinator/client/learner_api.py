@@ -29,12 +29,17 @@ class LearnerSession:
 
     @classmethod
     async def create(
-        cls, channel: grpc.aio.Channel, base_model: str, lora_rank: int = 0, seed: int = 0
+        cls,
+        channel: grpc.aio.Channel,
+        base_model: str,
+        lora_rank: int = 0,
+        seed: int = 0,
+        lora: learner_pb2.LoraOptions | None = None,
     ) -> LearnerSession:
+        """A new session: full-parameter (lora_rank 0), or a LoRA adapter of `lora_rank` shaped by `lora`."""
         stub = learner_pb2_grpc.LearnerServiceStub(channel)
-        reply = await call(
-            stub.CreateSession(learner_pb2.CreateSessionRequest(base_model=base_model, lora_rank=lora_rank, seed=seed))
-        )
+        request = learner_pb2.CreateSessionRequest(base_model=base_model, lora_rank=lora_rank, seed=seed, lora=lora)
+        reply = await call(stub.CreateSession(request))
         return cls(stub, reply.session_id, reply.info)
 
     def next_seq_id(self) -> int:

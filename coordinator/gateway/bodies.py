@@ -131,6 +131,10 @@ class ForwardInput(Body):
 class LoraConfig(Body):
     rank: int = 0
     seed: int | None = None
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+    alpha: float | None = None
 
 
 class OptimizerConfig(Body):

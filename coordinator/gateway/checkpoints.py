@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.gateway import tenancy
+from coordinator.gateway.lora import lora_of_checkpoint, tinker_fields
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
 
 KIND_TO_TYPE = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
@@ -95,8 +96,7 @@ class CheckpointRecord:
         """Tinker's `weights_info` answer: what a training client loading this checkpoint is built on."""
         return {
             "base_model": self.base_model,
-            "is_lora": False,
-            "lora_rank": None,
+            **tinker_fields(lora_of_checkpoint(Path(self.local_path))),
             "optimizer_config": {"type": "adamw"},
         }
 

@@ -57,6 +57,11 @@ class GatewayConfig(BaseModel):
     """Learner and rollout services: addresses of running ones, or how to start them on loopback."""
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     """Which machines the services this gateway starts are placed on: this one, or a Ray cluster's nodes."""
+    lora_max_rank: int = Field(default=0, ge=0)
+    """0: training clients are full-parameter only (a LoRA rank is refused, as Anvil's default). > 0: opt in
+    to LoRA: `create_lora_training_client` with a rank up to this trains a PEFT adapter on the frozen base
+    (the learner started here gets allow_lora; vLLM replicas started here serve adapters up to this rank,
+    so use one of vLLM's sizes: 8, 16, 32, 64, ...). Service-mode trainer jobs stay full-parameter."""
     learner_max_sessions: int = Field(default=4, ge=1)
     """Training clients open at once on a learner this gateway starts (each holds a model and AdamW)."""
     state_dir: Path = Path("runs/serve")

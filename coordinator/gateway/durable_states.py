@@ -30,6 +30,7 @@ def model_doc(model: TrainingModel) -> dict[str, Any]:
         "owner": model.owner,
         "user_metadata": model.user_metadata,
         "seed": model.seed,
+        "lora": model.lora,
         "initial_state": model.initial_state,
         "durable_states": model.durable_states,
         "unnamed_snapshots": [str(path) for path in model.unnamed_snapshots],

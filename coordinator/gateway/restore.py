@@ -30,6 +30,7 @@ from coordinator.gateway import tenancy
 from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.futures import USER_ERRORS, FutureStore, Outcome
 from coordinator.gateway.journal import GatewayJournal, OpRecord
+from coordinator.gateway.lora import session_fields
 from coordinator.gateway.operations import STATE_CHANGING, Operation, decoded, work_of
 from coordinator.gateway.sampler_weights import SamplerWeights
 from coordinator.gateway.sampling import Sampling
@@ -150,8 +151,9 @@ async def _restore_creations(service: TinkerService, session: Session, pending: 
 async def _restore_model(service: TinkerService, session: Session, doc: dict[str, Any], pending: set[str]) -> int:
     """Rebuild one training model; return how many requests were replayed on its loaded state."""
     model_id = doc["model_id"]
+    lora = doc.get("lora")
     learner = await LearnerSession.create(
-        service.learner_channel, service.learner_base_model, lora_rank=0, seed=doc["seed"]
+        service.learner_channel, service.learner_base_model, seed=doc["seed"], **session_fields(lora)
     )
     model = TrainingModel(
         model_id,
@@ -161,6 +163,7 @@ async def _restore_model(service: TinkerService, session: Session, doc: dict[str
         doc["user_metadata"],
         owner=doc["owner"],
         seed=doc["seed"],
+        lora=lora,
         initial_state=doc["initial_state"],
         durable_states=[(seq_id, path) for seq_id, path in doc["durable_states"]],
         unnamed_snapshots=deque(Path(path) for path in doc["unnamed_snapshots"]),

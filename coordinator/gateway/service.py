@@ -28,6 +28,7 @@ from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.durable_states import DurableStates
 from coordinator.gateway.futures import FutureStore
 from coordinator.gateway.journal import GatewayJournal, OpRecord
+from coordinator.gateway.lora import lora_from_body, lora_of_checkpoint, session_fields, tinker_fields
 from coordinator.gateway.operations import Operation, work_of
 from coordinator.gateway.restore import RestoreSummary, restore_service
 from coordinator.gateway.sampler_weights import SamplerWeights
@@ -111,16 +112,11 @@ class TinkerService:
 
     async def _new_model(self, body: dict[str, Any], session: Session, model_id: str) -> dict[str, Any]:
         settings = parse(ModelSettings, body)
-        rank = settings.lora_config.rank if settings.lora_config else 0
-        if rank:
-            raise InvalidArgument(
-                f"LoRA rank {rank} requested, but Anvil trains full-parameter models only (lora_rank = 0): "
-                "service-mode trainers are full-parameter only. Pass rank=0."
-            )
+        lora = lora_from_body(settings.lora_config, self.config.lora_max_rank)
         _check_optimizer(settings.optimizer_config)
         base_model = self.config.check_base_model(settings.base_model, self.model_dir)
         seed = (settings.lora_config.seed if settings.lora_config else None) or 0
-        model = await self._open_model(session, model_id, base_model, seed, settings.user_metadata)
+        model = await self._open_model(session, model_id, base_model, seed, settings.user_metadata, lora)
         self.durable.record(model)
         return {"model_id": model_id, "type": "create_model"}
 
@@ -131,7 +127,10 @@ class TinkerService:
         record = self.checkpoints.get(self.checkpoints.resolve_state(settings.path, None))
         _check_optimizer(settings.optimizer_config)
         base_model = self.config.check_base_model(settings.base_model or record.base_model, self.model_dir)
-        model = await self._open_model(session, model_id, base_model, 0, settings.user_metadata)
+        lora = lora_of_checkpoint(Path(record.local_path))  # a LoRA state loads into a LoRA session like it
+        if lora is not None and not self.config.lora_max_rank:
+            raise InvalidArgument(f"{settings.path} is a LoRA state; this server trains full-parameter models only")
+        model = await self._open_model(session, model_id, base_model, 0, settings.user_metadata, lora)
         try:
             answer = await self.training.load_state(model, record.path, settings.optimizer)
         except BaseException:
@@ -145,15 +144,24 @@ class TinkerService:
         return answer
 
     async def _open_model(
-        self, session: Session, model_id: str, base_model: str, seed: int, user_metadata: dict | None
+        self,
+        session: Session,
+        model_id: str,
+        base_model: str,
+        seed: int,
+        user_metadata: dict | None,
+        lora: dict | None = None,
     ) -> TrainingModel:
-        learner = await LearnerSession.create(self.learner_channel, self.learner_base_model, lora_rank=0, seed=seed)
+        learner = await LearnerSession.create(
+            self.learner_channel, self.learner_base_model, seed=seed, **session_fields(lora)
+        )
         executor = OrderedExecutor(self.futures, self.config.sequence_gap_timeout_s)
         model = TrainingModel(
-            model_id, base_model, learner, executor, dict(user_metadata or {}), owner=session.owner, seed=seed
-        )
+            model_id, base_model, learner, executor, dict(user_metadata or {}), owner=session.owner, seed=seed,
+            lora=lora,
+        )  # fmt: skip
         session.models[model_id] = model
-        self.training_runs.add(model_id, base_model, model.user_metadata, session.owner)
+        self.training_runs.add(model_id, base_model, model.user_metadata, session.owner, lora)
         return model
 
     async def unload_model(self, model_id: str) -> dict[str, Any]:
@@ -171,8 +179,7 @@ class TinkerService:
             "type": "get_info",
             "model_id": model_id,
             "model_name": model.base_model,
-            "is_lora": False,
-            "lora_rank": None,
+            **tinker_fields(model.lora),
             "optimizer_config": {"type": "adamw"},
             "model_data": {"arch": "llama", "model_name": model.base_model, "tokenizer_id": model.base_model},
         }

@@ -49,6 +49,8 @@ class TrainingModel:
     owner: str = ""
     """The tenant whose session made it (coordinator.gateway.tenancy): its checkpoints are that tenant's."""
     seed: int = 0
+    lora: dict | None = None
+    """Its LoRA adapter (coordinator.gateway.lora's form), None for full-parameter training."""
     initial_state: dict | None = None
     """{"path", "optimizer"}: the training state it was created from (create-via-load), else None."""
     durable_states: list[tuple[int, str]] = field(default_factory=list)

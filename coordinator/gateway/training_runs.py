@@ -15,6 +15,7 @@ from typing import Any
 
 from coordinator.gateway import tenancy
 from coordinator.gateway.checkpoints import CheckpointStore, utc_now
+from coordinator.gateway.lora import tinker_fields
 from coordinator.gateway.sessions import TrainingModel
 from protos.errors import NotFound
 
@@ -28,8 +29,11 @@ class TrainingRuns:
                 run = json.loads(line)
                 self._runs[run["training_run_id"]] = run
 
-    def add(self, run_id: str, base_model: str, user_metadata: dict[str, str], owner: str) -> None:
+    def add(
+        self, run_id: str, base_model: str, user_metadata: dict[str, str], owner: str, lora: dict | None = None
+    ) -> None:
         run = {"training_run_id": run_id, "base_model": base_model, "user_metadata": user_metadata, "owner": owner}
+        run["lora"] = lora
         self._runs[run_id] = run
         with self._file.open("a") as handle:
             handle.write(json.dumps(run) + "\n")
@@ -53,9 +57,8 @@ class TrainingRuns:
             "training_run_id": run_id,
             "base_model": run["base_model"],
             "model_owner": "anvil",
-            "is_lora": False,
             "corrupted": False,
-            "lora_rank": None,
+            **tinker_fields(run.get("lora")),
             "last_request_time": live.last_request_time if live else (saved[-1].time if saved else utc_now()),
             "last_checkpoint": last["weights"][-1].to_tinker() if last["weights"] else None,
             "last_sampler_checkpoint": last["sampler_weights"][-1].to_tinker() if last["sampler_weights"] else None,

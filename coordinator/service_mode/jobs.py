@@ -51,7 +51,8 @@ class TrainerJobRuntime:
             env,
             gateway.services.startup_timeout_s,
         )
-        update = {"model": model_name, "state_dir": job_dir / "gateway", "dialect": "fireworks"}
+        # Trainer jobs are full-parameter whatever the server's gateway allows (lora_max_rank 0).
+        update = {"model": model_name, "state_dir": job_dir / "gateway", "dialect": "fireworks", "lora_max_rank": 0}
         config = gateway.model_copy(update=update)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         channel = open_channel(process.address, api_key=api_key)

@@ -51,6 +51,8 @@ class VllmEngine(RolloutEngine):
         self._engine = engine
         self._config = config
         self._description = description
+        self._model_path = model_path
+        """The base model this replica started from: what LoRA adapters apply to."""
         self._serving_dir = model_path
         """Where the weights being served came from: the rollback source if a reload fails."""
         self._owned_dirs: set[Path] = set()
@@ -58,6 +60,7 @@ class VllmEngine(RolloutEngine):
         self._adapters: list = []
         """LoRARequests loaded, newest last: the last one is served; the one before stays loaded for the
         requests that started on it (a request keeps its adapter to its end)."""
+        self._adapter_ids = 0
         remove_orphans(config.staging_dir)  # what replicas killed before us left in tmpfs
 
     @contextlib.asynccontextmanager
@@ -136,14 +139,14 @@ class VllmEngine(RolloutEngine):
                 f"{directory} is a rank-{rank} LoRA adapter and this vLLM replica serves LoRA up to rank "
                 f"{self._config.max_lora_rank} (0: off); start it with engine.max_lora_rank >= {rank}"
             )
-        last_id = self._adapters[-1].lora_int_id if self._adapters else 0
-        adapter = LoRARequest(f"anvil-{last_id + 1}", last_id + 1, str(directory))
+        if self._serving_dir != self._model_path:  # full weights replaced the base since: back to it first
+            await self.load_weights_from_directory(self._model_path)
+        self._adapter_ids += 1  # never reused: vLLM knows an adapter by its id
+        adapter = LoRARequest(f"anvil-{self._adapter_ids}", self._adapter_ids, str(directory))
         if not await self._engine.add_lora(adapter):
             raise FailedPrecondition(f"vLLM did not load the LoRA adapter in {directory}")
         self._adapters.append(adapter)
-        for old in self._adapters[:-2]:
-            await self._engine.remove_lora(old.lora_int_id)
-        self._adapters = self._adapters[-2:]
+        await self._drop_adapters(keep=2)
 
     async def sample(
         self, prompt_tokens: list[int], num_samples: int, spec: SamplingSpec, scoring: PromptScoring
@@ -242,6 +245,13 @@ class VllmEngine(RolloutEngine):
             raise
         previous, self._serving_dir = self._serving_dir, directory
         self._discard(previous)
+        await self._drop_adapters(keep=0)  # full weights: requests from now on run without an adapter
+
+    async def _drop_adapters(self, keep: int) -> None:
+        """Unload all but the newest `keep` adapters."""
+        for old in self._adapters[: max(len(self._adapters) - keep, 0)]:
+            await self._engine.remove_lora(old.lora_int_id)
+        self._adapters = self._adapters[len(self._adapters) - keep :] if keep else []
 
     async def _reload(self, directory: Path) -> None:
         """The caller holds `swapping()`, which resets the prefix cache and labels the version after it."""
