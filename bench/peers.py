@@ -12,8 +12,10 @@ next to the JSON.
     .venv/bin/python -m bench.peers             # copy_digit: TRL, then configs/copy_digit.toml
     .venv/bin/python -m bench.peers --quick     # a few steps each (the smoke test)
 
-Only the one-token copy_digit job is compared so far: the main job's multi-token task starts from a
-supervised warmup, which TRL's side would need too (issue 24).
+    .venv/bin/python -m bench.peers --config configs/tiny.toml --out bench/results/peers_reverse.json
+
+A config with a supervised warmup (the main job's multi-token `reverse`) runs that warmup once, through
+Anvil's learner (bench/peers_warmup.py), and both systems start RL from the warmed-up model.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 from bench.common import RESULTS_DIR, Ratio, Timing, base_parser, console, run_main, write_results
 from bench.peers_trl import trl_rows
+from bench.peers_warmup import warmed_model
 from coordinator.config import RunConfig
 from coordinator.models import resolve_model
 from servicekit.config import load_config
@@ -47,10 +50,12 @@ def first_reaching(rows: list[dict[str, Any]], bar: float = REWARD_BAR) -> dict[
     return None
 
 
-def anvil_rows(config_path: Path, steps: int, run_dir: Path) -> list[dict[str, Any]]:
-    """`anvil run CONFIG` for `steps` steps; per RL step: step, wall_s, reward, idle_s (waiting for samples)."""
+def anvil_rows(config_path: Path, steps: int, run_dir: Path, settings: list[str] = ()) -> list[dict[str, Any]]:
+    """`anvil run CONFIG` for `steps` steps with `settings` (--set each); per RL step: step, wall_s, reward,
+    idle_s (waiting for samples)."""
     command = [sys.executable, "-m", "coordinator", "run", str(config_path), "--run-dir", str(run_dir)]
-    command += ["--set", f"loop.steps={steps}", "--set", "loop.checkpoint_every=0"]
+    for setting in [f"loop.steps={steps}", "loop.checkpoint_every=0", *settings]:
+        command += ["--set", setting]
     subprocess.run(command, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
     rows, idle = [], 0.0
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -104,14 +109,20 @@ async def main(args: argparse.Namespace) -> None:
     loop = config.loop
     steps = 6 if args.quick else args.steps
     with tempfile.TemporaryDirectory(prefix="anvil-peers-") as scratch:
+        model_dir, settings = resolve_model(config.model), list(args.anvil_set)
+        if config.warmup.steps:  # both race from Anvil's warmed-up model: RL against RL
+            model_dir = await warmed_model(config, Path(scratch) / "warmup", console)
+            settings += [f'model="{model_dir}"', "warmup.steps=0"]
         console.print(f"TRL {config.task.name}: up to {steps} steps")
         trl, trl_settings = trl_rows(
-            resolve_model(config.model), config.task.name, config.task.seed, steps, loop.groups_per_batch,
+            model_dir, config.task.name, config.task.seed, steps, loop.groups_per_batch,
             loop.group_size, loop.max_tokens, loop.adam.learning_rate, Path(scratch) / "trl",
             None if args.quick else REWARD_BAR,
         )  # fmt: skip
-        console.print(f"Anvil {args.config}: {steps} steps")
-        anvil = anvil_rows(args.config, steps, Path(scratch) / "anvil")
+        # --quick (the smoke test) samples with the torch engine: the bench's plumbing, without vLLM's start.
+        settings += ['services.rollout_engine.type="torch"'] if args.quick else []
+        console.print(f"Anvil {args.config}: {steps} steps {' '.join(settings)}")
+        anvil = anvil_rows(args.config, steps, Path(scratch) / "anvil", settings)
     trl_summary, anvil_summary = summary("trl", trl), summary("anvil", anvil)
     for row in (trl_summary, anvil_summary):
         console.print(row)
@@ -135,7 +146,9 @@ async def main(args: argparse.Namespace) -> None:
         Timing(f"{name}: seconds per step", step_seconds(rows)) for name, rows in [("trl", trl), ("anvil", anvil)]
     ]
     write_results(
-        "peers", args.out, {"config": str(args.config), "steps": steps, "trl": trl_settings}, timings, ratios,
+        "peers", args.out,
+        {"config": str(args.config), "steps": steps, "trl": trl_settings, "anvil_settings": settings},
+        timings, ratios,
         notes=[f"reward against wall-clock: {picture}"],
         extra={"summaries": [trl_summary, anvil_summary], "curves": {"trl": trl, "anvil": anvil}},
     )  # fmt: skip
@@ -145,6 +158,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = base_parser("peers", __doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "copy_digit.toml")
     parser.add_argument("--steps", type=int, default=300, help="most steps each (TRL stops at the bar)")
+    parser.add_argument(
+        "--anvil-set", action="append", default=[], metavar="KEY=VALUE", help="a setting for Anvil's run (repeatable)"
+    )
     parser.set_defaults(out=RESULTS_DIR / "peers.json")
     return parser.parse_args(argv)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -133,7 +134,7 @@ class RLLoop:
         params = SamplingParams(
             max_tokens=config.max_tokens,
             temperature=config.temperature,
-            seed=(self.seed * 1_000_003 + problem.index) % (2**62),
+            seed=group_seed(self.seed, batch, problem.index),
         )
         start = time.perf_counter()
         response = await self.rollout.sample(prompt, config.group_size, params)
@@ -238,6 +239,17 @@ def oldest_token_version(sequences: list[SampledSequence], default: int) -> int:
     """The staleness of a group is that of its oldest token: the version that produced it, per token when
     the replica labels tokens, else the response's version."""
     return min((v for s in sequences for v in s.token_weight_versions or []), default=default)
+
+
+def group_seed(run_seed: int, batch: int, problem_index: int) -> int:
+    """The sampling seed of one group: reproducible (a retried group samples the same completions), and
+    drawn from a hash, because samplers seed a group's n samples with consecutive seeds (vLLM: seed + i).
+    Consecutive group seeds - as `run_seed * k + problem_index` were - made problem p's sample i+1 and
+    problem p+1's sample i share a seed, so a batch of 16 x 32 samples drew from ~47 noise vectors, the
+    same ones every step: near-identical completions across prompts and steps, and a nearly uniform
+    policy that found the right answer a fraction as often as independent draws would (issue 24)."""
+    digest = hashlib.blake2b(f"anvil-group:{run_seed}:{batch}:{problem_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % (2**62)  # + the sample index stays a positive int64
 
 
 def learning_rate_factor(schedule: str, step: int, total_steps: int) -> float:
