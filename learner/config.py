@@ -26,6 +26,9 @@ class TorchBackendConfig(BaseModel):
     """Positions whose vocabulary logits exist at once while taking logprobs (bounds the logits' memory)."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in backward instead of keeping them: less memory, ~1/3 more compute."""
+    share_prefixes: bool = True
+    """Run a prefix that consecutive datums share (a GRPO group's prompt) once, its keys and values shared
+    by every member (learner/backends/prefix_sharing.py); off: every datum runs whole, packed."""
 
 
 class MegatronBackendConfig(BaseModel):

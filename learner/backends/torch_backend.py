@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from learner.backends.base import ForwardResult, LearnerBackend, ModelDescription, clip_and_step
 from learner.backends.lora import LoraSpec, trainable, with_adapter
 from learner.backends.packing import combine_metrics, pack, peak_rss_gib, plan_micro_batches, target_logprobs
+from learner.backends.prefix_sharing import prefix_runs, shared_prefix_hidden
 from learner.batch import Datum, TrainingBatch
 from learner.config import TorchBackendConfig
 from learner.losses import LossSpec, loss_inputs_T
@@ -36,6 +37,8 @@ from protos.adam import AdamParams
 from protos.errors import FailedPrecondition
 
 STATE_FORMAT = "anvil-learner-state/1"
+SHAREABLE_ATTENTION = ("sdpa", "eager")
+"""Attention implementations whose cache the shared-prefix path can gather (flash varlen packs instead)."""
 _WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -141,25 +144,37 @@ class TorchBackend(LearnerBackend):
         loss_config: Mapping[str, float],
         backward: bool,
     ) -> tuple[list[np.ndarray], dict[str, float]]:
-        """One packed row through the model; its loss (and backward, adding to the gradients)."""
-        rows = pack([datum.model_input for datum in data], self.model.config._attn_implementation, self._device)
+        """Packed rows (or shared prefixes) through the model; the loss (and backward, adding to the gradients)."""
+        sequences = [datum.model_input for datum in data]
         targets_TK = torch.cat([torch.from_numpy(d.target_tokens).view(len(d.model_input), -1) for d in data]).to(
             self._device
         )
         with torch.enable_grad() if backward else torch.no_grad():
             with self._autocast():
-                hidden_BRH = self._decoder(
-                    input_ids=rows.input_ids, position_ids=rows.position_ids, attention_mask=rows.attention_mask
-                ).last_hidden_state
-            hidden_TH = hidden_BRH.reshape(-1, hidden_BRH.shape[-1]).index_select(0, rows.token_index)
+                hidden_TH = self._hidden(sequences)
             logprobs_TK = target_logprobs(hidden_TH, targets_TK, self._head, self._config.logprob_chunk_tokens)
             logprobs_T = logprobs_TK.reshape(-1)
             inputs_T = loss_inputs_T(data, input_names, self._device)
             loss_value, metrics = loss.fn(logprobs_T, inputs_T, loss_config)
             if backward:
                 loss_value.backward()
-        pieces = torch.split(logprobs_TK.detach(), rows.lengths)
+        pieces = torch.split(logprobs_TK.detach(), [len(sequence) for sequence in sequences])
         return [piece.reshape(-1).cpu().numpy() for piece in pieces], metrics
+
+    def _hidden(self, sequences: list[np.ndarray]) -> torch.Tensor:
+        """Final hidden states [tokens, H] of `sequences` back to back: each shared prefix run once where that
+        pays (prefix_sharing.py), else packed rows (packing.py)."""
+        attention = self.model.config._attn_implementation
+        config, runs = self._config, None
+        if config.share_prefixes and attention in SHAREABLE_ATTENTION and not config.activation_checkpointing:
+            runs = prefix_runs(sequences)
+        if runs is not None:
+            return torch.cat(shared_prefix_hidden(self._decoder, sequences, runs, self._device))
+        rows = pack(sequences, attention, self._device)
+        hidden_BRH = self._decoder(
+            input_ids=rows.input_ids, position_ids=rows.position_ids, attention_mask=rows.attention_mask
+        ).last_hidden_state
+        return hidden_BRH.reshape(-1, hidden_BRH.shape[-1]).index_select(0, rows.token_index)
 
     def _peak_memory_gib(self) -> float:
         """This step's peak on a CUDA device; on CPU the process's peak resident set so far."""
