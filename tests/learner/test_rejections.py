@@ -148,8 +148,9 @@ async def test_lora_rank_above_zero_is_rejected_with_the_fix(learner):
         stub = learner_pb2_grpc.LearnerServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.CreateSession(learner_pb2.CreateSessionRequest(base_model="anvil-tiny", lora_rank=32))
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "full-parameter only" in info.value.details() and "set lora_rank to 0" in info.value.details()
+        # LoRA is opt-in (allow_lora, tests/learner/test_lora.py): without it the learner's state refuses it.
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "full parameters only" in info.value.details() and "set lora_rank to 0" in info.value.details()
         created = await stub.CreateSession(learner_pb2.CreateSessionRequest(base_model="anvil-tiny"))
         assert created.info.lora_rank == 0
         assert created.info.num_parameters == sum(
