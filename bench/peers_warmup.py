@@ -26,6 +26,7 @@ async def warmed_model(config: RunConfig, out_dir: Path, console: Console) -> Pa
     from transformers import AutoTokenizer
 
     model_dir = resolve_model(config.model)
+    out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     running, _ = await start_learner(LearnerConfig(checkpoint_dir=out_dir / "learner"))
     try:
