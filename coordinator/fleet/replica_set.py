@@ -219,7 +219,11 @@ class ReplicaSet(RolloutCalls):
         if self.health.routable():
             return  # every healthy replica failed this request once: they get another try
         timeout = self.config.no_replica_timeout_s
-        logger.warning("no healthy rollout replica (%s); waiting up to %gs for one", self.describe(), timeout)
+        # Every replica STALE is the fleet catching up with a publication (a resync follows at the next probe
+        # round): routine, so not a warning. Anything else (suspect, dead, restarting) is worth one.
+        resyncing = all(r.state is ReplicaState.STALE for r in self.health.replicas.values())
+        log = logger.info if resyncing else logger.warning
+        log("no healthy rollout replica (%s); waiting up to %gs for one", self.describe(), timeout)
         if not await self._changed.wait_until(lambda: bool(self.health.routable()), timeout):
             raise Unavailable(
                 f"no healthy rollout replica for {timeout:g}s ({self.describe()}); restart a replica or add one"
