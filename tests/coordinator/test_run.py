@@ -19,8 +19,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ANVIL = str(Path(sys.executable).parent / "anvil")
-STEPS = 24
-OVERRIDES = [  # configs/copy_digit.toml, shortened, with a larger learning rate so a rise shows within 24 steps
+STEPS = 32
+OVERRIDES = [  # configs/copy_digit.toml, shortened, with a larger learning rate so a rise shows within 32 steps
     f"loop.steps={STEPS}",
     "loop.checkpoint_every=4",
     "loop.groups_per_batch=32",
