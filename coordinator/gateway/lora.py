@@ -17,7 +17,6 @@ from coordinator.gateway.bodies import LoraConfig
 from protos.anvil.v1 import learner_pb2
 from protos.errors import InvalidArgument
 
-DEFAULT_ALPHA = 32.0
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -35,10 +34,10 @@ def lora_from_body(config: LoraConfig | None, max_rank: int) -> dict[str, Any] |
     if not 0 < rank <= max_rank:
         raise InvalidArgument(f"LoRA rank {rank} is outside 1..{max_rank} (this server's lora_max_rank)")
     if config.alpha is not None and config.alpha <= 0:
-        raise InvalidArgument(f"LoRA alpha {config.alpha} must be positive (or left out for {DEFAULT_ALPHA:g})")
+        raise InvalidArgument(f"LoRA alpha {config.alpha} must be positive (or left out for the learner's default)")
     lora = {
         "rank": rank,
-        "alpha": float(config.alpha or DEFAULT_ALPHA),
+        "alpha": config.alpha,  # None: the learner's default (learner.backends.lora)
         "attn": config.train_attn,
         "mlp": config.train_mlp,
         "unembed": config.train_unembed,
@@ -53,7 +52,10 @@ def session_fields(lora: dict[str, Any] | None) -> dict[str, Any]:
     if lora is None:
         return {"lora_rank": 0}
     options = learner_pb2.LoraOptions(
-        skip_attn=not lora["attn"], skip_mlp=not lora["mlp"], skip_unembed=not lora["unembed"], alpha=lora["alpha"]
+        skip_attn=not lora["attn"],
+        skip_mlp=not lora["mlp"],
+        skip_unembed=not lora["unembed"],
+        alpha=lora["alpha"] or 0.0,  # 0: the learner's default
     )
     return {"lora_rank": lora["rank"], "lora": options}
 
