@@ -46,7 +46,8 @@ class MegatronBackendConfig(BaseModel):
     """Tensor-parallel size: attention heads, MLP and vocabulary are split over this many ranks."""
     pp: int = Field(default=1, ge=1)
     """Pipeline-parallel size: the layers are split into this many consecutive stages (num_layers % pp == 0).
-    Micro-batches go through the stages one after another (no 1F1B overlap yet): PP divides memory, not time."""
+    A request's micro-batches go through megatron-core's 1F1B schedule, so stages work on different
+    micro-batches at once: PP divides time as well as memory once there are at least pp micro-batches."""
     max_tokens_per_micro_batch: int = Field(default=8192, ge=1)
     """A request is split, in datum order, into micro-batches of at most this many tokens per DP replica
     (a longer datum goes alone); gradients accumulate over them, so the result equals one whole batch."""

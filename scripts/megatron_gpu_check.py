@@ -44,6 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per backend (after one warm-up)")
+    parser.add_argument(
+        "--micro-batch-tokens", type=int, default=0,
+        help="backend.max_tokens_per_micro_batch (0: the default); below batch*seq the step runs M micro-batches "
+        "(1F1B through the stages with --pp > 1)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -59,7 +64,8 @@ def make_batch(vocab: int, batch: int, seq: int):
     return batch_from_arrow(encode_batch(make_batch(rows)), vocab_size=vocab)
 
 
-def timed_steps(backend, batch, loss, steps: int, synchronize) -> float:
+def timed_steps(backend, batch, loss, steps: int, synchronize) -> list[float]:
+    """Seconds per fwd+bwd+AdamW step, the warm-up step left out."""
     from protos.adam import AdamParams
 
     params = AdamParams(learning_rate=1e-5, grad_clip_norm=1.0)
@@ -71,7 +77,7 @@ def timed_steps(backend, batch, loss, steps: int, synchronize) -> float:
         backend.optim_step(params)
         synchronize()
         durations.append(time.perf_counter() - start)
-    return statistics.median(durations[1:])
+    return durations[1:]
 
 
 def differences(a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, float]:
@@ -107,11 +113,13 @@ def main(argv=None) -> int:
     from learner.backends.megatron import parallel
     from learner.backends.megatron.backend import EngineHost, MegatronBackend, set_commander
     from learner.backends.megatron.lockstep import Commander, worker_loop
+    from learner.backends.packing import plan_micro_batches
     from learner.backends.torch_backend import TorchBackend
     from learner.config import MegatronBackendConfig, TorchBackendConfig
     from learner.losses import LOSSES
 
-    config = MegatronBackendConfig(tp=args.tp, pp=args.pp, device=args.device, dtype=args.dtype)
+    budget = {"max_tokens_per_micro_batch": args.micro_batch_tokens} if args.micro_batch_tokens else {}
+    config = MegatronBackendConfig(tp=args.tp, pp=args.pp, device=args.device, dtype=args.dtype, **budget)
     layout = parallel.initialize(config)
     host = EngineHost(config, layout)
     if layout.rank != 0:
@@ -140,6 +148,7 @@ def main(argv=None) -> int:
             "tp": layout.tp,
             "pp": layout.pp,
             "tokens_per_step": args.batch * args.seq,
+            "micro_batches": len(plan_micro_batches([args.seq] * args.batch, config.max_tokens_per_micro_batch)),
             "megatron_vs_torch": differences(lp_megatron, lp_torch),
             "megatron_vs_fp32": differences(lp_megatron, lp_truth),
             "torch_vs_fp32": differences(lp_torch, lp_truth),
@@ -147,8 +156,10 @@ def main(argv=None) -> int:
         print(f"logprob |diff| megatron vs torch ({config.dtype}): {result['megatron_vs_torch']}")
         print(f"logprob |diff| megatron vs fp32 ground truth:   {result['megatron_vs_fp32']}")
         print(f"logprob |diff| torch vs fp32 ground truth:      {result['torch_vs_fp32']}")
-        result["megatron_step_s"] = timed_steps(megatron, batch, loss, args.steps, synchronize)
-        result["torch_step_s"] = timed_steps(same_precision, batch, loss, args.steps, synchronize)
+        result["megatron_step_samples_s"] = timed_steps(megatron, batch, loss, args.steps, synchronize)
+        result["torch_step_samples_s"] = timed_steps(same_precision, batch, loss, args.steps, synchronize)
+        result["megatron_step_s"] = statistics.median(result["megatron_step_samples_s"])
+        result["torch_step_s"] = statistics.median(result["torch_step_samples_s"])
         print(f"step time (fwd+bwd+AdamW, median of {args.steps}): megatron {result['megatron_step_s']:.4f} s, "
               f"torch {result['torch_step_s']:.4f} s")  # fmt: skip
         allowed = 2 * result["torch_vs_fp32"]["mean"] + 2e-3

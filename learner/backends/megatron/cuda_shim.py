@@ -3,7 +3,8 @@
 megatron-core assumes CUDA in a few places even for a plain GPTModel (see
 reference/megatron-cpu.md §4): its model-parallel RNG tracker saves and restores the *CUDA* RNG state
 (attention always forks it, even with dropout 0), RoPE moves `inv_freq` to `torch.cuda.current_device()`,
-and dist_checkpointing calls `torch.cuda.synchronize()`. This module redirects exactly those to the CPU.
+dist_checkpointing and the pipeline's p2p calls `torch.cuda.synchronize()`, and the forward-backward
+schedules count tokens in a `device="cuda"` tensor. This module redirects exactly those to the CPU.
 
 It is installed only when no GPU is present (`install_if_needed`), and nowhere else: on a CUDA machine
 megatron runs unpatched. The backend never uses the code paths that need more (Megatron's own
@@ -13,6 +14,7 @@ optimizer/DDP stack, which want `Tensor.type() == 'torch.cuda.FloatTensor'`).
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator
 
 import torch
@@ -44,9 +46,25 @@ def install_if_needed() -> bool:
 
     megatron_random.CudaRNGStatesTracker.add = add_cpu_rng_state
     torch.cuda.current_device = lambda: "cpu"  # RoPE: inv_freq.to(torch.cuda.current_device())
-    torch.cuda.synchronize = lambda *args, **kwargs: None  # dist_checkpointing's preload
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # dist_checkpointing's preload, p2p shapes
+
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchWithCudaOnCpu("torch")  # total_num_tokens = torch.zeros(..., device="cuda")
     _installed = True
     return True
+
+
+class _TorchWithCudaOnCpu(types.ModuleType):
+    """`torch` as megatron's schedules module sees it: everything is torch's, except that a tensor
+    made with `torch.zeros(..., device="cuda")` is made on the CPU."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*size, device=None, **kwargs) -> torch.Tensor:
+        return torch.zeros(*size, device="cpu" if str(device).startswith("cuda") else device, **kwargs)
 
 
 @contextlib.contextmanager

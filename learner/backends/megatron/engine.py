@@ -5,9 +5,10 @@ return what rank 0 needs and something harmless elsewhere. The semantics are the
 
 * forward: split by `max_tokens_per_micro_batch` into micro-batches (in datum order); each is a
   right-padded batch, causal mask, per-token target logprobs from vocab-parallel logits, the
-  learner.losses function on them, backward into accumulating .grad. With PP > 1 the hidden states go
-  stage to stage, one micro-batch after another, and the loss lives on the last stage. With DP > 1 each replica takes
-  a contiguous slice of the datums (the built-in losses are per-token sums, so gradients add up). Rank 0
+  learner.losses function on them, backward into accumulating .grad, all through megatron-core's
+  forward-backward schedule (1F1B with PP > 1: schedule.py); the loss lives on the last stage. With
+  DP > 1 each replica takes a contiguous slice of the datums (the built-in losses are per-token sums,
+  so gradients add up). Rank 0
   collects every datum's logprobs and, unless it computed them all itself, recomputes the metrics.
 * optim_step: gradients summed over DP (and over the tied embedding's two pipeline copies), scaled by
   grad_scale, global norm over TP x PP (replicated norms and the tied copy counted once), torch's
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from learner.backends.base import ForwardResult, clip_and_step
-from learner.backends.megatron import convert
+from learner.backends.megatron import convert, schedule
 from learner.backends.megatron.logprobs import vocab_parallel_target_logprobs
 from learner.backends.megatron.model import build_model, hf_tensor_shapes
 from learner.backends.megatron.parallel import ParallelLayout
@@ -91,76 +92,31 @@ class MegatronEngine:
         bounds = np.linspace(0, count, self.layout.dp + 1).round().astype(int)
         return range(bounds[self.layout.dp_rank], bounds[self.layout.dp_rank + 1])
 
-    def _logprobs(self, data) -> list[torch.Tensor] | None:
-        """This stage's part of the forward; per-datum target logprobs on the last stage, None elsewhere.
-        One micro-batch: stages run one after another (activations sent as fp32 with send/recv)."""
-        layout = self.layout
-        device = layout.device
-        lengths = [len(d.model_input) for d in data]
-        widths = [d.targets_per_position for d in data]
-        batch, length, k = len(data), max(lengths), max(widths)
-        input_ids_BL = torch.zeros(batch, length, dtype=torch.long)
-        targets_BLK = torch.zeros(batch, length, k, dtype=torch.long)
-        for row, datum in enumerate(data):
-            input_ids_BL[row, : lengths[row]] = torch.from_numpy(datum.model_input)
-            targets_BLK[row, : lengths[row], : widths[row]] = torch.from_numpy(datum.target_tokens).view(
-                lengths[row], widths[row]
-            )
-        position_ids_BL = torch.arange(length).unsqueeze(0).expand(batch, -1)
-        causal_mask = torch.ones(length, length, dtype=torch.bool).triu(1).view(1, 1, length, length)  # True = hidden
-        inputs = (input_ids_BL.to(device), position_ids_BL.to(device), causal_mask.to(device))
-        received = None
-        if not layout.first_stage:  # hidden states [L, B, H] from the previous stage
-            received = torch.empty(length, batch, self.hf_config.hidden_size, dtype=torch.float32, device=device)
-            dist.recv(received, src=layout.prev_rank)
-            received.requires_grad_(torch.is_grad_enabled())
-            self.model.set_input_tensor(received)
-        with self._autocast():
-            output = self.model(*inputs)
-        self._stage_io = (received, output)
-        if not layout.last_stage:
-            dist.send(output.detach().float().contiguous(), dst=layout.next_rank)
-            return None
-        logprobs_BLK = vocab_parallel_target_logprobs(
-            output, targets_BLK.to(device), self.shape.vocab_size, layout.tp_rank, layout.tp_group
-        )
-        return [logprobs_BLK[row, : lengths[row], : widths[row]].reshape(-1) for row in range(batch)]
-
-    def _pipeline_backward(self, loss_value: torch.Tensor | None) -> None:
-        """Backward through this stage: from the loss on the last stage, else from the next stage's
-        gradient of our output; then pass the gradient of our input to the previous stage."""
-        layout = self.layout
-        received, output = self._stage_io
-        if layout.last_stage:
-            loss_value.backward()
-        else:
-            grad = torch.empty(output.shape, dtype=torch.float32, device=output.device)
-            dist.recv(grad, src=layout.next_rank)
-            output.backward(grad.to(output.dtype))
-        if not layout.first_stage:
-            dist.send(received.grad.float().contiguous(), dst=layout.prev_rank)
-
     def forward(
         self, batch: TrainingBatch, loss: LossSpec, loss_config: Mapping[str, float], backward: bool
     ) -> ForwardResult | None:
         mine = [batch.data[i] for i in self._my_rows(len(batch.data))]
-        local: list[np.ndarray] = []
-        metrics: dict[str, float] = {}
+        layout = self.layout
+
+        def loss_on_logits(micro_batch: schedule.MicroBatch, logits: torch.Tensor):
+            logprobs_BLK = vocab_parallel_target_logprobs(
+                logits, micro_batch.targets_BLK, self.shape.vocab_size, layout.tp_rank, layout.tp_group
+            )
+            per_datum = schedule.per_datum(logprobs_BLK, micro_batch)
+            inputs_T = loss_inputs_T(micro_batch.data, batch.input_names, layout.device)
+            loss_value, metrics = loss.fn(torch.cat(per_datum), inputs_T, loss_config)
+            return loss_value, {"logprobs": schedule.to_numpy(per_datum), "metrics": metrics}
+
         # Token-budget micro-batches, in datum order; every stage of this DP replica plans the same ones.
         # The losses are sums over datums, so gradients accumulated over the pieces are the whole batch's.
         pieces = plan_micro_batches([len(d.model_input) for d in mine], self.config.max_tokens_per_micro_batch)
-        for piece in pieces:
-            part = [mine[i] for i in piece]
-            with torch.enable_grad() if backward else torch.no_grad():
-                per_datum = self._logprobs(part)
-                loss_value = None
-                if per_datum is not None:
-                    inputs_T = loss_inputs_T(part, batch.input_names, self.layout.device)
-                    loss_value, metrics = loss.fn(torch.cat(per_datum), inputs_T, loss_config)
-                    local += [lp.detach().float().cpu().numpy() for lp in per_datum]
-                if backward:
-                    self._pipeline_backward(loss_value)
-            self._stage_io = None
+        micro_batches = [schedule.make_micro_batch([mine[i] for i in piece], layout.device) for piece in pieces]
+        kept = schedule.run(
+            self.model, micro_batches, loss_on_logits, last_stage=layout.last_stage, backward=backward,
+            autocast=self._autocast,
+        )  # fmt: skip
+        local: list[np.ndarray] = [lp for piece in kept for lp in piece["logprobs"]]
+        metrics: dict[str, float] = kept[-1]["metrics"] if kept else {}
         if len(pieces) > 1 and local:  # the metrics of the whole of this replica's datums, not the last piece's
             inputs_T = loss_inputs_T(mine, batch.input_names)
             with torch.no_grad():

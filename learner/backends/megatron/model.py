@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from learner.backends.megatron import convert, cuda_shim
+from learner.backends.megatron import convert, cuda_shim, schedule
 from learner.backends.megatron.parallel import ParallelLayout
 from learner.config import MegatronBackendConfig
 from protos.errors import FailedPrecondition
@@ -90,13 +90,14 @@ def build_model(model_path: Path, config: MegatronBackendConfig, layout: Paralle
         attention_dropout=0.0,
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
-        pipeline_dtype=torch.float32,  # activations between stages travel as fp32 (see engine._pipeline)
+        pipeline_dtype=torch.float32,  # activations between stages travel as fp32 (see schedule.py)
         params_dtype=torch.float32,  # fp32 master weights, as the torch backend; bf16 is autocast compute
         use_cpu_initialization=layout.device.type == "cpu",
         perform_initialization=False,  # every parameter is overwritten from the safetensors below
         bias_activation_fusion=fused,
         masked_softmax_fusion=fused,
         apply_rope_fusion=fused and te,
+        **schedule.PIPELINE_CONFIG,  # micro-batches of varying shape; summed, not averaged, losses
     )
     if te:
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
