@@ -18,6 +18,7 @@ return what rank 0 needs and something harmless elsewhere. The semantics are the
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,7 +32,7 @@ from learner.backends.megatron import convert, schedule
 from learner.backends.megatron.logprobs import vocab_parallel_target_logprobs
 from learner.backends.megatron.model import build_model, hf_tensor_shapes
 from learner.backends.megatron.parallel import ParallelLayout
-from learner.backends.packing import plan_micro_batches
+from learner.backends.packing import peak_rss_gib, plan_micro_batches
 from learner.batch import TrainingBatch
 from learner.config import MegatronBackendConfig
 from learner.losses import LossSpec, loss_inputs_T
@@ -95,8 +96,11 @@ class MegatronEngine:
     def forward(
         self, batch: TrainingBatch, loss: LossSpec, loss_config: Mapping[str, float], backward: bool
     ) -> ForwardResult | None:
+        start = time.perf_counter()
         mine = [batch.data[i] for i in self._my_rows(len(batch.data))]
         layout = self.layout
+        if layout.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(layout.device)
 
         def loss_on_logits(micro_batch: schedule.MicroBatch, logits: torch.Tensor):
             logprobs_BLK = vocab_parallel_target_logprobs(
@@ -121,20 +125,32 @@ class MegatronEngine:
             inputs_T = loss_inputs_T(mine, batch.input_names)
             with torch.no_grad():
                 _, metrics = loss.fn(torch.from_numpy(np.concatenate(local)), inputs_T, loss_config)
-        if self.layout.world_size == 1:
-            return ForwardResult(local, metrics)
-        # Rank 0 needs every DP replica's logprobs, held by their last stage's TP rank 0.
-        payload = local if self.layout.holds_results else None
-        gathered: list = [None] * self.layout.world_size
-        dist.all_gather_object(gathered, payload, group=self.layout.control_group)
-        if self.layout.rank != 0:
+        # Rank 0 needs every DP replica's logprobs, held by their last stage's TP rank 0, and every
+        # rank's peak memory.
+        mine_out = {"logprobs": local if layout.holds_results else None, "peak": self._peak_memory_gib(),
+                    "micro_batches": len(pieces) if layout.holds_results else 0}  # fmt: skip
+        gathered: list = [mine_out]
+        if layout.world_size > 1:
+            gathered = [None] * layout.world_size
+            dist.all_gather_object(gathered, mine_out, group=layout.control_group)
+        if layout.rank != 0:
             return None
-        logprobs = [lp for part in gathered if part is not None for lp in part]
-        if self.layout.dp == 1 and self.layout.pp == 1:
-            return ForwardResult(logprobs, metrics)
-        inputs_T = loss_inputs_T(batch.data, batch.input_names)
-        _, metrics = loss.fn(torch.from_numpy(np.concatenate(logprobs)), inputs_T, loss_config)
+        logprobs = [lp for part in gathered if part["logprobs"] is not None for lp in part["logprobs"]]
+        if layout.dp > 1 or layout.pp > 1:
+            inputs_T = loss_inputs_T(batch.data, batch.input_names)
+            _, metrics = loss.fn(torch.from_numpy(np.concatenate(logprobs)), inputs_T, loss_config)
+        metrics = dict(metrics)
+        metrics["learner/micro_batches:sum"] = float(sum(part["micro_batches"] for part in gathered))
+        tokens = sum(len(d.model_input) for d in batch.data)
+        metrics["learner/tokens_per_s:mean"] = tokens / max(time.perf_counter() - start, 1e-9)
+        metrics["learner/peak_memory_gib:max"] = max(part["peak"] for part in gathered)
         return ForwardResult(logprobs, metrics)
+
+    def _peak_memory_gib(self) -> float:
+        """This step's peak on a CUDA device; on CPU this rank's peak resident set so far."""
+        if self.layout.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.layout.device) / 2**30
+        return peak_rss_gib()
 
     def optim_step(self, params: AdamParams) -> dict[str, float]:
         parameters = list(self.model.parameters())

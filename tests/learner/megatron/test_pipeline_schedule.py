@@ -79,6 +79,9 @@ async def test_four_micro_batches_through_1f1b_equal_one(megatron_learners, tiny
     with torch.no_grad():
         for row, got in zip(rows, pieces[0], strict=True):  # and both equal transformers' own forward
             np.testing.assert_allclose(got, reference_logprobs(hf_model, row).numpy(), atol=1e-5, rtol=1e-5)
+    assert (pieces[2]["learner/micro_batches:sum"], whole[2]["learner/micro_batches:sum"]) == (4, 1)
+    for metrics in (pieces[2], whole[2]):  # reported like the torch backend's, into metrics.jsonl
+        assert metrics["learner/tokens_per_s:mean"] > 0 and metrics["learner/peak_memory_gib:max"] > 0
     assert pieces[2]["loss:sum"] == pytest.approx(whole[2]["loss:sum"], rel=1e-5)
     assert pieces[2]["clip_fraction:mean"] == pytest.approx(whole[2]["clip_fraction:mean"], rel=1e-5, abs=1e-7)
     assert pieces[3].metrics["grad_norm:mean"] == pytest.approx(whole[3].metrics["grad_norm:mean"], rel=1e-5)
