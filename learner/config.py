@@ -53,6 +53,9 @@ class MegatronBackendConfig(BaseModel):
     (a longer datum goes alone); gradients accumulate over them, so the result equals one whole batch."""
     dp: int | None = Field(default=None, ge=1)
     """Data-parallel size; None derives it as world_size / (tp * pp). Datums are split over DP replicas."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer layer's activations in backward instead of keeping them (megatron's
+    full, uniform recompute, one layer per unit): less memory, about a third more compute."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype. Parameters and AdamW state are always float32 (as in the torch backend); "bfloat16"
     runs the forward under CUDA bf16 autocast. "auto" = bfloat16 on CUDA, float32 on CPU."""

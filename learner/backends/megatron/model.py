@@ -22,6 +22,9 @@ from learner.backends.megatron.parallel import ParallelLayout
 from learner.config import MegatronBackendConfig
 from protos.errors import FailedPrecondition
 
+RECOMPUTE_EVERY_LAYER = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+"""backend.activation_checkpointing: each layer's input is kept, its insides recomputed in backward."""
+
 
 def use_transformer_engine(config: MegatronBackendConfig, layout: ParallelLayout) -> bool:
     installed = importlib.util.find_spec("transformer_engine") is not None
@@ -98,6 +101,7 @@ def build_model(model_path: Path, config: MegatronBackendConfig, layout: Paralle
         masked_softmax_fusion=fused,
         apply_rope_fusion=fused and te,
         **schedule.PIPELINE_CONFIG,  # micro-batches of varying shape; summed, not averaged, losses
+        **(RECOMPUTE_EVERY_LAYER if config.activation_checkpointing else {}),
     )
     if te:
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()

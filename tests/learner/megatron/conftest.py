@@ -34,6 +34,7 @@ class MegatronLearner:
         checkpoint_dir: Path,
         log_path: Path,
         micro_batch_tokens: int | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         command = [  # the one-node launcher users run; it derives the rank count (tp * pp * dp) from the config
             "bash", "scripts/megatron_learner.sh",
@@ -48,6 +49,8 @@ class MegatronLearner:
         ]  # fmt: skip
         if micro_batch_tokens is not None:
             command += ["--set", f"backend.max_tokens_per_micro_batch={micro_batch_tokens}"]
+        if activation_checkpointing:
+            command += ["--set", "backend.activation_checkpointing=true"]
         env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.log_path = log_path
         with log_path.open("w") as log:
@@ -84,21 +87,24 @@ class MegatronLearner:
 
 @pytest.fixture(scope="package")  # stopped when this directory's tests are done, not at the end of the run
 def megatron_learners(tiny_model_dir: Path, tmp_path_factory) -> Iterator:
-    """get(tp, world, pp=1, micro_batch_tokens=None) -> a running MegatronLearner of that layout (started once
-    per test package)."""
+    """get(tp, world, pp=1, micro_batch_tokens=None, activation_checkpointing=False) -> a running
+    MegatronLearner of that layout (started once per test package)."""
     from tests.learner.megatron.needs import require_megatron
 
     require_megatron()
-    started: dict[tuple[int, int, int, int | None], MegatronLearner] = {}
+    started: dict[tuple[int, int, int, int | None, bool], MegatronLearner] = {}
     root = tmp_path_factory.mktemp("megatron")
 
-    def get(tp: int, world: int, pp: int = 1, micro_batch_tokens: int | None = None) -> MegatronLearner:
-        key = (tp, pp, world, micro_batch_tokens)
+    def get(
+        tp: int, world: int, pp: int = 1, micro_batch_tokens: int | None = None, activation_checkpointing: bool = False
+    ) -> MegatronLearner:
+        key = (tp, pp, world, micro_batch_tokens, activation_checkpointing)
         if key not in started:
-            name = f"tp{tp}-pp{pp}-w{world}-mb{micro_batch_tokens}"
+            name = f"tp{tp}-pp{pp}-w{world}-mb{micro_batch_tokens}" + ("-ckpt" if activation_checkpointing else "")
             started[key] = MegatronLearner(
-                tp, pp, world, tiny_model_dir, root / name, root / f"{name}.log", micro_batch_tokens
-            )
+                tp, pp, world, tiny_model_dir, root / name, root / f"{name}.log", micro_batch_tokens,
+                activation_checkpointing,
+            )  # fmt: skip
         return started[key]
 
     yield get

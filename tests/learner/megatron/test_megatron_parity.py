@@ -41,9 +41,13 @@ PARAM_MAX_DIFF = 1e-4
 PARAM_CLOSE = 1e-5
 PARAM_OUTLIER_FRACTION = 1e-4
 ADAM = AdamParams(learning_rate=1e-3, weight_decay=0.01, grad_clip_norm=1.0, eps=1e-8)
-LAYOUTS = {"tp1": (1, 1), "tp2": (2, 2), "tp1-dp2": (1, 2), "pp2": (1, 2, 2), "pp2-mb16": (1, 2, 2, 16)}
-"""(tp, world[, pp[, max_tokens_per_micro_batch]]): "pp2-mb16" splits every test batch into 3-4 micro-batches
-(a datum longer than 16 tokens goes alone) that pass through both stages one after another."""
+LAYOUTS = {
+    "tp1": (1, 1), "tp2": (2, 2), "tp1-dp2": (1, 2), "pp2": (1, 2, 2), "pp2-mb16": (1, 2, 2, 16),
+    "tp2-ckpt": (2, 2, 1, None, True),
+}  # fmt: skip
+"""(tp, world[, pp[, max_tokens_per_micro_batch[, activation_checkpointing]]]): "pp2-mb16" splits every test
+batch into 3-4 micro-batches (a datum longer than 16 tokens goes alone) that go through both stages on
+megatron's 1F1B schedule; "tp2-ckpt" recomputes every layer's activations in backward."""
 
 pytestmark = pytest.mark.integration
 require_megatron()
@@ -125,7 +129,8 @@ async def test_logprobs_match_the_torch_backend(megatron_learners, models, model
     + [("dro", "tp2", "llama", 0.05), ("ppo", "tp1", "llama", 1.0), ("importance_sampling", "tp1-dp2", "llama", 0.1)]
     + [("cispo", "tp2", "qwen2", 1.0), ("cross_entropy", "pp2", "llama", 1.0), ("ppo", "pp2", "qwen2", 1.0)]
     + [("gspo", "tp1-dp2", "llama", 1.0)]  # a per-sequence ratio over datums split between DP replicas
-    + [("ppo", "pp2-mb16", "llama", 1.0), ("gspo", "pp2-mb16", "qwen2", 1.0)],  # micro-batches vs one batch
+    + [("ppo", "pp2-mb16", "llama", 1.0), ("gspo", "pp2-mb16", "qwen2", 1.0)]  # micro-batches vs one batch
+    + [("ppo", "tp2-ckpt", "llama", 1.0)],  # activations recomputed in backward
 )
 async def test_three_adamw_steps_match_the_torch_backend(megatron_learners, models, loss_fn, layout, model, grad_scale):
     adam = dataclasses.replace(ADAM, grad_scale=grad_scale)  # grad_scale: OptimStep's normalisation factor
