@@ -116,6 +116,10 @@ class ServicesConfig(_Strict):
     """Backend and layout of the learner this run starts: the torch backend (`device`, micro-batch budget,
     ...), or `{type = "megatron", tp, pp, dp, ...}`, started as a torchrun group of tp * pp * dp ranks on
     this machine (`dp` unset: 1 on CPU, the GPUs left over on CUDA)."""
+    separate_cores: bool = True
+    """When this run starts vLLM replicas and a torch learner on this machine, the learner runs on the
+    cores the replicas are not bound to (if any are left), with as many threads: otherwise one learner
+    thread shares a replica's core and every parallel region waits for it (servicekit/cpus.py)."""
     api_key: str | None = None
     """Key of running services; a fresh random key protects the services this run starts."""
     startup_timeout_s: float = Field(default=300.0, gt=0)

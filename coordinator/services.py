@@ -26,8 +26,9 @@ from coordinator.fleet.replica_set import ReplicaSet
 from coordinator.fleet.supervisor import ReplicaSupervisor
 from coordinator.launcher import ServiceHandle, start_service, toml_value
 from learner.backends.megatron.world_size import ranks_per_node
-from learner.config import BackendConfig, MegatronBackendConfig
+from learner.config import BackendConfig, MegatronBackendConfig, TorchBackendConfig
 from protos import tls
+from servicekit.cpus import CPUS_ENV, format_cpu_list
 
 SERVICES_FILE = "services.json"
 
@@ -106,6 +107,28 @@ async def place_locally(
         wrapper, arguments = "learner.backends.megatron.torchrun", ("--nproc", str(ranks))
         return await start_service(name, wrapper, overrides, log_dir, env, timeout_s, arguments)
     return await start_service(name, module, overrides, log_dir, env, timeout_s)
+
+
+def learner_cores_env(services_config: ServicesConfig, placement: Placement) -> dict[str, str]:
+    """ANVIL_CPUS / OMP_NUM_THREADS keeping a local torch learner off the cores of the local vLLM
+    replicas this run starts (replica i is bound to core i mod cores); {} when that does not apply."""
+    engine = services_config.rollout_engine.model_dump(exclude_none=True)
+    applies = (
+        services_config.separate_cores
+        and placement is place_locally
+        and not services_config.rollout_addresses
+        and engine.get("type") == "vllm"
+        and isinstance(services_config.learner_backend, TorchBackendConfig)
+        and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+        and CPUS_ENV not in os.environ
+    )
+    if not applies:
+        return {}
+    rollout = {slot % (os.cpu_count() or 1) for slot in range(services_config.rollout_replicas)}  # as bound below
+    learner = [core for core in sorted(os.sched_getaffinity(0)) if core not in rollout]
+    if not learner:
+        return {}
+    return {CPUS_ENV: format_cpu_list(learner), "OMP_NUM_THREADS": str(len(learner))}
 
 
 def placement_for(cluster: ClusterConfig | None) -> Placement:
@@ -225,10 +248,11 @@ async def start_services(
                 started.rollout_addresses.append(process.address)
         if not services_config.learner_address:
             backend = services_config.learner_backend
+            learner_env = {**env, **learner_cores_env(services_config, placement)}
 
             async def start_learner() -> ServiceHandle:
                 return await start_learner_process(
-                    "learner", run_dir / "learner", backend, learner_overrides, logs, env, timeout, placement
+                    "learner", run_dir / "learner", backend, learner_overrides, logs, learner_env, timeout, placement
                 )
 
             started.start_learner = start_learner

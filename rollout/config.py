@@ -59,7 +59,9 @@ class VllmEngineConfig(SwapSettings):
     disable_torch_compile: bool = True
     """Set TORCHDYNAMO_DISABLE=1: skips a 10-26 s inductor compile on the first logprobs request (CPU)."""
     single_process_worker: bool = True
-    """Run the model worker inside the engine-core process ("uni" executor): half the start time on one device."""
+    """Run the model worker inside the engine-core process ("uni" executor): half the start time on one
+    device, and on the CPU build no worker spinning on a shared-memory queue between steps
+    (rollout/engines/vllm_cpu.py)."""
     staging_dir: Path = Path("/dev/shm")
     """RAM-backed directory where pushed weights are written as safetensors for vLLM to reload."""
     seed: int = 0

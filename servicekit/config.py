@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from protos.errors import InvalidArgument
+from servicekit.cpus import apply_cpus_from_env
 from servicekit.process import die_with_parent
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -91,6 +92,7 @@ def serve_from_arguments(
     import sys
 
     die_with_parent()
+    apply_cpus_from_env()  # the cores `anvil run` gave this service, if it gave any
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(model, args.config, [*extra_overrides, *args.overrides])

@@ -40,6 +40,7 @@ from rollout.engines.base import (
     SampleResult,
     SamplingSpec,
 )
+from rollout.engines.vllm_cpu import engine_core_on_bound_cores
 from rollout.staging import new_staging_dir, remove_orphans
 
 RELOAD_WEIGHTS_RPC = "reload_weights"
@@ -101,7 +102,9 @@ class VllmEngine(RolloutEngine):
             **extra,
             **lora,
         )
-        engine = AsyncLLM.from_engine_args(args)
+        placement = engine_core_on_bound_cores() if config.single_process_worker else contextlib.nullcontext()
+        with placement:
+            engine = AsyncLLM.from_engine_args(args)
         model_config = engine.model_config
         eos = model_config.hf_config.eos_token_id
         description = EngineDescription(
