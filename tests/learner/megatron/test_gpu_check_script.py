@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from tests.learner.megatron.needs import require_megatron
+from tests.learner.script_check import run_check as run_script_check
 
 require_megatron()
-REPO_ROOT = Path(__file__).resolve().parents[3]
-SCRIPT = REPO_ROOT / "scripts" / "megatron_gpu_check.py"
 
 
 def run_check(*arguments: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), *arguments], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))
+    return run_script_check("megatron_gpu_check.py", *arguments)
 
 
 def test_cpu_smoke_run_reports_float32_parity():
