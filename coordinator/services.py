@@ -42,6 +42,11 @@ def service_env(api_key: str | None) -> dict[str, str]:
     return env
 
 
+def replica_core(slot: int) -> int:
+    """The core a local vLLM replica in `slot` is bound to (see start_rollout_process)."""
+    return slot % (os.cpu_count() or 1)
+
+
 async def start_rollout_process(
     name: str,
     model: str,
@@ -63,7 +68,7 @@ async def start_rollout_process(
     overrides = [f"model={toml_value(model_dir)}", f"model_name={toml_value(model)}"]
     overrides += [f"engine.{key}={toml_value(value)}" for key, value in engine.items()]
     if engine.get("type") == "vllm" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        env = {**env, "VLLM_CPU_OMP_THREADS_BIND": str(slot % (os.cpu_count() or 1))}
+        env = {**env, "VLLM_CPU_OMP_THREADS_BIND": str(replica_core(slot))}
     return await placement("rollout", name, "rollout", overrides, log_dir, env, timeout_s)
 
 
@@ -124,7 +129,7 @@ def learner_cores_env(services_config: ServicesConfig, placement: Placement) -> 
     )
     if not applies:
         return {}
-    rollout = {slot % (os.cpu_count() or 1) for slot in range(services_config.rollout_replicas)}  # as bound below
+    rollout = {replica_core(slot) for slot in range(services_config.rollout_replicas)}
     learner = [core for core in sorted(os.sched_getaffinity(0)) if core not in rollout]
     if not learner:
         return {}

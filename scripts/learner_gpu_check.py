@@ -80,7 +80,7 @@ def mixed_lengths(total: int, seed: int = 0) -> list[int]:
 
 
 def run_variant(model_dir: Path, args, checkpointing: bool, batch) -> dict:
-    from learner.backends.packing import peak_rss_gib
+    from learner.backends.packing import peak_memory_gib
     from learner.backends.torch_backend import TorchBackend
     from learner.config import TorchBackendConfig
     from learner.losses import LOSSES
@@ -103,7 +103,7 @@ def run_variant(model_dir: Path, args, checkpointing: bool, batch) -> dict:
         stepped = backend.optim_step(params)
         synchronize()
         durations.append(time.perf_counter() - start)
-        peaks.append(torch.cuda.max_memory_allocated() / 2**30 if cuda else peak_rss_gib())
+        peaks.append(peak_memory_gib(backend._device))
         finite &= bool(np.isfinite(result.metrics["loss:sum"]) and np.isfinite(stepped["grad_norm:mean"]))
         finite &= all(np.isfinite(values).all() for values in result.logprobs)
     step_s = statistics.median(durations[1:])

@@ -152,3 +152,11 @@ def peak_rss_gib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 2**20  # kB
     return 0.0
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """A step's peak on a CUDA device (since the last reset of its peak statistics); on CPU the
+    process's peak resident set so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return peak_rss_gib()

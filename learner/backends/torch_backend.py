@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from learner.backends.base import ForwardResult, LearnerBackend, ModelDescription, clip_and_step
 from learner.backends.lora import LoraSpec, trainable, with_adapter
-from learner.backends.packing import combine_metrics, pack, peak_rss_gib, plan_micro_batches, target_logprobs
+from learner.backends.packing import combine_metrics, pack, peak_memory_gib, plan_micro_batches, target_logprobs
 from learner.backends.prefix_sharing import prefix_runs, shared_prefix_hidden
 from learner.batch import Datum, TrainingBatch
 from learner.config import TorchBackendConfig
@@ -133,7 +133,7 @@ class TorchBackend(LearnerBackend):
         metrics = combine_metrics(parts, loss.per_datum_metrics)
         metrics["learner/micro_batches:sum"] = float(len(groups))
         metrics["learner/tokens_per_s:mean"] = sum(lengths) / max(time.perf_counter() - start, 1e-9)
-        metrics["learner/peak_memory_gib:max"] = self._peak_memory_gib()
+        metrics["learner/peak_memory_gib:max"] = peak_memory_gib(self._device)
         return ForwardResult(logprobs, metrics)
 
     def _micro_batch(
@@ -175,12 +175,6 @@ class TorchBackend(LearnerBackend):
             input_ids=rows.input_ids, position_ids=rows.position_ids, attention_mask=rows.attention_mask
         ).last_hidden_state
         return hidden_BRH.reshape(-1, hidden_BRH.shape[-1]).index_select(0, rows.token_index)
-
-    def _peak_memory_gib(self) -> float:
-        """This step's peak on a CUDA device; on CPU the process's peak resident set so far."""
-        if self._device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self._device) / 2**30
-        return peak_rss_gib()
 
     def _state_parameters(self) -> dict[str, torch.nn.Parameter]:
         """What training changes and a state checkpoint holds: every parameter, or a LoRA adapter's."""

@@ -32,7 +32,7 @@ from learner.backends.megatron import convert, schedule
 from learner.backends.megatron.logprobs import vocab_parallel_target_logprobs
 from learner.backends.megatron.model import build_model, hf_tensor_shapes
 from learner.backends.megatron.parallel import ParallelLayout
-from learner.backends.packing import peak_rss_gib, plan_micro_batches
+from learner.backends.packing import peak_memory_gib, plan_micro_batches
 from learner.batch import TrainingBatch
 from learner.config import MegatronBackendConfig
 from learner.losses import LossSpec, loss_inputs_T
@@ -127,7 +127,7 @@ class MegatronEngine:
                 _, metrics = loss.fn(torch.from_numpy(np.concatenate(local)), inputs_T, loss_config)
         # Rank 0 needs every DP replica's logprobs, held by their last stage's TP rank 0, and every
         # rank's peak memory.
-        mine_out = {"logprobs": local if layout.holds_results else None, "peak": self._peak_memory_gib(),
+        mine_out = {"logprobs": local if layout.holds_results else None, "peak": peak_memory_gib(layout.device),
                     "micro_batches": len(pieces) if layout.holds_results else 0}  # fmt: skip
         gathered: list = [mine_out]
         if layout.world_size > 1:
@@ -145,12 +145,6 @@ class MegatronEngine:
         metrics["learner/tokens_per_s:mean"] = tokens / max(time.perf_counter() - start, 1e-9)
         metrics["learner/peak_memory_gib:max"] = max(part["peak"] for part in gathered)
         return ForwardResult(logprobs, metrics)
-
-    def _peak_memory_gib(self) -> float:
-        """This step's peak on a CUDA device; on CPU this rank's peak resident set so far."""
-        if self.layout.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.layout.device) / 2**30
-        return peak_rss_gib()
 
     def optim_step(self, params: AdamParams) -> dict[str, float]:
         parameters = list(self.model.parameters())
