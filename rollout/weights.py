@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -235,19 +236,17 @@ class WeightUpdater:
         names and shapes, its mapped bytes hashed against the learner's digest, then swapped in from the
         mapping itself (the engine's copy into its parameters is the only one)."""
         segment = await asyncio.to_thread(MappedSegment, path)
-        try:
-            if segment.version != version:
-                raise InvalidArgument(f"segment {path} holds version {segment.version}, not {version}")
-            views = segment.tensors(self._expected)
-            await asyncio.to_thread(segment.verify, views)
+        if segment.version != version:
+            raise InvalidArgument(f"segment {path} holds version {segment.version}, not {version}")
+        views = segment.tensors(self._expected)
+        await asyncio.to_thread(segment.verify, views)
+        with warnings.catch_warnings():  # read-only views of a read-only mapping: engines only copy from them
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
             tensors = {name: _to_torch(tensor) for name, tensor in views.items()}
-            del views
-            async with self._lock:
-                self._require_newer(version, rewind)
-                return await self._swap(version, lambda: self.engine.load_weights(tensors))
-        finally:
-            tensors = {}
-            segment.close()
+        del views
+        async with self._lock:
+            self._require_newer(version, rewind)
+            return await self._swap(version, lambda: self.engine.load_weights(tensors))
 
 
 def _to_torch(tensor: TensorBytes) -> torch.Tensor:

@@ -101,7 +101,7 @@ async def test_learner_publishes_to_rollout_with_logprob_parity(learner_config, 
             async with open_channel(rollout_process) as rollout_channel:
                 stub = rollout_pb2_grpc.RolloutServiceStub(rollout_channel)
                 assert (await stub.GetInfo(rollout_pb2.RolloutServiceGetInfoRequest())).weight_version == 2
-            # Shared-memory segments are gone after a success, a refusal and dead or hung targets.
+            # The warm shared-memory segment is removed once a publication had dead or hung targets.
             assert not list(Path("/dev/shm").glob(f"anvil-weights-{os.getpid()}-*"))
     finally:
         await running.stop(0)

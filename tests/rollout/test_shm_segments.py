@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -19,7 +20,7 @@ from protos.channels import open_channel
 from tests.learner.client import LearnerTestClient, random_rows
 from tests.rollout.conftest import start_rollout_process
 from tests.rollout.helpers import perturbed
-from tests.rollout.test_weight_updates import PROBE, served_logprobs
+from tests.rollout.test_weight_updates import PROBE, assert_serves, served_logprobs
 
 
 def own_segments() -> list[Path]:
@@ -87,15 +88,59 @@ async def test_no_segment_survives_a_replica_killed_while_loading(learner_config
         await running.stop(0)
 
 
+async def test_consecutive_publications_reuse_one_warm_file_and_serve_each_version(served):
+    """The learner writes the next version into the file the replica mapped last time; the replica's warm
+    mapping must show the new bytes, not the old ones."""
+    from learner.transports import shm
+
+    shm._remove_spare()
+    paths = []
+    async with open_channel(served.address) as channel:
+        stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+        for seed in (11, 12):
+            model, version = perturbed(served.model, seed=seed), served.version + 1
+            segment = Segment(version)
+            try:
+                await asyncio.to_thread(segment.write, tensors_as_bytes(model.named_parameters()))
+                await stub.LoadWeights(rollout_pb2.LoadWeightsRequest(path=str(segment.path), version=version))
+            finally:
+                segment.release(keep=True)
+            served.model, served.version = model, version
+            paths.append(segment.path)
+            logprobs, served_version = await served_logprobs(stub)
+            assert served_version == version
+            assert_serves(logprobs, model)
+    assert paths[0] == paths[1] and own_segments() == [paths[0]]  # one warm file, named while it is kept
+    shm._remove_spare()
+    assert not own_segments()
+
+
+def test_segment_files_of_dead_processes_are_swept(tmp_path):
+    from learner.transports import shm
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = Path("/dev/shm") / f"anvil-weights-{dead.pid}-0123456789ab"
+    orphan.write_bytes(b"ANVILSHM")
+    living = Path("/dev/shm") / f"anvil-weights-{os.getppid()}-0123456789ab"  # the test runner's parent lives
+    living.write_bytes(b"ANVILSHM")
+    try:
+        shm.SegmentFile().remove()
+        assert not orphan.exists() and living.exists()
+    finally:
+        orphan.unlink(missing_ok=True)
+        living.unlink(missing_ok=True)
+
+
 async def test_segment_write_reuses_warm_file_only_after_clean_answers():
     from learner.transports import shm
 
-    shm._SPARE.clear()
+    shm._remove_spare()
     first = Segment(1)
     first.release(keep=True)
-    assert [first.fd] == shm._SPARE
+    assert [first.file] == shm._SPARE and own_segments() == [first.path]
     second = Segment(2)
-    assert second.fd == first.fd and not shm._SPARE
+    assert second.file is first.file and not shm._SPARE
     second.release(keep=False)
     assert not shm._SPARE and not own_segments()
     assert PROBE  # the probe tokens the other tests score
