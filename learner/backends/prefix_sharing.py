@@ -43,20 +43,49 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def prefix_runs(sequences: Sequence[np.ndarray]) -> list[PrefixRun] | None:
-    """The runs of `sequences`, or None when sharing would save under MIN_SAVING of the tokens."""
-    runs: list[PrefixRun] = []
-    start = 0
-    while start < len(sequences):
-        end, shared = start + 1, len(sequences[start]) - 1
-        while end < len(sequences):
-            candidate = min(shared, _common_prefix(sequences[start], sequences[end]), len(sequences[end]) - 1)
-            if candidate < MIN_SHARED_TOKENS:
-                break
-            shared, end = candidate, end + 1
-        runs.append(PrefixRun(list(range(start, end)), shared if end - start > 1 else 0))
-        start = end
-    saved = sum((len(run.members) - 1) * run.prefix for run in runs)
-    return runs if saved >= MIN_SAVING * sum(len(s) for s in sequences) else None
+    """The split into runs of consecutive datums that saves the most tokens, or None when that is under
+    MIN_SAVING of them.
+
+    Why not grow each run while the next datum shares MIN_SHARED_TOKENS with it: GRPO prompts of
+    different groups often share their first tokens (a chat template's `<|user|>`, a task's wording), and
+    that greedy rule merged a whole copy_digit batch (16 groups x 32, 7-token prompts) into one run sharing
+    4 tokens instead of 16 runs sharing 6: three suffix tokens per datum instead of one, and a learner step
+    0.30 s instead of 0.17 s.
+
+    Exact, by dynamic programming over where the last run starts: a run of datums s..e-1 shares the
+    smallest `link` between neighbours inside it (what two neighbours share, less one token each keeps),
+    and saves (members - 1) x that. One vectorised pass per datum: a few milliseconds for 512.
+    """
+    count = len(sequences)
+    if count == 0:
+        return None
+    links = np.array(
+        [
+            min(_common_prefix(sequences[k], sequences[k + 1]), len(sequences[k]) - 1, len(sequences[k + 1]) - 1)
+            for k in range(count - 1)
+        ],
+        dtype=np.int64,
+    )
+    best = np.zeros(count + 1, dtype=np.int64)  # best[e]: the most saved by datums 0..e-1
+    start_of = np.zeros(count + 1, dtype=np.int64)  # where the last run of that best split starts
+    prefix_of = np.zeros(count + 1, dtype=np.int64)
+    for end in range(1, count + 1):
+        best[end], start_of[end] = best[end - 1], end - 1  # the last datum alone
+        if end >= 2:
+            shared = np.minimum.accumulate(links[: end - 1][::-1])  # run start s = end-2, end-3, ..., 0
+            starts = np.arange(end - 2, -1, -1)
+            gains = np.where(shared >= MIN_SHARED_TOKENS, best[starts] + (end - 1 - starts) * shared, -1)
+            pick = int(np.argmax(gains))
+            if gains[pick] > best[end]:
+                best[end], start_of[end], prefix_of[end] = gains[pick], starts[pick], shared[pick]
+    if best[count] < MIN_SAVING * sum(len(s) for s in sequences):
+        return None
+    runs, end = [], count
+    while end > 0:
+        start = int(start_of[end])
+        runs.append(PrefixRun(list(range(start, end)), int(prefix_of[end]) if end - start > 1 else 0))
+        end = start
+    return runs[::-1]
 
 
 def shared_prefix_hidden(

@@ -172,3 +172,42 @@ def test_prefix_runs_only_where_sharing_pays():
     assert prefix_runs([same[:12], same[:15]]) is not None
     assert prefix_runs([np.arange(10), np.arange(50, 60)]) is None, "nothing shared"
     assert prefix_runs([same[:6], same[:6], np.arange(100, 140)]) is None, "5 shared tokens of 52 save too little"
+
+
+def test_prefix_runs_one_per_group_when_groups_share_a_template():
+    """copy_digit's shape: 16 groups x 32 of 7-token prompts that all start with the same 4 template tokens.
+    Merging every group into one run sharing those 4 would run 3 tokens per datum instead of 1."""
+    template = np.array([4, 40, 405, 226])
+    sequences = [np.concatenate([template, [digit, 2, 5]]) for digit in range(16) for _ in range(32)]
+    runs = prefix_runs(sequences)
+    assert runs is not None and [(len(r.members), r.prefix) for r in runs] == [(32, 6)] * 16
+
+
+def exhaustive_best_saving(sequences: list[np.ndarray]) -> int:
+    """The most tokens any split into consecutive runs saves, over every split (independent of prefix_runs)."""
+    best = [0] * (len(sequences) + 1)
+    for end in range(1, len(sequences) + 1):
+        for start in range(end):
+            members = sequences[start:end]
+            shared = min(len(s) - 1 for s in members)
+            for s in members[1:]:
+                shared = min(shared, next((i for i, (a, b) in enumerate(zip(members[0], s)) if a != b), shared))
+            run = (len(members) - 1) * shared if len(members) > 1 and shared >= 4 else 0
+            best[end] = max(best[end], best[start] + run)
+    return best[-1]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_prefix_runs_save_as_much_as_any_split(seed: int):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(5, 9, 20)
+    stems = [np.concatenate([base[: rng.integers(4, 14)], rng.integers(5, 9, 20)]) for _ in range(3)]
+    picks = [rng.integers(3) for _ in range(14)]  # nested shared prefixes of many lengths, in runs and not
+    sequences = [np.concatenate([stems[i][: rng.integers(6, 20)], rng.integers(5, 9, 2)]) for i in picks]
+    runs = prefix_runs(sequences)
+    saved = sum((len(r.members) - 1) * r.prefix for r in runs) if runs else 0
+    want = exhaustive_best_saving(sequences)
+    assert saved == want or (runs is None and want < 0.25 * sum(len(s) for s in sequences))
+    for run in runs or []:  # every run's prefix really is shared, and leaves each member a token
+        assert all(len(sequences[m]) > run.prefix for m in run.members)
+        assert all((sequences[m][: run.prefix] == sequences[run.members[0]][: run.prefix]).all() for m in run.members)
