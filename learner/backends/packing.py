@@ -108,18 +108,55 @@ def _chunk_logprobs(hidden_NH: torch.Tensor, targets_NK: torch.Tensor, head: tor
     return logits_NV.gather(1, targets_NK) - torch.logsumexp(logits_NV, dim=-1, keepdim=True)
 
 
-def target_logprobs(
-    hidden_TH: torch.Tensor, targets_TK: torch.Tensor, head: torch.nn.Module, chunk_tokens: int
+def _chunk_row_logprobs(
+    hidden_NH: torch.Tensor, rows_M: torch.Tensor, targets_MK: torch.Tensor, head: torch.nn.Module
 ) -> torch.Tensor:
-    """log p(target) for every position and target ([T, K]), `chunk_tokens` positions at a time."""
+    """log p(target) for M positions reading N distinct rows (rows_M indexes hidden_NH)."""
+    logits_NV = head(hidden_NH).float()
+    logz_N = torch.logsumexp(logits_NV, dim=-1)
+    return logits_NV[rows_M[:, None], targets_MK] - logz_N[rows_M][:, None]
+
+
+def target_logprobs(
+    hidden_UH: torch.Tensor,
+    targets_TK: torch.Tensor,
+    head: torch.nn.Module,
+    chunk_tokens: int,
+    row_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log p(target) for every position and target ([T, K]), `chunk_tokens` rows at a time (under
+    activation checkpointing, so a chunk's logits are freed once used). Position t reads row t of
+    hidden_UH, or row row_T[t] when rows are shared (prefix_sharing.shared_prefix_hidden): then the head
+    and its log-normaliser run once per distinct row, whatever the number of positions reading it."""
+    checkpointed = torch.is_grad_enabled()
+    if row_T is None:
+        pieces = []
+        for start in range(0, hidden_UH.shape[0], chunk_tokens):
+            hidden, targets = hidden_UH[start : start + chunk_tokens], targets_TK[start : start + chunk_tokens]
+            if checkpointed:
+                pieces.append(checkpoint(_chunk_logprobs, hidden, targets, head, use_reentrant=False))
+            else:
+                pieces.append(_chunk_logprobs(hidden, targets, head))
+        return torch.cat(pieces) if pieces else hidden_UH.new_zeros((0, targets_TK.shape[1]))
+    order_T = torch.argsort(row_T, stable=True)  # positions grouped by the chunk of rows they read
+    sorted_rows = row_T[order_T]
+    starts = list(range(0, hidden_UH.shape[0], chunk_tokens))
+    bounds = torch.searchsorted(sorted_rows, torch.tensor([*starts, hidden_UH.shape[0]], device=row_T.device))
+    bounds = bounds.tolist()
     pieces = []
-    for start in range(0, hidden_TH.shape[0], chunk_tokens):
-        hidden, targets = hidden_TH[start : start + chunk_tokens], targets_TK[start : start + chunk_tokens]
-        if torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_logprobs, hidden, targets, head, use_reentrant=False))
+    for index, start in enumerate(starts):
+        positions = order_T[bounds[index] : bounds[index + 1]]
+        args = (hidden_UH[start : start + chunk_tokens], sorted_rows[bounds[index] : bounds[index + 1]] - start)
+        args += (targets_TK[positions], head)
+        if checkpointed:
+            pieces.append(checkpoint(_chunk_row_logprobs, *args, use_reentrant=False))
         else:
-            pieces.append(_chunk_logprobs(hidden, targets, head))
-    return torch.cat(pieces) if pieces else hidden_TH.new_zeros((0, targets_TK.shape[1]))
+            pieces.append(_chunk_row_logprobs(*args))
+    if not pieces:
+        return hidden_UH.new_zeros((0, targets_TK.shape[1]))
+    inverse_T = torch.empty_like(order_T)
+    inverse_T[order_T] = torch.arange(len(order_T), device=order_T.device)
+    return torch.cat(pieces).index_select(0, inverse_T)
 
 
 def combine_metrics(

@@ -151,8 +151,9 @@ class TorchBackend(LearnerBackend):
         )
         with torch.enable_grad() if backward else torch.no_grad():
             with self._autocast():
-                hidden_TH = self._hidden(sequences)
-            logprobs_TK = target_logprobs(hidden_TH, targets_TK, self._head, self._config.logprob_chunk_tokens)
+                hidden_UH, row_T = self._hidden(sequences)
+            chunk = self._config.logprob_chunk_tokens
+            logprobs_TK = target_logprobs(hidden_UH, targets_TK, self._head, chunk, row_T)
             logprobs_T = logprobs_TK.reshape(-1)
             inputs_T = loss_inputs_T(data, input_names, self._device)
             loss_value, metrics = loss.fn(logprobs_T, inputs_T, loss_config)
@@ -161,20 +162,21 @@ class TorchBackend(LearnerBackend):
         pieces = torch.split(logprobs_TK.detach(), [len(sequence) for sequence in sequences])
         return [piece.reshape(-1).cpu().numpy() for piece in pieces], metrics
 
-    def _hidden(self, sequences: list[np.ndarray]) -> torch.Tensor:
-        """Final hidden states [tokens, H] of `sequences` back to back: each shared prefix run once where that
-        pays (prefix_sharing.py), else packed rows (packing.py)."""
+    def _hidden(self, sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Final hidden states of `sequences` back to back: each shared prefix run once where that pays
+        (prefix_sharing.py: distinct rows, and the row each position reads), else packed rows (packing.py:
+        one row per position, None)."""
         attention = self.model.config._attn_implementation
         config, runs = self._config, None
         if config.share_prefixes and attention in SHAREABLE_ATTENTION and not config.activation_checkpointing:
             runs = prefix_runs(sequences)
         if runs is not None:
-            return torch.cat(shared_prefix_hidden(self._decoder, sequences, runs, self._device))
+            return shared_prefix_hidden(self._decoder, sequences, runs, self._device)
         rows = pack(sequences, attention, self._device)
         hidden_BRH = self._decoder(
             input_ids=rows.input_ids, position_ids=rows.position_ids, attention_mask=rows.attention_mask
         ).last_hidden_state
-        return hidden_BRH.reshape(-1, hidden_BRH.shape[-1]).index_select(0, rows.token_index)
+        return hidden_BRH.reshape(-1, hidden_BRH.shape[-1]).index_select(0, rows.token_index), None
 
     def _state_parameters(self) -> dict[str, torch.nn.Parameter]:
         """What training changes and a state checkpoint holds: every parameter, or a LoRA adapter's."""

@@ -150,8 +150,12 @@ def grpo_batch(vocab: int, seed: int = 3) -> TrainingBatch:
     return TrainingBatch(data, frozenset({"logprobs", "advantages"}))
 
 
-@pytest.mark.parametrize("share_prefixes", [True, False])
-def test_shared_prefixes_equal_each_datum_alone(tiny_model_dir, share_prefixes: bool):
+@pytest.mark.parametrize(
+    ("share_prefixes", "chunk"),
+    [(True, 1024), (True, 5), (False, 1024)],
+    ids=["shared", "shared, 5-row logprob chunks", "packed"],
+)
+def test_shared_prefixes_equal_each_datum_alone(tiny_model_dir, share_prefixes: bool, chunk: int):
     batch = grpo_batch(vocab=512)
     runs = prefix_runs([d.model_input for d in batch.data])
     assert runs is not None and [len(r.members) for r in runs] == [5, 4, 3, 4, 1, 1], "one run per group"
@@ -159,7 +163,7 @@ def test_shared_prefixes_equal_each_datum_alone(tiny_model_dir, share_prefixes: 
     assert all(p - 1 <= r.prefix <= p for r, p in zip(runs[:4], (9, 6, 12, 9), strict=True))
     assert runs[4].prefix == runs[5].prefix == 0
     expected_logprobs, expected_loss, expected_grads = reference(tiny_model_dir, batch, "ppo")
-    backend, result = run(tiny_model_dir, batch, "ppo", share_prefixes=share_prefixes)
+    backend, result = run(tiny_model_dir, batch, "ppo", share_prefixes=share_prefixes, logprob_chunk_tokens=chunk)
     for got, want in zip(result.logprobs, expected_logprobs, strict=True):
         np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
     assert result.metrics["loss:sum"] == pytest.approx(expected_loss, abs=1e-4)
