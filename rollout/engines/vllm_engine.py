@@ -68,10 +68,8 @@ class VllmEngine(RolloutEngine):
     async def swapping(self) -> AsyncIterator[None]:
         """Pause at a step boundary (keep mode: requests stay, with their KV), swap, label, resume.
 
-        The engine core's own pause, not `AsyncLLM.pause_generation`: that one sleeps 20 ms after the
-        pause so that the final outputs of aborted or drained requests reach their callers first (vLLM's
-        comment: "not required for correctness"). In keep mode no request finishes at the pause, and
-        20 ms was a third of an anvil-tiny publication (65 ms) on the main job's 2-core machine."""
+        The engine core's own pause: `AsyncLLM.pause_generation` adds a 20 ms sleep for aborted requests'
+        last outputs ("not required for correctness"), a third of an anvil-tiny publication; none here."""
         await self._engine.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
         try:
             yield
