@@ -1,7 +1,8 @@
 """What a run leaves in its directory: metrics.jsonl, consumed.jsonl, TensorBoard events, a PNG of the
 curves, and a live console view.
 
-metrics.jsonl has one JSON object per step (`step`, `batch`, `wall_s` and every metric of the step).
+metrics.jsonl has one JSON object per step (`step`, `batch`, `wall_s` - seconds since training started, the learner
+session created - and every metric of the step).
 consumed.jsonl records which problems each step consumed, so exactly-once can be audited. On resume,
 both are cut back to the checkpoint's step before the loop continues.
 """
@@ -54,6 +55,7 @@ class Recorder:
         self.console = console or Console()
         self.print_every = print_every
         self.started = time.time()
+        self._training_started = False
         self._printed = False  # the first step is always printed (after a warmup it is not step 1)
         self._tensorboard = _tensorboard_writer(run_dir / "tensorboard")
         self._progress = Progress(
@@ -65,6 +67,14 @@ class Recorder:
         )
         self._task = self._progress.add_task("run", total=total_steps, status="waiting for the first batch")
         self._progress.start()
+
+    def training_started(self) -> None:
+        """Count `wall_s` from now: the learner session exists (model and optimizer built), so the clock
+        measures training, as TRL's `on_train_begin` does for the peers benchmark. Only the first call
+        counts: after a learner restart the clock runs on."""
+        if not self._training_started:
+            self._training_started = True
+            self.started = time.time()
 
     def on_step(self, result: StepResult) -> None:
         row = {"step": result.step, "batch": result.batch, "wall_s": time.time() - self.started, **result.metrics}

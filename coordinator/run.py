@@ -160,6 +160,7 @@ async def train(
     base_model = config.model if config.services.learner_address else str(model_dir)
     session = await LearnerSession.create(learner_channel, base_model, lora_rank=0, seed=config.seed)
     console.print(f"learner: {session.info.backend}; rollout: {len(rollout.addresses)} replica(s)", markup=False)
+    recorder.training_started()
     start_batch = 0
 
     def make_env(problem: Problem) -> AnswerEnv:
