@@ -24,6 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from learner.backends.packing import pack
+
+SHAREABLE_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that take a KV cache plus a padded suffix mask (the shared-prefix path)."""
 MIN_SHARED_TOKENS = 4
 MIN_SAVING = 0.25
 
@@ -145,3 +149,48 @@ def shared_prefix_hidden(
     used = np.unique(index)  # drops the suffixes' padding rows, which no position reads
     rows = torch.cat(blocks).index_select(0, torch.from_numpy(used).to(device))
     return rows, torch.from_numpy(np.searchsorted(used, index)).to(device)
+
+
+def sequence_hidden(
+    decoder: torch.nn.Module,
+    sequences: Sequence[np.ndarray],
+    device: torch.device,
+    attention: str,
+    share: bool,
+    checkpointed: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Final hidden states of `sequences` back to back, as (rows, row_T) (None: row t for position t).
+
+    With `share`: identical sequences run once (a GRPO group whose completions are one token, or agree,
+    feeds the learner the same model_input 32 times), then each shared prefix runs once where that pays
+    (prefix_runs; not under activation checkpointing, where Hugging Face drops the cache). Otherwise, or
+    when nothing is shared: packed rows (packing.pack)."""
+    if share:
+        distinct, copy_of = _distinct(sequences)
+        if len(distinct) < len(sequences):
+            rows, row_T = sequence_hidden(decoder, distinct, device, attention, share, checkpointed)
+            row_T = torch.arange(rows.shape[0], device=rows.device) if row_T is None else row_T
+            starts = np.cumsum([0, *(len(s) for s in distinct)])
+            index = np.concatenate([np.arange(starts[j], starts[j + 1]) for j in copy_of])
+            return rows, row_T[torch.from_numpy(index).to(row_T.device)]
+        runs = prefix_runs(sequences) if attention in SHAREABLE_ATTENTION and not checkpointed else None
+        if runs is not None:
+            return shared_prefix_hidden(decoder, sequences, runs, device)
+    packed = pack(sequences, attention, device)
+    hidden_BRH = decoder(
+        input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=packed.attention_mask
+    ).last_hidden_state
+    return hidden_BRH.reshape(-1, hidden_BRH.shape[-1]).index_select(0, packed.token_index), None
+
+
+def _distinct(sequences: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+    """The distinct sequences, in first-seen order, and for each sequence the index of its distinct copy."""
+    seen: dict[bytes, int] = {}
+    distinct: list[np.ndarray] = []
+    copy_of = []
+    for sequence in sequences:
+        index = seen.setdefault(np.asarray(sequence, dtype=np.int64).tobytes(), len(distinct))
+        if index == len(distinct):
+            distinct.append(sequence)
+        copy_of.append(index)
+    return distinct, copy_of

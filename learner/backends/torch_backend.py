@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from learner.backends.base import ForwardResult, LearnerBackend, ModelDescription, clip_and_step
 from learner.backends.lora import LoraSpec, trainable, with_adapter
-from learner.backends.packing import combine_metrics, pack, peak_memory_gib, plan_micro_batches, target_logprobs
-from learner.backends.prefix_sharing import prefix_runs, shared_prefix_hidden
+from learner.backends.packing import combine_metrics, peak_memory_gib, plan_micro_batches, target_logprobs
+from learner.backends.prefix_sharing import sequence_hidden
 from learner.batch import Datum, TrainingBatch
 from learner.config import TorchBackendConfig
 from learner.losses import LossSpec, loss_inputs_T
@@ -37,8 +37,6 @@ from protos.adam import AdamParams
 from protos.errors import FailedPrecondition
 
 STATE_FORMAT = "anvil-learner-state/1"
-SHAREABLE_ATTENTION = ("sdpa", "eager")
-"""Attention implementations whose cache the shared-prefix path can gather (flash varlen packs instead)."""
 _WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -163,20 +161,12 @@ class TorchBackend(LearnerBackend):
         return [piece.reshape(-1).cpu().numpy() for piece in pieces], metrics
 
     def _hidden(self, sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Final hidden states of `sequences` back to back: each shared prefix run once where that pays
-        (prefix_sharing.py: distinct rows, and the row each position reads), else packed rows (packing.py:
-        one row per position, None)."""
-        attention = self.model.config._attn_implementation
-        config, runs = self._config, None
-        if config.share_prefixes and attention in SHAREABLE_ATTENTION and not config.activation_checkpointing:
-            runs = prefix_runs(sequences)
-        if runs is not None:
-            return shared_prefix_hidden(self._decoder, sequences, runs, self._device)
-        rows = pack(sequences, attention, self._device)
-        hidden_BRH = self._decoder(
-            input_ids=rows.input_ids, position_ids=rows.position_ids, attention_mask=rows.attention_mask
-        ).last_hidden_state
-        return hidden_BRH.reshape(-1, hidden_BRH.shape[-1]).index_select(0, rows.token_index), None
+        """Final hidden states of `sequences` back to back, as distinct rows and the row each position
+        reads (prefix_sharing.sequence_hidden)."""
+        config, attention = self._config, self.model.config._attn_implementation
+        return sequence_hidden(
+            self._decoder, sequences, self._device, attention, config.share_prefixes, config.activation_checkpointing
+        )
 
     def _state_parameters(self) -> dict[str, torch.nn.Parameter]:
         """What training changes and a state checkpoint holds: every parameter, or a LoRA adapter's."""

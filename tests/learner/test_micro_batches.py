@@ -195,7 +195,8 @@ def exhaustive_best_saving(sequences: list[np.ndarray]) -> int:
             members = sequences[start:end]
             shared = min(len(s) - 1 for s in members)
             for s in members[1:]:
-                shared = min(shared, next((i for i, (a, b) in enumerate(zip(members[0], s)) if a != b), shared))
+                differ = [i for i, (a, b) in enumerate(zip(members[0], s, strict=False)) if a != b]
+                shared = min(shared, differ[0]) if differ else shared
             run = (len(members) - 1) * shared if len(members) > 1 and shared >= 4 else 0
             best[end] = max(best[end], best[start] + run)
     return best[-1]
@@ -215,3 +216,42 @@ def test_prefix_runs_save_as_much_as_any_split(seed: int):
     for run in runs or []:  # every run's prefix really is shared, and leaves each member a token
         assert all(len(sequences[m]) > run.prefix for m in run.members)
         assert all((sequences[m][: run.prefix] == sequences[run.members[0]][: run.prefix]).all() for m in run.members)
+
+
+def duplicated_batch(vocab: int, seed: int = 5) -> TrainingBatch:
+    """copy_digit's shape: groups of one-token completions, so every member's model_input is its prompt
+    (identical within a group); the targets and loss inputs differ per member. One lone datum besides."""
+    rng = np.random.default_rng(seed)
+    data = []
+    for prompt_length, group_size in ((7, 6), (7, 5), (4, 3)):
+        prompt = np.concatenate([[4, 40, 405], rng.integers(5, vocab, prompt_length - 3)]).astype(np.int64)
+        for _ in range(group_size):
+            tokens = np.concatenate([prompt, rng.integers(5, vocab, 1)])
+            n = len(tokens) - 1
+            inputs = {"logprobs": rng.normal(-3.0, 0.5, n).astype(np.float32),
+                      "advantages": rng.normal(0.0, 1.0, n).astype(np.float32)}  # fmt: skip
+            data.append(Datum(tokens[:-1], tokens[1:], 1, inputs))
+    tokens = rng.integers(5, vocab, 9).astype(np.int64)
+    data.append(Datum(tokens[:-1], tokens[1:], 1, {"logprobs": np.full(8, -3.0, np.float32),
+                                                    "advantages": np.ones(8, np.float32)}))  # fmt: skip
+    return TrainingBatch(data, frozenset({"logprobs", "advantages"}))
+
+
+@pytest.mark.parametrize("settings", [{}, {"activation_checkpointing": True}, {"logprob_chunk_tokens": 3}])
+def test_identical_sequences_run_once_and_equal_each_datum_alone(tiny_model_dir, settings, monkeypatch):
+    from learner.backends import prefix_sharing
+
+    batch = duplicated_batch(vocab=512)
+    distinct_counts = []
+    original = prefix_sharing._distinct
+    monkeypatch.setattr(
+        prefix_sharing, "_distinct", lambda s: distinct_counts.append(len(original(s)[0])) or original(s)
+    )
+    expected_logprobs, expected_loss, expected_grads = reference(tiny_model_dir, batch, "ppo")
+    backend, result = run(tiny_model_dir, batch, "ppo", **settings)
+    assert distinct_counts[0] == 4, "three prompts and the lone datum: 15 sequences run as 4"
+    for got, want in zip(result.logprobs, expected_logprobs, strict=True):
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    assert result.metrics["loss:sum"] == pytest.approx(expected_loss, abs=1e-4)
+    for name, parameter in backend.model.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected_grads[name], atol=5e-5, rtol=1e-4, msg=name)
