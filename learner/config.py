@@ -27,8 +27,9 @@ class TorchBackendConfig(BaseModel):
     activation_checkpointing: bool = False
     """Recompute each layer's activations in backward instead of keeping them: less memory, ~1/3 more compute."""
     share_prefixes: bool = True
-    """Run a prefix that consecutive datums share (a GRPO group's prompt) once, its keys and values shared
-    by every member (learner/backends/prefix_sharing.py); off: every datum runs whole, packed."""
+    """Run identical datums once, and a prefix that consecutive datums share (a GRPO group's prompt) once,
+    its keys and values shared by every member (learner/backends/prefix_sharing.py); off: every datum runs
+    whole, packed."""
 
 
 class MegatronBackendConfig(BaseModel):
