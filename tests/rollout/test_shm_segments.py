@@ -57,6 +57,9 @@ async def test_bad_segment_leaves_the_served_weights_untouched(served, damage):
 
 
 async def test_no_segment_survives_a_replica_killed_while_loading(learner_config, tiny_model_dir):
+    from learner.transports import shm
+
+    shm._remove_spare()  # so that a named segment means this publication's LoadWeights is under way
     process, address = start_rollout_process(tiny_model_dir, "torch")
     running, servicer = await start_learner(learner_config)
     try:
