@@ -115,7 +115,7 @@ async def main(args: argparse.Namespace) -> None:
             settings += [f'model="{model_dir}"', "warmup.steps=0"]
         console.print(f"TRL {config.task.name}: up to {steps} steps")
         trl, trl_settings = trl_rows(
-            model_dir, config.task.name, config.task.seed, steps, loop.groups_per_batch,
+            model_dir, config.task.name, config.task.seed, config.seed, steps, loop.groups_per_batch,
             loop.group_size, loop.max_tokens, loop.adam.learning_rate, Path(scratch) / "trl",
             None if args.quick else REWARD_BAR,
         )  # fmt: skip

@@ -25,18 +25,20 @@ from coordinator.envs.tasks import GeneratedTask
 
 
 def trl_rows(
-    model_dir: Path, task: str, seed: int, steps: int, prompts: int, group_size: int, max_tokens: int,
-    learning_rate: float, out_dir: Path, stop_at: float | None,
+    model_dir: Path, task: str, task_seed: int, seed: int, steps: int, prompts: int, group_size: int,
+    max_tokens: int, learning_rate: float, out_dir: Path, stop_at: float | None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
-    """Per step: step, wall_s (since training started), reward, idle_s (generating). Stops early once
-    the 5-step mean reward reaches `stop_at`. Also returns the settings used."""
+    """Per step: step, wall_s (since training started), reward, idle_s (generating). The prompts come from
+    the task's generator at `task_seed` (as Anvil's run draws them); `seed` seeds TRL's sampling, as Anvil's
+    run-level seed does its own. Stops early once the 5-step mean reward reaches `stop_at`. Also returns
+    the settings used."""
     import torch
     import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     torch.manual_seed(seed)
-    source = GeneratedTask(task, seed)
+    source = GeneratedTask(task, task_seed)
     problems = [source.problem(i) for i in range(steps * prompts)]
     dataset = Dataset.from_list(
         [{"prompt": [{"role": "user", "content": p.prompt}], "answer": p.answer} for p in problems]

@@ -23,13 +23,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Literal
 
+from coordinator.builtin_tokenizer import (  # noqa: F401 - re-exported: the built-in models' token names
+    BOS_TOKEN,
+    CHAT_TEMPLATE,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    ROLE_TOKENS,
+    SPECIAL_TOKENS,
+    train_tokenizer,
+)
 from protos.errors import InvalidArgument, NotFound
 from servicekit.paths import user_path
 
@@ -37,18 +46,10 @@ ANVIL_HOME_ENV = "ANVIL_HOME"
 BUILD_RECIPE_VERSION = 1
 """Bump when the build below changes, so caches built by older code are not reused."""
 
-PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|pad|>", "<|bos|>", "<|end|>"
-ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
-SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, *ROLE_TOKENS)
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
 
 @dataclass(frozen=True)
 class BuiltinModelSpec:
-    """The recipe of a built-in Llama-architecture model (every field feeds the cache fingerprint)."""
+    """The recipe of a built-in model (every field feeds the cache fingerprint)."""
 
     name: str
     tokenizer_vocab_size: int
@@ -62,10 +63,22 @@ class BuiltinModelSpec:
     """At least 32: vLLM's CPU attention kernels need it."""
     max_position_embeddings: int
     seed: int = 0
+    architecture: Literal["llama", "qwen3", "qwen3_moe"] = "llama"
+    """Hugging Face model type: Llama, Qwen3 (Llama with q/k RMS norms) or Qwen3-MoE (every layer's MLP a
+    mixture of `num_experts` experts, `num_experts_per_tok` routed per token)."""
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
 
     def fingerprint(self) -> str:
-        recipe = json.dumps({**asdict(self), "recipe_version": BUILD_RECIPE_VERSION}, sort_keys=True)
-        return hashlib.sha256(recipe.encode()).hexdigest()[:12]
+        recipe = {**asdict(self), "recipe_version": BUILD_RECIPE_VERSION}
+        for field in fields(self):  # fields added later leave the older models' fingerprints (and caches) alone
+            if field.name in _LATER_FIELDS and recipe[field.name] == field.default:
+                del recipe[field.name]
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_LATER_FIELDS = ("architecture", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 
 BUILTIN_MODELS: dict[str, BuiltinModelSpec] = {
@@ -92,6 +105,36 @@ BUILTIN_MODELS: dict[str, BuiltinModelSpec] = {
         num_key_value_heads=4,
         head_dim=64,
         max_position_embeddings=1024,
+    ),
+    # anvil-tiny's shape as Qwen3 (q/k norms): the dense model of the Qwen3 family's architecture.
+    "anvil-tiny-qwen3": BuiltinModelSpec(
+        name="anvil-tiny-qwen3",
+        tokenizer_vocab_size=512,
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        architecture="qwen3",
+    ),
+    # anvil-tiny's shape as Qwen3-MoE: 8 experts of 128 per layer, top-2 routed (~3.0 M parameters, ~1.2 M
+    # active per token), the architecture of Qwen3-30B-A3B / 235B-A22B.
+    "anvil-tiny-moe": BuiltinModelSpec(
+        name="anvil-tiny-moe",
+        tokenizer_vocab_size=512,
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        architecture="qwen3_moe",
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
     ),
 }
 
@@ -164,7 +207,7 @@ def ensure_builtin_model(spec: BuiltinModelSpec, cache_dir: Path | None = None) 
 def build_model_directory(spec: BuiltinModelSpec, out_dir: Path) -> None:
     """Write tokenizer, config and seeded random weights of `spec` into out_dir (no network)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=train_tokenizer(spec.tokenizer_vocab_size),
@@ -176,7 +219,19 @@ def build_model_directory(spec: BuiltinModelSpec, out_dir: Path) -> None:
         chat_template=CHAT_TEMPLATE,
     )
     tokenizer.save_pretrained(out_dir)
-    config = LlamaConfig(
+    config = model_config(spec, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def model_config(spec: BuiltinModelSpec, tokenizer):  # -> transformers.PretrainedConfig
+    """The transformers config of `spec`'s architecture, sized to the trained tokenizer."""
+    from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
+
+    common = dict(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -191,53 +246,11 @@ def build_model_directory(spec: BuiltinModelSpec, out_dir: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         torch_dtype="float32",
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir, safe_serialization=True)
-
-
-def train_tokenizer(vocab_size: int):  # -> tokenizers.Tokenizer
-    """Byte-level BPE with single-digit tokens, trained on `tokenizer_corpus()` (deterministic)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(tokenizer_corpus(), trainer=trainer)
-    return tokenizer
-
-
-_WORDS = (
-    "the of and to in is it that for on with as was be by at this are from or have an they which one you "
-    "were all we when there can an your more if no out so what up its about into than them only other new "
-    "some could time these two may then do first any my now such like our over man me even most made after "
-    "also did many before must through back years where much way well down should because each just those "
-    "people how too little state good very make world still own see men work long get here between both "
-    "life being under never day same another know while last might us great old year off come since against "
-    "go came right used take three what is plus minus times reverse copy count letters word answer question "
-    "sort upper lower first last sum number digit add subtract multiply zero one two three four five six "
-    "seven eight nine ten apple banana cherry river stone cloud light water fire earth green blue red"
-).split()
-
-
-def tokenizer_corpus() -> list[str]:
-    """Text the built-in tokenizers are trained on: words, chat turns and arithmetic, from a fixed seed."""
-    rng = random.Random(1234)
-    lines = []
-    for _ in range(4000):
-        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12)))
-        a, b = rng.randint(0, 999), rng.randint(0, 999)
-        lines.append(words)
-        lines.append(f"<|user|>What is {a}+{b}?<|end|><|assistant|>{a + b}<|end|>")
-        lines.append(f"<|user|>Reverse the word {rng.choice(_WORDS)}.<|end|><|assistant|>")
-    return lines
+    if spec.architecture == "qwen3":
+        return Qwen3Config(**common)
+    if spec.architecture == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **common, num_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
+            moe_intermediate_size=spec.moe_intermediate_size, norm_topk_prob=True, decoder_sparse_step=1,
+        )  # fmt: skip
+    return LlamaConfig(**common)

@@ -34,6 +34,7 @@ from learner.batch import Datum, TrainingBatch
 from learner.config import TorchBackendConfig
 from learner.losses import LossSpec, loss_inputs_T
 from protos.adam import AdamParams
+from protos.checkpoint_names import CheckpointLayout
 from protos.errors import FailedPrecondition
 
 STATE_FORMAT = "anvil-learner-state/1"
@@ -81,6 +82,7 @@ class TorchBackend(LearnerBackend):
         # (With an adapter, PEFT has put its layers inside both: they are the same modules.)
         self._decoder = getattr(hf_model, hf_model.base_model_prefix)
         self._head = hf_model.get_output_embeddings()
+        self._checkpoint_layout = CheckpointLayout(hf_model) if lora is None else None
         self.optimizer = self._new_optimizer()
         self._step = 0
         model_config = hf_model.config
@@ -274,11 +276,12 @@ class TorchBackend(LearnerBackend):
                 shutil.copyfile(source, target)  # tokenizer files, chat template, generation config
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """By Hugging Face name; a LoRA session's adapter by the names it is saved under."""
+        """By Hugging Face checkpoint name (protos/checkpoint_names.py: what vLLM loads, fused experts
+        split); a LoRA session's adapter by the names it is saved under."""
         if self.lora is not None:
             from peft import get_peft_model_state_dict
 
             yield from get_peft_model_state_dict(self.model, save_embedding_layers=False).items()
             return
-        for name, parameter in self.model.named_parameters():
-            yield name, parameter.detach()
+        parameters = {name: parameter.detach() for name, parameter in self.model.named_parameters()}
+        yield from self._checkpoint_layout.named_tensors(parameters)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from protos.checkpoint_names import CheckpointLayout
 from rollout.config import TorchEngineConfig
 from rollout.engines.base import (
     EngineDescription,
@@ -64,6 +65,8 @@ class TorchEngine(RolloutEngine):
         self._device = _resolve_device(config.device)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self._device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self._checkpoint_layout = CheckpointLayout(self.model)
+        """Updates arrive by checkpoint name (fused experts split); this writes them into the parameters."""
         model_config = self.model.config
         eos = model_config.eos_token_id
         self._description = EngineDescription(
@@ -164,8 +167,7 @@ class TorchEngine(RolloutEngine):
 
     @torch.no_grad()
     def _copy_in(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, parameter in self.model.named_parameters():
-            parameter.copy_(tensors[name].to(device=parameter.device, dtype=parameter.dtype))
+        self._checkpoint_layout.load(dict(self.model.named_parameters()), tensors)
 
     async def close(self) -> None:
         async with self._lock:

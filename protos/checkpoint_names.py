@@ -1,0 +1,92 @@
+"""The names weights travel under: a Hugging Face model's *checkpoint* names, the keys its model.safetensors
+holds, which is also what vLLM's loaders and `save_pretrained` speak.
+
+Why not `model.named_parameters()`: transformers 5 loads some architectures into fused parameters and
+saves them back unfused. Qwen3-MoE's experts live in memory as one `mlp.experts.gate_up_proj` [E, 2I, H]
+and one `mlp.experts.down_proj` [E, H, I] per layer, and on disk (and in vLLM) as E x 3
+`mlp.experts.{e}.{gate,up,down}_proj.weight`. Llama's and Qwen3's parameters are their checkpoint names
+already, and keep the identity path below.
+
+`CheckpointLayout` finds the mapping once per model by asking transformers' own reversal
+(`revert_weight_conversion`, what `save_pretrained` runs) where each element of a fused parameter goes:
+it reverses an index probe (each element's own flat index) instead of the weights. A slot whose elements
+are one contiguous range of its parameter (every Qwen3-MoE expert is) is a view: publishing reads it
+without a copy and loading writes through it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class _Slot:
+    parameter: str
+    shape: tuple[int, ...]
+    start: int | None
+    """First flat element of a contiguous slot (None: `index` lists the elements)."""
+    index: torch.Tensor | None
+
+
+class CheckpointLayout:
+    """Checkpoint name <-> the live parameters of one model (the learner's or a torch rollout engine's)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        self._slots: dict[str, _Slot] = {}
+        for name, parameter in model.named_parameters():
+            shape = tuple(parameter.shape)
+            names = revert_weight_conversion(model, {name: torch.empty(shape, device="meta")})
+            if list(names) == [name]:
+                self._slots[name] = _Slot(name, shape, 0, None)
+                continue
+            probe = torch.arange(parameter.numel(), dtype=torch.int64).view(shape)
+            for checkpoint_name, elements in revert_weight_conversion(model, {name: probe}).items():
+                flat = elements.reshape(-1)
+                start = int(flat[0]) if flat.numel() else 0
+                contiguous = torch.equal(flat, torch.arange(start, start + flat.numel(), dtype=torch.int64))
+                self._slots[checkpoint_name] = _Slot(
+                    name, tuple(elements.shape), start if contiguous else None, None if contiguous else flat.clone()
+                )
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._slots)
+
+    @property
+    def is_identity(self) -> bool:
+        return all(slot.parameter == name for name, slot in self._slots.items())
+
+    def shapes(self) -> dict[str, list[int]]:
+        return {name: list(slot.shape) for name, slot in self._slots.items()}
+
+    def named_tensors(self, parameters: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each checkpoint name with its tensor, read from `parameters` (named_parameters(), detached):
+        views where the slot is contiguous, else a gathered copy."""
+        for name, slot in self._slots.items():
+            yield name, self._view(parameters[slot.parameter], slot)
+
+    @torch.no_grad()
+    def load(self, parameters: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy checkpoint-named `tensors` into `parameters` in place (dtype and device converted). The
+        caller checked that every name is present with its shape."""
+        for name, slot in self._slots.items():
+            parameter, source = parameters[slot.parameter], tensors[name]
+            if slot.index is None:
+                self._view(parameter, slot).copy_(source.to(device=parameter.device, dtype=parameter.dtype))
+            else:
+                flat = parameter.view(-1)
+                flat.index_copy_(0, slot.index.to(parameter.device), source.reshape(-1).to(flat))
+
+    @staticmethod
+    def _view(parameter: torch.Tensor, slot: _Slot) -> torch.Tensor:
+        if slot.start is None:
+            return parameter.reshape(-1)[slot.index.to(parameter.device)].view(slot.shape)
+        if slot.start == 0 and slot.shape == tuple(parameter.shape):
+            return parameter
+        return parameter.view(-1)[slot.start : slot.start + math.prod(slot.shape)].view(slot.shape)
