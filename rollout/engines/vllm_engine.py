@@ -1,11 +1,11 @@
 """vLLM as the rollout engine: AsyncLLM, so concurrent Sample calls are batched continuously.
 
 Imported lazily (only when the config asks for vLLM). On the CPU build the linear weights are packed at
-load time, so parameters cannot be changed in place; new weights go through the worker's built-in
-`reload_weights` (a layer-wise reload that re-packs), reached with `collective_rpc`. Pushed tensors are
-first written as safetensors to a RAM-backed staging directory. If a reload fails midway, the previous
-weights are reloaded from the directory they came from before the error is raised, so a failed update
-never leaves a half-changed model serving.
+load time, so parameters cannot be changed in place; new weights go through the worker's `reload_weights`
+(layer-wise, re-packing; vllm_worker.py adds the MoE experts' repack), reached with `collective_rpc`.
+Pushed tensors are first written as safetensors to a RAM-backed staging directory. If a reload fails
+midway, the previous weights are reloaded from the directory they came from before the error is raised,
+so a failed update never leaves a half-changed model serving.
 
 In-flight swaps (`swap = "inflight"`): `swapping()` is vLLM's own token boundary,
 `pause_generation(mode="keep")` (running requests freeze between two engine steps and keep their KV), then
@@ -41,10 +41,8 @@ from rollout.engines.base import (
     SamplingSpec,
 )
 from rollout.engines.vllm_cpu import engine_core_on_bound_cores
+from rollout.engines.vllm_worker import RELOAD_WEIGHTS_RPC, WORKER_EXTENSION
 from rollout.staging import new_staging_dir, remove_orphans
-
-RELOAD_WEIGHTS_RPC = "reload_weights"
-"""The vLLM worker method that reloads weights layer-wise (vllm.v1.worker.*.reload_weights)."""
 
 
 class VllmEngine(RolloutEngine):
@@ -102,6 +100,7 @@ class VllmEngine(RolloutEngine):
             seed=config.seed,
             kv_cache_memory_bytes=config.kv_cache_memory_bytes,
             max_logprobs=config.max_logprobs,
+            worker_extension_cls=WORKER_EXTENSION,  # the reload that repacks CPU MoE experts (vllm_worker.py)
             **extra,
             **lora,
         )
