@@ -123,7 +123,8 @@ def test_checkpoint_stall(tmp_path):
 def test_peers(tmp_path):
     result = run_quick(peers, tmp_path)
     check_common(result, "peers", {"steps per minute: anvil / trl"})
-    summaries = {s["system"]: s for s in result["summaries"]}
+    assert [r["seed"] for r in result["per_seed"]] == [0], "--quick races one seed"
+    summaries = {system: result["per_seed"][0][system] for system in ("trl", "anvil")}
     assert set(summaries) == {"trl", "anvil"} and all(s["steps_run"] == 6 for s in summaries.values())
     assert all(0 <= s["learner_idle_fraction"] <= 1 for s in summaries.values())
     assert all(0 <= row["reward"] <= 1 for rows in result["curves"].values() for row in rows)
