@@ -20,12 +20,14 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
     from coordinator.models import BUILTIN_MODELS, anvil_home
 
     table = Table(title=f"Built-in models (cache: {anvil_home() / 'models'})")
-    for column in ("name", "layers", "hidden", "heads (q/kv)", "head_dim", "context", "cached"):
-        table.add_column(column)
+    for column in ("name", "architecture", "layers", "hidden", "heads (q/kv)", "head_dim", "context", "cached"):
+        table.add_column(column, no_wrap=column in ("name", "architecture"))
     for spec in BUILTIN_MODELS.values():
         cached = any((anvil_home() / "models").glob(f"{spec.name}-{spec.fingerprint()}/config.json"))
+        experts = f" {spec.num_experts}x top-{spec.num_experts_per_tok}" if spec.num_experts else ""
         table.add_row(
             spec.name,
+            spec.architecture + experts,
             str(spec.num_hidden_layers),
             str(spec.hidden_size),
             f"{spec.num_attention_heads}/{spec.num_key_value_heads}",
