@@ -63,9 +63,10 @@ class BuiltinModelSpec:
     """At least 32: vLLM's CPU attention kernels need it."""
     max_position_embeddings: int
     seed: int = 0
-    architecture: Literal["llama", "qwen3", "qwen3_moe"] = "llama"
-    """Hugging Face model type: Llama, Qwen3 (Llama with q/k RMS norms) or Qwen3-MoE (every layer's MLP a
-    mixture of `num_experts` experts, `num_experts_per_tok` routed per token)."""
+    architecture: Literal["llama", "qwen3", "qwen3_moe", "deepseek_v3"] = "llama"
+    """Hugging Face model type: Llama, Qwen3 (Llama with q/k RMS norms), Qwen3-MoE (every layer's MLP a
+    mixture of `num_experts` experts, `num_experts_per_tok` routed per token) or DeepSeek-V3 (multi-head
+    latent attention, a shared expert beside the routed ones, a sigmoid router with grouped top-k)."""
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
@@ -79,6 +80,10 @@ class BuiltinModelSpec:
 
 
 _LATER_FIELDS = ("architecture", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
+DEEPSEEK_V3_TINY = dict(  # MLA and router shape of DeepSeek-V3 / Kimi K2, at anvil-tiny's width
+    n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=1.0,
+    kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
+)  # fmt: skip
 
 
 BUILTIN_MODELS: dict[str, BuiltinModelSpec] = {
@@ -132,6 +137,25 @@ BUILTIN_MODELS: dict[str, BuiltinModelSpec] = {
         head_dim=32,
         max_position_embeddings=512,
         architecture="qwen3_moe",
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+    ),
+    # DeepSeek-V3's architecture (the reference workflow's Kimi K2.5 is one) at anvil-tiny's width: MLA, one
+    # dense layer then MoE layers of 8 routed experts (top-2 of 2 groups) and a shared one. The torch
+    # learner and engine run it (~3.0 M parameters, ~1.7 M active); vLLM's CPU build does not (its CPU MLA
+    # attention: docs/architecture.md).
+    "anvil-tiny-deepseek": BuiltinModelSpec(
+        name="anvil-tiny-deepseek",
+        tokenizer_vocab_size=512,
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        head_dim=32,  # transformers' rotary width for MLA: qk_rope_head_dim
+        max_position_embeddings=512,
+        architecture="deepseek_v3",
         num_experts=8,
         num_experts_per_tok=2,
         moe_intermediate_size=128,
@@ -229,7 +253,7 @@ def build_model_directory(spec: BuiltinModelSpec, out_dir: Path) -> None:
 
 def model_config(spec: BuiltinModelSpec, tokenizer):  # -> transformers.PretrainedConfig
     """The transformers config of `spec`'s architecture, sized to the trained tokenizer."""
-    from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import DeepseekV3Config, LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=len(tokenizer),
@@ -252,5 +276,10 @@ def model_config(spec: BuiltinModelSpec, tokenizer):  # -> transformers.Pretrain
         return Qwen3MoeConfig(
             **common, num_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
             moe_intermediate_size=spec.moe_intermediate_size, norm_topk_prob=True, decoder_sparse_step=1,
+        )  # fmt: skip
+    if spec.architecture == "deepseek_v3":
+        return DeepseekV3Config(
+            **common, n_routed_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
+            moe_intermediate_size=spec.moe_intermediate_size, **DEEPSEEK_V3_TINY,
         )  # fmt: skip
     return LlamaConfig(**common)

@@ -32,14 +32,25 @@ class _Slot:
     index: torch.Tensor | None
 
 
+def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint of `model` holds, live and detached: its parameters (tied ones once, under the
+    name save_pretrained keeps) and its persistent buffers (DeepSeek-V3's router `e_score_correction_bias`:
+    not trained by gradient, but part of the weights a replica loads; rotary caches are not persistent)."""
+    persistent = set(model.state_dict(keep_vars=True))
+    tensors = {name: parameter.detach() for name, parameter in model.named_parameters()}
+    tensors.update({name: buffer for name, buffer in model.named_buffers() if name in persistent})
+    return tensors
+
+
 class CheckpointLayout:
-    """Checkpoint name <-> the live parameters of one model (the learner's or a torch rollout engine's)."""
+    """Checkpoint name <-> the live tensors (`live_tensors`) of one model (the learner's or a torch rollout
+    engine's)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         from transformers.core_model_loading import revert_weight_conversion
 
         self._slots: dict[str, _Slot] = {}
-        for name, parameter in model.named_parameters():
+        for name, parameter in live_tensors(model).items():
             shape = tuple(parameter.shape)
             names = revert_weight_conversion(model, {name: torch.empty(shape, device="meta")})
             if list(names) == [name]:
@@ -66,15 +77,15 @@ class CheckpointLayout:
         return {name: list(slot.shape) for name, slot in self._slots.items()}
 
     def named_tensors(self, parameters: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Each checkpoint name with its tensor, read from `parameters` (named_parameters(), detached):
-        views where the slot is contiguous, else a gathered copy."""
+        """Each checkpoint name with its tensor, read from `parameters` (`live_tensors`): views where the
+        slot is contiguous, else a gathered copy."""
         for name, slot in self._slots.items():
             yield name, self._view(parameters[slot.parameter], slot)
 
     @torch.no_grad()
     def load(self, parameters: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> None:
-        """Copy checkpoint-named `tensors` into `parameters` in place (dtype and device converted). The
-        caller checked that every name is present with its shape."""
+        """Copy checkpoint-named `tensors` into `parameters` (`live_tensors`) in place, dtype and device
+        converted. The caller checked that every name is present with its shape."""
         for name, slot in self._slots.items():
             parameter, source = parameters[slot.parameter], tensors[name]
             if slot.index is None:

@@ -34,7 +34,7 @@ from learner.batch import Datum, TrainingBatch
 from learner.config import TorchBackendConfig
 from learner.losses import LossSpec, loss_inputs_T
 from protos.adam import AdamParams
-from protos.checkpoint_names import CheckpointLayout
+from protos.checkpoint_names import CheckpointLayout, live_tensors
 from protos.errors import FailedPrecondition
 
 STATE_FORMAT = "anvil-learner-state/1"
@@ -283,5 +283,4 @@ class TorchBackend(LearnerBackend):
 
             yield from get_peft_model_state_dict(self.model, save_embedding_layers=False).items()
             return
-        parameters = {name: parameter.detach() for name, parameter in self.model.named_parameters()}
-        yield from self._checkpoint_layout.named_tensors(parameters)
+        yield from self._checkpoint_layout.named_tensors(live_tensors(self.model))

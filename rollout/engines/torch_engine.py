@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from protos.checkpoint_names import CheckpointLayout
+from protos.checkpoint_names import CheckpointLayout, live_tensors
 from rollout.config import TorchEngineConfig
 from rollout.engines.base import (
     EngineDescription,
@@ -167,7 +167,7 @@ class TorchEngine(RolloutEngine):
 
     @torch.no_grad()
     def _copy_in(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._checkpoint_layout.load(dict(self.model.named_parameters()), tensors)
+        self._checkpoint_layout.load(live_tensors(self.model), tensors)
 
     async def close(self) -> None:
         async with self._lock:

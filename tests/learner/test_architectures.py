@@ -1,4 +1,5 @@
-"""The Qwen3 built-ins (dense with q/k norms, and Mixture-of-Experts) through the torch learner: every path
+"""The Qwen3 built-ins (dense with q/k norms, and Mixture-of-Experts) and the DeepSeek-V3 one (multi-head
+latent attention, shared + routed experts, sigmoid router) through the torch learner: every path
 (packed, micro-batched with activation checkpointing, shared prefixes) against each datum alone through
 Hugging Face with torch.autograd's gradients, and the weights it publishes under the checkpoint names
 vLLM loads (the MoE's fused experts split per expert), equal to what save_pretrained writes."""
@@ -12,10 +13,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from coordinator.models import resolve_model
-from protos.checkpoint_names import CheckpointLayout
+from protos.checkpoint_names import CheckpointLayout, live_tensors
 from tests.learner.test_micro_batches import ATOL, grpo_batch, make_batch, reference, run
 
-ARCHITECTURES = {"anvil-tiny-qwen3": "qwen3", "anvil-tiny-moe": "qwen3_moe"}
+ARCHITECTURES = {"anvil-tiny-qwen3": "qwen3", "anvil-tiny-moe": "qwen3_moe", "anvil-tiny-deepseek": "deepseek_v3"}
 PATHS = {
     "packed": ({"share_prefixes": False}, make_batch),
     "micro-batches + checkpointing": (
@@ -65,22 +66,22 @@ def test_published_names_and_tensors_are_the_checkpoints(model_dir):
 
 
 def test_layout_loads_checkpoint_names_into_fused_parameters(model_dir):
-    """A model zeroed, then loaded through the layout from the file, equals the model from_pretrained
-    loads; every expert slot of the MoE is a view (no copy on publish)."""
+    """A model overwritten, then loaded through the layout from the file, equals the model from_pretrained
+    loads (DeepSeek-V3's router bias, a buffer, included); every expert slot of an MoE is a view (no copy
+    on publish)."""
     source = AutoModelForCausalLM.from_pretrained(model_dir)
     target = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
-        for parameter in target.parameters():
-            parameter.zero_()
+        for tensor in live_tensors(target).values():  # parameters and persistent buffers
+            tensor.fill_(0.5)
     layout = CheckpointLayout(target)
     files = load_file(model_dir / "model.safetensors")
     assert sorted(layout.names) == sorted(files)
-    layout.load(dict(target.named_parameters()), files)
-    for (name, a), (_, b) in zip(source.named_parameters(), target.named_parameters(), strict=True):
+    layout.load(live_tensors(target), files)
+    for (name, a), (_, b) in zip(source.state_dict().items(), target.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     fused = not layout.is_identity
-    assert fused == (source.config.model_type == "qwen3_moe")
-    parameters = {n: p.detach() for n, p in target.named_parameters()}
-    for name, tensor in layout.named_tensors(parameters):
+    assert fused == (source.config.model_type in ("qwen3_moe", "deepseek_v3"))
+    for name, tensor in layout.named_tensors(live_tensors(target)):
         if ".experts." in name:
             assert tensor._base is not None, f"{name} was copied"

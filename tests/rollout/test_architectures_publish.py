@@ -27,13 +27,23 @@ def model(request) -> str:
     return request.param
 
 
-@pytest.fixture
-def rollout_of_model(engine, model):
+def serve(engine: str, model: str):
     command = [str(Path(sys.executable).parent / "anvil"), "rollout", "--set", "server.port=0", "--model", model]
     command += ["--config", "configs/rollout.toml"] if engine == "vllm" else ["--set", 'engine.type="torch"']
     process, address = start_process(command, engine)
     yield address
     assert stop_process(process) == 0
+
+
+@pytest.fixture
+def rollout_of_model(engine, model):
+    yield from serve(engine, model)
+
+
+@pytest.fixture
+def deepseek_on_torch_engine():
+    """DeepSeek-V3 on the torch engine only: vLLM's CPU MLA attention gives wrong logprobs (docs/architecture.md)."""
+    yield from serve("torch", "anvil-tiny-deepseek")
 
 
 async def scored(address: str) -> tuple[list[float], int]:
@@ -44,6 +54,15 @@ async def scored(address: str) -> tuple[list[float], int]:
 
 
 async def test_trained_weights_reach_the_rollout_with_logprob_parity(learner_config, rollout_of_model, model):
+    await assert_publish_parity(learner_config, rollout_of_model, model)
+
+
+async def test_deepseek_v3_router_bias_and_experts_reach_the_torch_engine(learner_config, deepseek_on_torch_engine):
+    await assert_publish_parity(learner_config, deepseek_on_torch_engine, "anvil-tiny-deepseek")
+
+
+async def assert_publish_parity(learner_config, rollout_of_model: str, model: str) -> None:
+    """Served logprobs equal the learner's before a step, and again after it is published by stream."""
     learner_config.models[model] = resolve_model(model)
     running, servicer = await start_learner(learner_config)
     try:
