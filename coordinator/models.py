@@ -86,18 +86,18 @@ DEEPSEEK_V3_TINY = dict(  # MLA and router shape of DeepSeek-V3 / Kimi K2, at an
 )  # fmt: skip
 
 
+TINY_SHAPE = dict(
+    tokenizer_vocab_size=512, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+    num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+)  # fmt: skip
+"""anvil-tiny's shape, which the other architectures' tiny built-ins share."""
+TINY_EXPERTS = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128)
+
 BUILTIN_MODELS: dict[str, BuiltinModelSpec] = {
     # ~1.8 M parameters: fast enough to train with RL on a 2-core CPU.
     "anvil-tiny": BuiltinModelSpec(
         name="anvil-tiny",
-        tokenizer_vocab_size=512,
-        hidden_size=192,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=512,
+        **TINY_SHAPE,
     ),
     # ~27 M parameters: a size where kernels and weight transfer start to matter.
     "anvil-small": BuiltinModelSpec(
@@ -114,32 +114,16 @@ BUILTIN_MODELS: dict[str, BuiltinModelSpec] = {
     # anvil-tiny's shape as Qwen3 (q/k norms): the dense model of the Qwen3 family's architecture.
     "anvil-tiny-qwen3": BuiltinModelSpec(
         name="anvil-tiny-qwen3",
-        tokenizer_vocab_size=512,
-        hidden_size=192,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=512,
+        **TINY_SHAPE,
         architecture="qwen3",
     ),
     # anvil-tiny's shape as Qwen3-MoE: 8 experts of 128 per layer, top-2 routed (~3.0 M parameters, ~1.2 M
     # active per token), the architecture of Qwen3-30B-A3B / 235B-A22B.
     "anvil-tiny-moe": BuiltinModelSpec(
         name="anvil-tiny-moe",
-        tokenizer_vocab_size=512,
-        hidden_size=192,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=512,
+        **TINY_SHAPE,
         architecture="qwen3_moe",
-        num_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=128,
+        **TINY_EXPERTS,
     ),
     # DeepSeek-V3's architecture (the reference workflow's Kimi K2.5 is one) at anvil-tiny's width: MLA, one
     # dense layer then MoE layers of 8 routed experts (top-2 of 2 groups) and a shared one. The torch
@@ -147,18 +131,9 @@ BUILTIN_MODELS: dict[str, BuiltinModelSpec] = {
     # attention: docs/architecture.md).
     "anvil-tiny-deepseek": BuiltinModelSpec(
         name="anvil-tiny-deepseek",
-        tokenizer_vocab_size=512,
-        hidden_size=192,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=6,
-        num_key_value_heads=6,
-        head_dim=32,  # transformers' rotary width for MLA: qk_rope_head_dim
-        max_position_embeddings=512,
+        **{**TINY_SHAPE, "num_key_value_heads": 6},  # MLA: every head its own keys; head_dim = qk_rope_head_dim
         architecture="deepseek_v3",
-        num_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=128,
+        **TINY_EXPERTS,
     ),
 }
 

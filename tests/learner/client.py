@@ -91,6 +91,18 @@ class LearnerTestClient:
             learner_pb2.SaveWeightsRequest(session_id=self.session_id, seq_id=self.take_seq_id(), name=name)
         )
 
+    async def publish(self, addresses: list[str], transport: str = "stream", **fields):
+        """PublishWeights of the session's current weights to `addresses` (more request fields by name)."""
+        return await self.stub.PublishWeights(
+            learner_pb2.PublishWeightsRequest(
+                session_id=self.session_id,
+                seq_id=self.take_seq_id(),
+                targets=[common_pb2.WeightTarget(address=address) for address in addresses],
+                transport=transport,
+                **fields,
+            )
+        )
+
     def parameters_snapshot(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in self.model.named_parameters()}
 

@@ -14,7 +14,7 @@ import pytest
 
 from coordinator.models import resolve_model
 from learner.server import start_learner
-from protos.anvil.v1 import common_pb2, learner_pb2, rollout_pb2, rollout_pb2_grpc
+from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
 from protos.channels import open_channel
 from tests.learner.client import LearnerTestClient, random_rows
 from tests.rollout.conftest import start_process, stop_process
@@ -76,14 +76,7 @@ async def assert_publish_parity(learner_config, rollout_of_model: str, model: st
 
             await client.forward_backward(random_rows(512))
             await client.optim_step(learning_rate=1e-2)
-            reply = await client.stub.PublishWeights(
-                learner_pb2.PublishWeightsRequest(
-                    session_id=client.session_id,
-                    seq_id=client.take_seq_id(),
-                    targets=[common_pb2.WeightTarget(address=rollout_of_model)],
-                    transport="stream",
-                )
-            )
+            reply = await client.publish([rollout_of_model])
             assert reply.version == 1
             after, _ = await client.forward([row])
             assert np.abs(after[0] - before[0]).max() > 1e-2, "the step moved the model"

@@ -41,14 +41,7 @@ async def test_learner_publishes_to_rollout_with_logprob_parity(learner_config, 
             client = await LearnerTestClient.create(channel, servicer)
             await client.forward_backward(random_rows(512))
             await client.optim_step(learning_rate=1e-2)
-            reply = await client.stub.PublishWeights(
-                learner_pb2.PublishWeightsRequest(
-                    session_id=client.session_id,
-                    seq_id=client.take_seq_id(),
-                    targets=[common_pb2.WeightTarget(address=rollout_process)],
-                    transport=transport,
-                )
-            )
+            reply = await client.publish([rollout_process], transport)
             assert reply.version == 1
             assert reply.num_bytes == (
                 sum(p.numel() * 4 for p in client.model.parameters()) if transport == "stream" else 0
@@ -64,14 +57,7 @@ async def test_learner_publishes_to_rollout_with_logprob_parity(learner_config, 
 
             # Publishing the same version again is refused by the rollout, and reported as such.
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await client.stub.PublishWeights(
-                    learner_pb2.PublishWeightsRequest(
-                        session_id=client.session_id,
-                        seq_id=client.take_seq_id(),
-                        targets=[common_pb2.WeightTarget(address=rollout_process)],
-                        transport=transport,
-                    )
-                )
+                await client.publish([rollout_process], transport)
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert rollout_process in info.value.details()
 
@@ -81,17 +67,8 @@ async def test_learner_publishes_to_rollout_with_logprob_parity(learner_config, 
             # A hung target (accepts connections, never answers) fails after target_timeout_s, not never.
             hung = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
             hung_address = f"127.0.0.1:{hung.sockets[0].getsockname()[1]}"
-            partial = await client.stub.PublishWeights(
-                learner_pb2.PublishWeightsRequest(
-                    session_id=client.session_id,
-                    seq_id=client.take_seq_id(),
-                    targets=[
-                        common_pb2.WeightTarget(address=a) for a in (rollout_process, "127.0.0.1:1", hung_address)
-                    ],
-                    transport=transport,
-                    partial_ok=True,
-                    target_timeout_s=3.0,
-                )
+            partial = await client.publish(
+                [rollout_process, "127.0.0.1:1", hung_address], transport, partial_ok=True, target_timeout_s=3.0
             )
             hung.close()
             assert partial.version == 2
