@@ -1,10 +1,11 @@
-"""Hugging Face Llama/Qwen2 weights <-> Megatron GPTModel (local or Transformer Engine spec), per TP rank.
+"""Hugging Face Llama/Qwen2/Qwen3 weights <-> Megatron GPTModel (local or Transformer Engine spec), per TP rank.
 
 Pure tensor code (no megatron import), so it is testable anywhere. The layouts:
 
   model.embed_tokens            -> embedding.word_embeddings        rows split over TP (vocab-padded)
   layers.i.input_layernorm      -> decoder.layers.i.input_layernorm (TE: self_attention.linear_qkv.layer_norm_weight)
   q/k/v_proj (+ bias)           -> self_attention.linear_qkv        interleaved per query group [q..., k, v]
+  q_norm / k_norm (Qwen3)       -> self_attention.q_layernorm / k_layernorm   replicated ([head_dim])
   o_proj                        -> self_attention.linear_proj       columns split
   post_attention_layernorm      -> decoder.layers.i.pre_mlp_layernorm (TE: mlp.linear_fc1.layer_norm_weight)
   [gate; up]                    -> mlp.linear_fc1                   each rank holds [gate_r; up_r]
@@ -24,7 +25,7 @@ import torch
 
 from protos.errors import FailedPrecondition
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class ModelShape:
     qkv_bias: bool
     te_names: bool = False
     """Transformer Engine spec: the two pre-norms are fused into linear_qkv / linear_fc1."""
+    qk_norm: bool = False
+    """Qwen3: an RMSNorm over head_dim on every query and key head, before RoPE (Megatron's qk_layernorm)."""
 
     @property
     def heads_per_group(self) -> int:
@@ -55,7 +58,7 @@ def model_shape(hf_config, tp: int, vocab_multiple: int, te_names: bool = False)
     problems = []
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf_config.hidden_act!r} (only silu)")
-    if getattr(hf_config, "mlp_bias", False) or (kind == "llama" and getattr(hf_config, "attention_bias", False)):
+    if getattr(hf_config, "mlp_bias", False) or (kind != "qwen2" and getattr(hf_config, "attention_bias", False)):
         problems.append("linear biases other than Qwen2's qkv bias")
     rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
@@ -76,6 +79,7 @@ def model_shape(hf_config, tp: int, vocab_multiple: int, te_names: bool = False)
         tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
         qkv_bias=kind == "qwen2",
         te_names=te_names,
+        qk_norm=kind == "qwen3",
     )
 
 
@@ -99,6 +103,7 @@ def megatron_names(shape: ModelShape) -> list[str]:
         norm_in, norm_mlp = _norm_names(shape, layer)
         names += [norm_in, layer + "self_attention.linear_qkv.weight"]
         names += [layer + "self_attention.linear_qkv.bias"] if shape.qkv_bias else []
+        names += [layer + f"self_attention.{q}_layernorm.weight" for q in "qk"] if shape.qk_norm else []
         names += [layer + "self_attention.linear_proj.weight", norm_mlp]
         names += [layer + "mlp.linear_fc1.weight", layer + "mlp.linear_fc2.weight"]
     names.append("decoder.final_layernorm.weight")
@@ -173,6 +178,8 @@ def hf_to_megatron(name: str, shape: ModelShape, hf: Callable[[str], torch.Tenso
         v = hf(prefix + f"self_attn.v_proj.{suffix}").reshape(g, d, -1)
         fused = torch.cat([q, k, v], dim=1).reshape(g * (shape.heads_per_group + 2) * d, -1)
         return fused.squeeze(-1) if suffix == "bias" else fused
+    if rest in ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"):
+        return hf(prefix + f"self_attn.{rest.split('.')[1][0]}_norm.weight")
     if rest == "self_attention.linear_proj.weight":
         return hf(prefix + "self_attn.o_proj.weight")
     if rest == "mlp.linear_fc1.weight":
@@ -208,6 +215,8 @@ def megatron_to_hf(name: str, tensor: torch.Tensor, shape: ModelShape) -> Iterat
         for letter, part in (("q", q), ("k", k), ("v", v)):
             part = part.reshape(-1, part.shape[-1])
             yield prefix + f"self_attn.{letter}_proj.{suffix}", part.squeeze(-1) if suffix == "bias" else part
+    elif rest in ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"):
+        yield prefix + f"self_attn.{rest.split('.')[1][0]}_norm.weight", tensor
     elif rest == "self_attention.linear_proj.weight":
         yield prefix + "self_attn.o_proj.weight", tensor
     elif rest == "mlp.linear_fc1.weight":

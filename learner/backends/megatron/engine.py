@@ -159,6 +159,7 @@ class MegatronEngine:
                         parameter.grad = torch.zeros_like(parameter)
                     dist.all_reduce(parameter.grad, group=self.layout.dp_group)
         self._sync_tied_embedding_grads()
+        self._sum_qk_norm_grads()
         named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
         if params.grad_scale != 1.0:  # before clipping, as the torch backend
             for _, parameter in named:
@@ -191,6 +192,15 @@ class MegatronEngine:
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         dist.all_reduce(weight.grad, group=layout.embedding_group)
+
+    def _sum_qk_norm_grads(self) -> None:
+        """Qwen3's q/k norms: one [head_dim] weight, replicated on every TP rank, applied to the rank's own
+        heads; its gradient is the sum over all heads, so over the TP ranks (as Megatron's finalize does)."""
+        if not self.shape.qk_norm or self.layout.tp == 1:
+            return
+        for name, parameter in self.model.named_parameters():
+            if name.endswith(("q_layernorm.weight", "k_layernorm.weight")) and parameter.grad is not None:
+                dist.all_reduce(parameter.grad, group=self.layout.tp_group)
 
     # --- weights --------------------------------------------------------------------------------------
 

@@ -104,9 +104,9 @@ def build_model(model_path: Path, config: MegatronBackendConfig, layout: Paralle
         **(RECOMPUTE_EVERY_LAYER if config.activation_checkpointing else {}),
     )
     if te:
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=shape.qk_norm)
     else:
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=shape.qk_norm)
     names = convert.stage_names(shape, layout.pp_rank, layout.pp)  # checks num_layers % pp
     with cuda_shim.tensor_cuda_is_identity():
         model = GPTModel(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, Qwen2Config
+from transformers import LlamaConfig, Qwen2Config, Qwen3MoeConfig
 
 from learner.backends.megatron import convert
 from protos.errors import FailedPrecondition
@@ -22,13 +22,17 @@ def random_state(model) -> dict[str, torch.Tensor]:
     return {name: torch.randn_like(p) for name, p in model.named_parameters()}
 
 
-@pytest.fixture(params=["llama", "qwen2-tied"])
+@pytest.fixture(params=["llama", "qwen2-tied", "qwen3-qk-norm"])
 def hf(request):
-    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     if request.param == "llama":
         config = llama_config()
         return config, random_state(LlamaForCausalLM(config))
+    if request.param == "qwen3-qk-norm":
+        config = Qwen3Config(vocab_size=130, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+        return config, random_state(Qwen3ForCausalLM(config))
     config = Qwen2Config(vocab_size=130, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
     return config, random_state(Qwen2ForCausalLM(config))
@@ -95,8 +99,9 @@ LLAMA3_ROPE = {
         (llama_config(), 4, "not divisible by tp=4"),
         (llama_config(hidden_act="gelu"), 1, "hidden_act"),
         (llama_config(attention_bias=True), 1, "biases"),
+        (Qwen3MoeConfig(num_attention_heads=4, num_key_value_heads=2), 1, "not 'qwen3_moe'"),
     ],
-    ids=["llama3-rope", "kv-heads-vs-tp", "gelu", "llama-bias"],
+    ids=["llama3-rope", "kv-heads-vs-tp", "gelu", "llama-bias", "moe"],
 )
 def test_unsupported_models_are_refused_by_name(config, tp, message):
     with pytest.raises(FailedPrecondition, match=message):

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from coordinator.models import resolve_model
 from learner.backends.torch_backend import TorchBackend
 from learner.batch import batch_from_arrow
 from learner.config import TorchBackendConfig
@@ -60,9 +61,12 @@ def hf_model(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def models(tiny_model_dir, qwen2_model_dir, hf_model):
-    """name -> (HF directory, transformers model): Llama (anvil-tiny, untied) and Qwen2 (tied, qkv bias)."""
+    """name -> (HF directory, transformers model): Llama (anvil-tiny, untied), Qwen2 (tied, qkv bias) and
+    Qwen3 (anvil-tiny-qwen3: q/k norms, Megatron's qk_layernorm)."""
     qwen2 = AutoModelForCausalLM.from_pretrained(qwen2_model_dir, dtype=torch.float32).eval()
-    return {"llama": (tiny_model_dir, hf_model), "qwen2": (qwen2_model_dir, qwen2)}
+    qwen3_dir = resolve_model("anvil-tiny-qwen3")
+    qwen3 = AutoModelForCausalLM.from_pretrained(qwen3_dir, dtype=torch.float32).eval()
+    return {"llama": (tiny_model_dir, hf_model), "qwen2": (qwen2_model_dir, qwen2), "qwen3": (qwen3_dir, qwen3)}
 
 
 def torch_backend(model_dir) -> TorchBackend:
@@ -98,7 +102,8 @@ def saved_tensors(path: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("model", "layout"), [*(("llama", layout) for layout in LAYOUTS), ("qwen2", "tp2"), ("qwen2", "pp2")]
+    ("model", "layout"),
+    [*(("llama", layout) for layout in LAYOUTS), ("qwen2", "tp2"), ("qwen2", "pp2"), ("qwen3", "tp2")],
 )
 async def test_logprobs_match_the_torch_backend(megatron_learners, models, model, layout):
     learner = megatron_learners(*LAYOUTS[layout])
@@ -128,6 +133,7 @@ async def test_logprobs_match_the_torch_backend(megatron_learners, models, model
     [(loss, "tp2", "llama", 1.0) for loss in ("cross_entropy", "importance_sampling", "ppo", "cispo")]
     + [("dro", "tp2", "llama", 0.05), ("ppo", "tp1", "llama", 1.0), ("importance_sampling", "tp1-dp2", "llama", 0.1)]
     + [("cispo", "tp2", "qwen2", 1.0), ("cross_entropy", "pp2", "llama", 1.0), ("ppo", "pp2", "qwen2", 1.0)]
+    + [("ppo", "tp2", "qwen3", 1.0)]
     + [("gspo", "tp1-dp2", "llama", 1.0)]  # a per-sequence ratio over datums split between DP replicas
     + [("ppo", "pp2-mb16", "llama", 1.0), ("gspo", "pp2-mb16", "qwen2", 1.0)]  # micro-batches vs one batch
     + [("ppo", "tp2-ckpt", "llama", 1.0)],  # activations recomputed in backward
@@ -181,7 +187,8 @@ def close_request(client):
 
 
 @pytest.mark.parametrize(
-    ("model", "layout"), [("llama", "tp1"), ("llama", "tp2"), ("qwen2", "tp2"), ("llama", "pp2"), ("qwen2", "pp2")]
+    ("model", "layout"),
+    [("llama", "tp1"), ("llama", "tp2"), ("qwen2", "tp2"), ("llama", "pp2"), ("qwen2", "pp2"), ("qwen3", "tp2")],
 )
 async def test_hf_to_megatron_to_hf_round_trip_is_exact(megatron_learners, models, model, layout, tmp_path):
     """Load HF weights into the shards, gather them back through SaveWeights: bit-identical, same files."""
