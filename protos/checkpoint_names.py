@@ -17,6 +17,7 @@ without a copy and loading writes through it.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -37,9 +38,10 @@ def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     name save_pretrained keeps) and its persistent buffers (DeepSeek-V3's router `e_score_correction_bias`:
     not trained by gradient, but part of the weights a replica loads; rotary caches are not persistent)."""
     persistent = set(model.state_dict(keep_vars=True))
+    ignored = [re.compile(pattern) for pattern in getattr(model, "_keys_to_ignore_on_save", None) or ()]
     tensors = {name: parameter.detach() for name, parameter in model.named_parameters()}
     tensors.update({name: buffer for name, buffer in model.named_buffers() if name in persistent})
-    return tensors
+    return {name: t for name, t in tensors.items() if not any(p.search(name) for p in ignored)}
 
 
 class CheckpointLayout:
@@ -52,18 +54,29 @@ class CheckpointLayout:
         self._slots: dict[str, _Slot] = {}
         for name, parameter in live_tensors(model).items():
             shape = tuple(parameter.shape)
-            names = revert_weight_conversion(model, {name: torch.empty(shape, device="meta")})
-            if list(names) == [name]:
-                self._slots[name] = _Slot(name, shape, 0, None)
+            placeholder = torch.empty(shape, device="meta")
+            reverted = revert_weight_conversion(model, {name: placeholder})
+            if list(reverted) == [name] and reverted[name] is placeholder:  # a converter (transpose) makes a new one
+                self._add(name, _Slot(name, shape, 0, None))
                 continue
-            probe = torch.arange(parameter.numel(), dtype=torch.int64).view(shape)
+            dtype = torch.int32 if parameter.numel() < 2**31 else torch.int64
+            probe = torch.arange(parameter.numel(), dtype=dtype).view(shape)  # each element's own index
             for checkpoint_name, elements in revert_weight_conversion(model, {name: probe}).items():
                 flat = elements.reshape(-1)
+                contiguous = flat.numel() < 2 or bool((flat.diff() == 1).all())
                 start = int(flat[0]) if flat.numel() else 0
-                contiguous = torch.equal(flat, torch.arange(start, start + flat.numel(), dtype=torch.int64))
-                self._slots[checkpoint_name] = _Slot(
-                    name, tuple(elements.shape), start if contiguous else None, None if contiguous else flat.clone()
-                )
+                index = None if contiguous else flat.to(torch.int64)
+                self._add(checkpoint_name, _Slot(name, tuple(elements.shape), start if contiguous else None, index))
+
+    def _add(self, checkpoint_name: str, slot: _Slot) -> None:
+        """One slot per checkpoint name: a checkpoint tensor that transformers splits over several
+        parameters (reversed one parameter at a time) is not supported, and must not half-publish."""
+        if checkpoint_name in self._slots:
+            raise NotImplementedError(
+                f"checkpoint tensor {checkpoint_name} comes from several parameters "
+                f"({self._slots[checkpoint_name].parameter}, {slot.parameter}); this model's layout is not supported"
+            )
+        self._slots[checkpoint_name] = slot
 
     @property
     def names(self) -> list[str]:

@@ -27,19 +27,26 @@ class AnvilWorkerExtension:
 
 
 def repack_cpu_moe(model) -> int:  # model: torch.nn.Module inside the worker
-    """Prepack, in place, the expert weights of every MoE layer that runs on vLLM's CPU experts kernel."""
+    """Prepack, in place, the expert weights of every MoE layer that runs on vLLM's CPU experts kernel
+    (unquantized; the quantized CPU kernels are not covered and are not used by Anvil's float weights)."""
     import torch
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
     repacked = 0
     for module in model.modules():
         kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
         experts = getattr(kernel, "fused_experts", None)
-        if experts is None or not hasattr(experts, "isa") or not hasattr(module, "w13_weight"):
+        if not isinstance(experts, CPUUnquantizedExperts) or not hasattr(module, "w13_weight"):
             continue  # not the CPU experts kernel (GPU kernels re-run their own setup on reload)
         if getattr(experts, "_use_zentorch", False):
             continue  # zentorch reads plain weights
-        from vllm import _custom_ops as ops
-
+        config = experts.moe_config
+        if experts._padded_intermediate_size(config) != config.intermediate_size_per_partition:
+            raise NotImplementedError(  # the first load pads as well as packs; a reload here would not
+                f"moe_intermediate_size {config.intermediate_size_per_partition} per rank is padded by vLLM's "
+                "CPU MoE kernel; in-place weight updates of such a model are not supported on this build"
+            )
         with torch.no_grad():
             for name in ("w13_weight", "w2_weight"):
                 weight = getattr(module, name)

@@ -88,6 +88,12 @@ def test_cache_is_reused(tiny_model_dir: Path):
     assert (tiny_model_dir / "model.safetensors").stat().st_mtime_ns == before
 
 
+def test_older_built_ins_keep_their_fingerprints():
+    """Fields added to the recipe later (architecture, experts) leave the older models' caches valid."""
+    assert BUILTIN_MODELS["anvil-tiny"].fingerprint() == "68f5c75a1408"
+    assert BUILTIN_MODELS["anvil-small"].fingerprint() == "29c79c207ee5"
+
+
 def test_cache_dir_is_named_by_recipe_fingerprint(tiny_model_dir: Path):
     spec = BUILTIN_MODELS["anvil-tiny"]
     assert tiny_model_dir.name == f"anvil-tiny-{spec.fingerprint()}"
