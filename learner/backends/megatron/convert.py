@@ -60,6 +60,8 @@ def model_shape(hf_config, tp: int, vocab_multiple: int, te_names: bool = False)
         problems.append(f"hidden_act={hf_config.hidden_act!r} (only silu)")
     if getattr(hf_config, "mlp_bias", False) or (kind != "qwen2" and getattr(hf_config, "attention_bias", False)):
         problems.append("linear biases other than Qwen2's qkv bias")
+    if getattr(hf_config, "use_sliding_window", False):
+        problems.append("sliding-window attention (Megatron's layers attend over the whole sequence)")
     rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         problems.append(f"rope scaling {rope.get('rope_type', rope.get('type'))!r}")

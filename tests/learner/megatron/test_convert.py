@@ -100,8 +100,9 @@ LLAMA3_ROPE = {
         (llama_config(hidden_act="gelu"), 1, "hidden_act"),
         (llama_config(attention_bias=True), 1, "biases"),
         (Qwen3MoeConfig(num_attention_heads=4, num_key_value_heads=2), 1, "not 'qwen3_moe'"),
+        (Qwen2Config(num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True), 1, "sliding-window"),
     ],
-    ids=["llama3-rope", "kv-heads-vs-tp", "gelu", "llama-bias", "moe"],
+    ids=["llama3-rope", "kv-heads-vs-tp", "gelu", "llama-bias", "moe", "sliding-window"],
 )
 def test_unsupported_models_are_refused_by_name(config, tp, message):
     with pytest.raises(FailedPrecondition, match=message):
