@@ -5,7 +5,7 @@ For each system: wall-clock and steps until the 5-step mean reward first reaches
 the start of training: TRL's `train()`, Anvil's first step as `anvil run` times it, services already
 up), steps per minute, and the learner's idle fraction (TRL: time generating inside its step; Anvil: time
 its learner waits for samples). Both run once per sampling seed (`--seeds`, three by default: one seed's
-steps to the bar vary by about +-5 %, the size of the differences in question), and the ratios compare
+steps to the bar vary by about +-5 steps, the size of the differences in question), and the ratios compare
 the medians over seeds: Anvil's wall-clock to 0.8 over TRL's (target <= 0.7, the aim 0.5) and Anvil's
 steps over TRL's (target <= 1.0). A PNG of reward against wall-clock for both (the first seed) goes next
 to the JSON.

@@ -86,9 +86,6 @@ class CheckpointLayout:
     def is_identity(self) -> bool:
         return all(slot.parameter == name for name, slot in self._slots.items())
 
-    def shapes(self) -> dict[str, list[int]]:
-        return {name: list(slot.shape) for name, slot in self._slots.items()}
-
     def named_tensors(self, parameters: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         """Each checkpoint name with its tensor, read from `parameters` (`live_tensors`): views where the
         slot is contiguous, else a gathered copy."""
