@@ -69,6 +69,10 @@ class LoopConfig(_Strict):
     batch overlaps training of this one when this is >= 1."""
     sampler_concurrency: int = Field(default=16, ge=1)
     """Sample calls in flight at once."""
+    routing_replay: bool = False
+    """Routing replay (R3) for Mixture-of-Experts models: the rollout returns the experts each token was routed
+    to and the learner routes exactly so (protos/moe_routing.py). Needs an MoE model and a rollout engine that
+    records routes (the torch engine; vLLM only on GPUs)."""
     scoring_concurrency: int = Field(default=64, ge=1)
     """Reward-function calls in flight at once, across groups (a group's samples are scored concurrently)."""
     objective: ObjectiveConfig = Field(default_factory=PolicyGradientConfig)
@@ -180,4 +184,9 @@ class RunConfig(_Strict):
         objective = self.loop.objective
         if getattr(objective, "loss_normalization", None) == "constant" and objective.constant_tokens is None:
             objective.constant_tokens = self.loop.max_tokens  # Dr. GRPO's constant: the generation budget
+        if self.loop.routing_replay and self.services.rollout_engine.type != "torch":
+            raise ValueError(
+                "loop.routing_replay needs a rollout engine that records routed experts: set "
+                'services.rollout_engine.type = "torch" (vLLM records them only on GPUs, not in this build)'
+            )
         return self

@@ -137,7 +137,9 @@ class RLLoop:
             seed=group_seed(self.seed, batch, problem.index),
         )
         start = time.perf_counter()
-        response = await self.rollout.sample(prompt, config.group_size, params)
+        response = await self.rollout.sample(
+            prompt, config.group_size, params, return_routed_experts=config.routing_replay
+        )
         sample_s = time.perf_counter() - start
         # A group's completions are scored concurrently (a verifier that waits - a sandbox, a judge - costs
         # its latency once per group, not once per sample), at most `scoring_concurrency` calls in flight.

@@ -28,6 +28,8 @@ class Datum:
     loss_inputs: dict[str, np.ndarray] = field(default_factory=dict)
     """float32 arrays keyed by column name: weights [N*K], logprobs [N], advantages [N]; read-only views of
     the batch payload (copy before writing)"""
+    routed_experts: np.ndarray | None = None
+    """int32 [N*L*k]: the experts each position was routed to when sampled (routing replay), or None"""
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ def batch_from_arrow(payload: bytes | memoryview, vocab_size: int) -> TrainingBa
     model_input = _rows(table, "model_input", np.int64)
     target_tokens = _rows(table, "target_tokens", np.int64)
     loss_inputs = [(name, _rows(table, name, np.float32)) for name in sorted(input_names)]
+    routes = _rows(table, "routed_experts", np.int32) if "routed_experts" in table.column_names else None
     if "targets_per_position" in table.column_names:
         k_column = table["targets_per_position"].to_numpy(zero_copy_only=False).astype(np.int64).tolist()
     else:
@@ -65,6 +68,7 @@ def batch_from_arrow(payload: bytes | memoryview, vocab_size: int) -> TrainingBa
             target_tokens=target_tokens[row],
             targets_per_position=k_column[row],
             loss_inputs={name: views[row] for name, views in loss_inputs},
+            routed_experts=None if routes is None else routes[row],
         )
         for row in range(table.num_rows)
     ]

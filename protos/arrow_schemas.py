@@ -17,6 +17,8 @@ Columns (only the first two are required; which optional ones a loss needs is th
     sampler_version      int64          weight version that sampled the row (the oldest, with per-token ones)
     sampler_versions     list<int64>    N, the version that sampled each target token (-1: a prompt position);
                                         in-flight updates split a completion (docs/weight-sync.md)
+    routed_experts       list<int32>    N*L*k, the experts each position was routed to when sampled ([N, L, k]
+                                        row-major: L MoE layers, k experts per token), for routing replay
     group_id             int64          rollout group the row belongs to
     reward               float32        the row's scalar reward
 
@@ -50,6 +52,7 @@ BATCH_SCHEMA = pa.schema(
         pa.field("targets_per_position", pa.int32()),
         pa.field("sampler_version", pa.int64()),
         pa.field("sampler_versions", pa.list_(pa.int64())),
+        pa.field("routed_experts", pa.list_(pa.int32())),
         pa.field("group_id", pa.int64()),
         pa.field("reward", pa.float32()),
     ]
@@ -182,6 +185,8 @@ def validate_batch(table: pa.Table | pa.RecordBatch, vocab_size: int | None = No
     for name in _POSITION_SHAPED:
         if name in table.column_names:
             _check_lengths(table, name, n_per_row, "len(model_input)")
+    if "routed_experts" in table.column_names:
+        _check_routes(table, n_per_row)
     for name in TOKEN_LIST_COLUMNS:
         _check_token_range(table, name, vocab_size)
     for name in (*FLOAT_LIST_COLUMNS, "reward"):
@@ -244,6 +249,22 @@ def _check_lengths(table: pa.Table, name: str, expected: np.ndarray, what: str) 
             f"row {row}: column {name!r} has {lengths[row]} values but {what} is {expected[row]}; "
             "per-token columns must line up"
         )
+
+
+def _check_routes(table: pa.Table, n_per_row: np.ndarray) -> None:
+    """routed_experts: a whole number of values per position (the layers x experts per token a learner checks
+    against its model), none negative."""
+    lengths = pc.list_value_length(table["routed_experts"]).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero((lengths % n_per_row != 0) | (lengths == 0))
+    if bad.size:
+        row = int(bad[0])
+        raise InvalidArgument(
+            f"row {row}: column 'routed_experts' has {lengths[row]} values for {n_per_row[row]} positions; it must "
+            "hold moe_layers * top_k expert ids per position of model_input"
+        )
+    low = pc.min(pc.list_flatten(table["routed_experts"])).as_py()
+    if low is not None and low < 0:
+        raise InvalidArgument(f"column 'routed_experts' holds expert id {low}; expert ids are >= 0")
 
 
 def _check_token_range(table: pa.Table, name: str, vocab_size: int | None) -> None:

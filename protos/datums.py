@@ -2,7 +2,8 @@
 
 A datum is `model_input` tokens plus `loss_fn_inputs` arrays. `target_tokens` is `[N]` or `[N, K]`
 with `N = len(model_input)`; `[N, K]` targets (and their per-target inputs) are flattened row-major
-with `targets_per_position = K`. Every other input becomes a flat float32 column. The row is what
+with `targets_per_position = K`. `routed_experts` ([N, L, k]) becomes a flat int32 column, every other
+input a flat float32 one. The row is what
 `protos.arrow_schemas.make_batch` takes; the target shape comes back with it so outputs (per-target
 logprobs) can be reshaped like the datum's targets.
 """
@@ -15,6 +16,9 @@ from typing import Any
 import numpy as np
 
 from protos.errors import InvalidArgument
+
+INTEGER_INPUTS = frozenset({"routed_experts"})
+"""Inputs kept as integers: expert ids ([N, L, k], flattened), which float32 would not hold past 2**24."""
 
 
 def datum_row(
@@ -38,6 +42,9 @@ def datum_row(
     if targets.ndim == 2:
         row["targets_per_position"] = int(targets.shape[1])
     for key, value in inputs.items():
+        if key in INTEGER_INPUTS and np.issubdtype(value.dtype, np.integer):
+            row[key] = value.astype(np.int32, copy=False).reshape(-1)
+            continue
         if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
             raise InvalidArgument(f"{where}: loss_fn_inputs[{key!r}] must be float32, got {value.dtype}")
         row[key] = value.astype(np.float32, copy=False).reshape(-1)

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from protos.anvil.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
-from protos.errors import InvalidArgument
+from protos.errors import FailedPrecondition, InvalidArgument
 from protos.weights_codec import parse_push_request
 from protos.weights_relay import relay_chain
 from rollout.engines.base import PromptScoring, RolloutEngine, SamplingSpec
@@ -90,6 +90,11 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                 f"prompt_tokens has {len(request.prompt_tokens)} tokens, leaving no room in the {context}-token "
                 "context; shorten the prompt"
             )
+        if request.return_routed_experts and not self.engine.records_routes:
+            raise FailedPrecondition(
+                f"return_routed_experts: the {self.engine.description.engine} engine cannot record routed experts "
+                "here (vLLM does only on GPUs); serve with the torch engine, or turn routing replay off"
+            )
         if request.num_samples <= 0:
             raise InvalidArgument(f"num_samples is {request.num_samples}; ask for at least 1")
         if request.num_samples > self.max_samples_per_request:
@@ -123,6 +128,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             stop_strings=tuple(params.stop_strings),
             stop_token_ids=tuple(params.stop_token_ids),
             ignore_eos=params.ignore_eos,
+            return_routed_experts=request.return_routed_experts,
         )
 
     async def Sample(self, request, context):
@@ -142,9 +148,12 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
                     logprobs=sequence.logprobs,
                     stop_reason=STOP_REASONS[sequence.stop_reason],
                     token_weight_versions=versions,
+                    routed_experts=[] if sequence.routed_experts is None else sequence.routed_experts.view(-1).tolist(),
                 )
                 for sequence, versions in zip(result.sequences, per_token, strict=True)
             ],
+            routed_moe_layers=result.routing_shape[0],
+            routed_top_k=result.routing_shape[1],
             prompt_logprobs=result.prompt_logprobs or [],
             prompt_topk_tokens=[token for row in result.prompt_topk or [] for token, _ in row],
             prompt_topk_logprobs=[logprob for row in result.prompt_topk or [] for _, logprob in row],

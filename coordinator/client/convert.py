@@ -91,6 +91,14 @@ def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParam
     return message
 
 
+def _routes(sequence: rollout_pb2.SampledSequence, reply: rollout_pb2.SampleResponse) -> np.ndarray | None:
+    """A sequence's routed experts as [positions, moe_layers, top_k], None when the reply has none."""
+    if not sequence.routed_experts:
+        return None
+    values = np.asarray(sequence.routed_experts, dtype=np.int32)
+    return values.reshape(-1, reply.routed_moe_layers, reply.routed_top_k)
+
+
 def sample_response_from_proto(reply: rollout_pb2.SampleResponse, include_prompt_logprobs: bool) -> SampleResponse:
     sequences = [
         SampledSequence(
@@ -98,6 +106,7 @@ def sample_response_from_proto(reply: rollout_pb2.SampleResponse, include_prompt
             list(s.tokens),
             list(s.logprobs),
             list(s.token_weight_versions) or [reply.weight_version] * len(s.tokens),  # an older replica labels none
+            _routes(s, reply),
         )
         for s in reply.sequences
     ]

@@ -128,6 +128,9 @@ class SampledSequence:
     logprobs: list[float] | None = None
     token_weight_versions: list[int] | None = None
     """Anvil extra: the weight version that produced each token (an in-flight update can split a sequence)."""
+    routed_experts: np.ndarray | None = None
+    """Anvil extra, when asked for: int32 [prompt + tokens - 1, moe_layers, top_k], the experts each position
+    was routed to (routing replay; protos/moe_routing.py)."""
 
 
 @dataclass

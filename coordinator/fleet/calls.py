@@ -40,12 +40,14 @@ class RolloutCalls:
         params: SamplingParams,
         include_prompt_logprobs: bool = False,
         session_key: str | None = None,
+        return_routed_experts: bool = False,
     ) -> SampleResponse:
         request = rollout_pb2.SampleRequest(
             prompt_tokens=prompt,
             num_samples=num_samples,
             sampling_params=sampling_params_to_proto(params),
             include_prompt_logprobs=include_prompt_logprobs,
+            return_routed_experts=return_routed_experts,
         )
         reply = await self.call(
             lambda stub, timeout: stub.Sample(request, timeout=timeout), session_key, _generated_tokens

@@ -75,10 +75,12 @@ def policy_datum(
     sampler_logprobs_T: Sequence[float],
     advantage_T: Sequence[float] | float,
     sampler_versions_T: Sequence[int] | None = None,
+    routed_experts: np.ndarray | None = None,
 ) -> Datum:
     """A datum for importance_sampling / ppo / cispo; `advantage_T` may be one value or one per token.
     `sampler_versions_T` (the version of each completion token) becomes the batch's `sampler_versions`
-    column, -1 on prompt positions, so staleness and importance corrections can work per token."""
+    column, -1 on prompt positions, so staleness and importance corrections can work per token.
+    `routed_experts` (the sampler's routes of every model_input position) is for routing replay."""
     num_prompt_targets = len(prompt) - 1
     tokens = [*prompt, *completion]
     advantages = [advantage_T] * len(completion) if isinstance(advantage_T, float | int) else list(advantage_T)
@@ -90,6 +92,8 @@ def policy_datum(
     if sampler_versions_T:
         versions = [-1] * num_prompt_targets + list(sampler_versions_T)
         inputs["sampler_versions"] = TensorData(versions, "int64", [len(tokens) - 1])
+    if routed_experts is not None:  # [len(tokens) - 1, moe_layers, top_k]: routing replay in the learner
+        inputs["routed_experts"] = TensorData.from_numpy(routed_experts)
     return Datum(model_input=ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=inputs)
 
 

@@ -74,7 +74,9 @@ class PolicyGradient(Objective):
             return None
         scales = loss_scales([len(s.tokens) for _, s, _ in entries], config.loss_normalization, config.constant_tokens)
         entries = [(p, s, a * scale) for (p, s, a), scale in zip(entries, scales, strict=True)]
-        data = [policy_datum(p, s.tokens, s.logprobs, a, s.token_weight_versions) for p, s, a in entries]
+        data = [
+            policy_datum(p, s.tokens, s.logprobs, a, s.token_weight_versions, s.routed_experts) for p, s, a in entries
+        ]
         if config.tis_cap is not None:
             data = await self._truncated_is(session, entries, data, metrics)
         result = await session.forward_backward(data, config.type, config.loss_config)
@@ -93,7 +95,14 @@ class PolicyGradient(Objective):
             weights = truncated_is_weights(learner_lp, np.asarray(sequence.logprobs), self.config.tis_cap)
             advantage_T = (advantage * weights).tolist()
             weighted.append(
-                policy_datum(prompt, sequence.tokens, sequence.logprobs, advantage_T, sequence.token_weight_versions)
+                policy_datum(
+                    prompt,
+                    sequence.tokens,
+                    sequence.logprobs,
+                    advantage_T,
+                    sequence.token_weight_versions,
+                    sequence.routed_experts,
+                )
             )
         metrics["tis/weight_mean"] = float(np.mean([w for d in weighted for w in d.loss_fn_inputs["advantages"].data]))
         return weighted

@@ -68,6 +68,25 @@ def _first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[in
     return rows
 
 
+def packed_rows(lengths: Sequence[int], attention: str) -> tuple[list[list[int]], int]:
+    """Which sequences share each packed row, in order, and the rows' width (what `pack` lays out)."""
+    if attention in FLASH_ATTENTION:  # the varlen kernel finds the boundaries from the positions
+        return [list(range(len(lengths)))], sum(lengths)
+    return _first_fit_decreasing(lengths, max(lengths)), max(lengths)
+
+
+def packed_token_index(lengths: Sequence[int], attention: str) -> torch.Tensor:
+    """Where each sequence's tokens are, back to back, in `pack`'s flattened [rows * width] positions."""
+    rows, width = packed_rows(lengths, attention)
+    starts = [0] * len(lengths)
+    for row, members in enumerate(rows):
+        offset = 0
+        for index in members:
+            starts[index] = row * width + offset
+            offset += lengths[index]
+    return torch.cat([torch.arange(start, start + length) for start, length in zip(starts, lengths, strict=True)])
+
+
 def pack(sequences: Sequence[np.ndarray], attention: str, device: torch.device) -> PackedRows:
     """Sequences packed into rows as long as the longest one (first fit, longest first), positions
     restarting per sequence, no attention across sequences. Rows no longer than the longest sequence
@@ -75,12 +94,10 @@ def pack(sequences: Sequence[np.ndarray], attention: str, device: torch.device) 
     thousand masked positions); flash attention's varlen kernel takes everything as one row."""
     lengths = [len(sequence) for sequence in sequences]
     varlen = attention in FLASH_ATTENTION  # the kernel finds the boundaries from the positions
-    rows = [list(range(len(lengths)))] if varlen else _first_fit_decreasing(lengths, max(lengths))
-    width = sum(lengths) if varlen else max(lengths)
+    rows, width = packed_rows(lengths, attention)
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)
     position_ids = torch.zeros(len(rows), width, dtype=torch.long)
     segment = torch.full((len(rows), width), -1, dtype=torch.long)
-    starts = [0] * len(lengths)
     for row, members in enumerate(rows):
         offset = 0
         for index in members:
@@ -88,11 +105,8 @@ def pack(sequences: Sequence[np.ndarray], attention: str, device: torch.device) 
             input_ids[row, offset : offset + length] = torch.from_numpy(sequences[index].astype(np.int64))
             position_ids[row, offset : offset + length] = torch.arange(length)
             segment[row, offset : offset + length] = index
-            starts[index] = row * width + offset
             offset += length
-    token_index = torch.cat(
-        [torch.arange(start, start + length) for start, length in zip(starts, lengths, strict=True)]
-    )
+    token_index = packed_token_index(lengths, attention)
     mask = None
     if not varlen:
         # Padding gets a segment of its own per position (it attends to itself only: no empty rows of -inf).

@@ -30,6 +30,7 @@ from learner.backends.base import ForwardResult, LearnerBackend, ModelDescriptio
 from learner.backends.lora import LoraSpec, trainable, with_adapter
 from learner.backends.packing import combine_metrics, peak_memory_gib, plan_micro_batches, target_logprobs
 from learner.backends.prefix_sharing import sequence_hidden
+from learner.backends.routing_replay import check_routes, replay_routes
 from learner.batch import Datum, TrainingBatch
 from learner.config import TorchBackendConfig
 from learner.losses import LossSpec, loss_inputs_T
@@ -121,6 +122,8 @@ class TorchBackend(LearnerBackend):
         if self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)
         lengths = [len(datum.model_input) for datum in batch.data]
+        if any(datum.routed_experts is not None for datum in batch.data):  # before anything runs
+            check_routes(self._decoder, [datum.routed_experts for datum in batch.data], lengths)
         groups = plan_micro_batches(lengths, self._config.max_tokens_per_micro_batch)
         logprobs: list[np.ndarray] = [np.empty(0, np.float32)] * len(batch.data)
         parts = []
@@ -149,9 +152,17 @@ class TorchBackend(LearnerBackend):
         targets_TK = torch.cat([torch.from_numpy(d.target_tokens).view(len(d.model_input), -1) for d in data]).to(
             self._device
         )
-        with torch.enable_grad() if backward else torch.no_grad():
+        routes = [d.routed_experts for d in data] if data[0].routed_experts is not None else None
+        replay_metrics: dict[str, float] = {}
+        attention = self.model.config._attn_implementation
+        lengths = [len(sequence) for sequence in sequences]
+        # Replay stays open through backward: activation checkpointing reruns the routers there.
+        with (
+            replay_routes(self._decoder, routes, lengths, attention, replay_metrics) as replayed,
+            torch.enable_grad() if backward else torch.no_grad(),
+        ):
             with self._autocast():
-                hidden_UH, row_T = self._hidden(sequences)
+                hidden_UH, row_T = self._hidden(sequences, share=not replayed)
             chunk = self._config.logprob_chunk_tokens
             logprobs_TK = target_logprobs(hidden_UH, targets_TK, self._head, chunk, row_T)
             logprobs_T = logprobs_TK.reshape(-1)
@@ -159,16 +170,19 @@ class TorchBackend(LearnerBackend):
             loss_value, metrics = loss.fn(logprobs_T, inputs_T, loss_config)
             if backward:
                 loss_value.backward()
+        metrics = {**metrics, **replay_metrics}
         pieces = torch.split(logprobs_TK.detach(), [len(sequence) for sequence in sequences])
         return [piece.reshape(-1).cpu().numpy() for piece in pieces], metrics
 
-    def _hidden(self, sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _hidden(self, sequences: list[np.ndarray], share: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Final hidden states of `sequences` back to back, as distinct rows and the row each position
-        reads (prefix_sharing.sequence_hidden)."""
+        reads (prefix_sharing.sequence_hidden). Replayed routes are laid out for plain packed rows, so
+        a replayed micro-batch shares nothing (`share` False)."""
         config, attention = self._config, self.model.config._attn_implementation
         return sequence_hidden(
-            self._decoder, sequences, self._device, attention, config.share_prefixes, config.activation_checkpointing
-        )
+            self._decoder, sequences, self._device, attention, config.share_prefixes and share,
+            config.activation_checkpointing,
+        )  # fmt: skip
 
     def _state_parameters(self) -> dict[str, torch.nn.Parameter]:
         """What training changes and a state checkpoint holds: every parameter, or a LoRA adapter's."""

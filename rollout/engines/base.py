@@ -34,6 +34,8 @@ class SamplingSpec:
     stop_strings: tuple[str, ...]
     stop_token_ids: tuple[int, ...]
     ignore_eos: bool
+    return_routed_experts: bool = False
+    """Also record the experts each position was routed to (routing replay; MoE models only)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,9 @@ class GeneratedSequence:
     token_versions: list[int] = field(default_factory=list)
     """Weight version that produced each token; empty from an engine that cannot swap in flight (the
     service then labels every token with the version served when the request started)."""
+    routed_experts: torch.Tensor | None = None
+    """With SamplingSpec.return_routed_experts: int32 [prompt + tokens - 1, moe_layers, top_k], the experts
+    each position the model read was routed to (protos.moe_routing)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ class SampleResult:
     """With PromptScoring.top_k: per position 1..n-1, k (token, logprob) pairs, most likely first."""
     prompt_target_logprobs: list[float] | None = None
     """With PromptScoring.targets: one logprob per pair, in order."""
+    routing_shape: tuple[int, int] = (0, 0)
+    """With SamplingSpec.return_routed_experts: (moe_layers, top_k) of each sequence's routed_experts."""
 
 
 def score_prompt(logprobs_LV: torch.Tensor, prompt: list[int], scoring: PromptScoring) -> dict:
@@ -101,6 +108,9 @@ class RolloutEngine(ABC):
     swap_mode: Literal["inflight", "drain"] = "drain"
     """"inflight" when `swapping()` is a token boundary that running requests survive; "drain" (the safe
     default for engines without one) makes the updater wait for running requests before a swap."""
+    records_routes: bool = False
+    """Whether `sample` can return the experts each position was routed to (SamplingSpec.return_routed_experts).
+    vLLM can only on GPUs (its Model Runner V2 records them; it needs Triton), so only the torch engine does."""
 
     @contextlib.asynccontextmanager
     async def swapping(self) -> AsyncIterator[None]:

@@ -17,11 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from protos.checkpoint_names import CheckpointLayout, live_tensors
+from protos.errors import FailedPrecondition
+from protos.moe_routing import recording, routing_shape
 from rollout.config import TorchEngineConfig
 from rollout.engines.base import (
     EngineDescription,
@@ -59,6 +63,8 @@ def choose_tokens(logits_NV: torch.Tensor, spec: SamplingSpec, generator: torch.
 
 
 class TorchEngine(RolloutEngine):
+    records_routes = True
+
     def __init__(self, model_path: Path, config: TorchEngineConfig) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,6 +87,7 @@ class TorchEngine(RolloutEngine):
         self._boundary = TokenBoundary()
         self.swap_mode = config.swap
         self._recompute_kv = config.inflight_kv == "recompute"
+        self._routing_shape = routing_shape(self.model)
 
     def swapping(self) -> contextlib.AbstractAsyncContextManager[None]:
         return self._boundary.swapping()
@@ -99,8 +106,9 @@ class TorchEngine(RolloutEngine):
     def _sample(self, prompt: list[int], n: int, spec: SamplingSpec, scoring: PromptScoring) -> SampleResult:
         generator = torch.Generator().manual_seed(spec.seed if spec.seed is not None else random.getrandbits(63))
         input_ids_NL = torch.tensor([prompt] * n, device=self._device)
+        record = self._routes_recorder(spec)
         with self._boundary.step():
-            out = self.model(input_ids=input_ids_NL, use_cache=True)
+            out, routes_NPLK = record(input_ids=input_ids_NL, use_cache=True)
             version = self.weight_version
         prompt_scores: dict = {"prompt_logprobs": None}
         if scoring != PromptScoring():
@@ -125,17 +133,37 @@ class TorchEngine(RolloutEngine):
                 break
             input_ids_NL = torch.cat([input_ids_NL, chosen_N[:, None]], dim=1)
             with self._boundary.step():
-                if self._recompute_kv and self.weight_version != version:
-                    out = self.model(input_ids=input_ids_NL, use_cache=True)
+                if self._recompute_kv and self.weight_version != version:  # every position routed anew
+                    out, routes_NPLK = record(input_ids=input_ids_NL, use_cache=True)
                 else:
-                    out = self.model(input_ids=chosen_N[:, None], past_key_values=past, use_cache=True)
+                    out, step_routes = record(input_ids=chosen_N[:, None], past_key_values=past, use_cache=True)
+                    routes_NPLK = None if step_routes is None else torch.cat([routes_NPLK, step_routes], dim=1)
                 version = self.weight_version
             past, next_logits_NV = out.past_key_values, out.logits[:, -1].float()
         sequences = [
-            GeneratedSequence(tokens[row], logprobs[row], "stop" if stopped[row] else "length", versions[row])
+            GeneratedSequence(
+                tokens[row], logprobs[row], "stop" if stopped[row] else "length", versions[row],
+                None if routes_NPLK is None else routes_NPLK[row, : len(prompt) + len(tokens[row]) - 1].clone(),
+            )
             for row in range(n)
-        ]
-        return SampleResult(sequences, **prompt_scores)
+        ]  # fmt: skip
+        return SampleResult(sequences, **prompt_scores, routing_shape=self._routing_shape)
+
+    def _routes_recorder(self, spec: SamplingSpec) -> Callable[..., tuple[Any, torch.Tensor | None]]:
+        """A forward that also returns, with spec.return_routed_experts, the experts each input position was
+        routed to as [rows, positions, moe_layers, top_k] (protos.moe_routing), else None."""
+        if not spec.return_routed_experts:
+            return lambda **inputs: (self.model(**inputs), None)
+        if self._routing_shape == (0, 0):
+            raise FailedPrecondition("return_routed_experts needs a Mixture-of-Experts model; this one is dense")
+
+        def forward(**inputs: Any) -> tuple[Any, torch.Tensor]:
+            with recording(self.model) as recorder:
+                out = self.model(**inputs)
+            (routes_ULK,) = recorder.forwards()  # U = rows x positions, flattened as the routers saw them
+            return out, routes_ULK.view(*inputs["input_ids"].shape, *routes_ULK.shape[1:])
+
+        return forward
 
     def _is_stop(self, generated: list[int], spec: SamplingSpec) -> bool:
         last = generated[-1]

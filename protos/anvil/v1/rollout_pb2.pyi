@@ -29,7 +29,7 @@ class RolloutServiceGetInfoResponse(_message.Message):
     def __init__(self, engine: _Optional[str] = ..., base_model: _Optional[str] = ..., model_path: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context_length: _Optional[int] = ..., weight_version: _Optional[int] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("prompt_tokens", "num_samples", "sampling_params", "include_prompt_logprobs", "prompt_logprobs_top_k", "prompt_target_positions", "prompt_target_tokens")
+    __slots__ = ("prompt_tokens", "num_samples", "sampling_params", "include_prompt_logprobs", "prompt_logprobs_top_k", "prompt_target_positions", "prompt_target_tokens", "return_routed_experts")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class SampleRequest(_message.Message):
     PROMPT_LOGPROBS_TOP_K_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TARGET_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_ROUTED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
     num_samples: int
     sampling_params: _common_pb2.SamplingParams
@@ -44,35 +45,42 @@ class SampleRequest(_message.Message):
     prompt_logprobs_top_k: int
     prompt_target_positions: _containers.RepeatedScalarFieldContainer[int]
     prompt_target_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, prompt_tokens: _Optional[_Iterable[int]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., include_prompt_logprobs: _Optional[bool] = ..., prompt_logprobs_top_k: _Optional[int] = ..., prompt_target_positions: _Optional[_Iterable[int]] = ..., prompt_target_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    return_routed_experts: bool
+    def __init__(self, prompt_tokens: _Optional[_Iterable[int]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., include_prompt_logprobs: _Optional[bool] = ..., prompt_logprobs_top_k: _Optional[int] = ..., prompt_target_positions: _Optional[_Iterable[int]] = ..., prompt_target_tokens: _Optional[_Iterable[int]] = ..., return_routed_experts: _Optional[bool] = ...) -> None: ...
 
 class SampledSequence(_message.Message):
-    __slots__ = ("tokens", "logprobs", "stop_reason", "token_weight_versions")
+    __slots__ = ("tokens", "logprobs", "stop_reason", "token_weight_versions", "routed_experts")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     TOKEN_WEIGHT_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     stop_reason: _common_pb2.StopReason
     token_weight_versions: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., stop_reason: _Optional[_Union[_common_pb2.StopReason, str]] = ..., token_weight_versions: _Optional[_Iterable[int]] = ...) -> None: ...
+    routed_experts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., stop_reason: _Optional[_Union[_common_pb2.StopReason, str]] = ..., token_weight_versions: _Optional[_Iterable[int]] = ..., routed_experts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
-    __slots__ = ("sequences", "prompt_logprobs", "prompt_topk_tokens", "prompt_topk_logprobs", "prompt_target_logprobs", "weight_version")
+    __slots__ = ("sequences", "prompt_logprobs", "prompt_topk_tokens", "prompt_topk_logprobs", "prompt_target_logprobs", "weight_version", "routed_moe_layers", "routed_top_k")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOPK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOPK_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TARGET_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_MOE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_TOP_K_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[SampledSequence]
     prompt_logprobs: _containers.RepeatedScalarFieldContainer[float]
     prompt_topk_tokens: _containers.RepeatedScalarFieldContainer[int]
     prompt_topk_logprobs: _containers.RepeatedScalarFieldContainer[float]
     prompt_target_logprobs: _containers.RepeatedScalarFieldContainer[float]
     weight_version: int
-    def __init__(self, sequences: _Optional[_Iterable[_Union[SampledSequence, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., prompt_topk_tokens: _Optional[_Iterable[int]] = ..., prompt_topk_logprobs: _Optional[_Iterable[float]] = ..., prompt_target_logprobs: _Optional[_Iterable[float]] = ..., weight_version: _Optional[int] = ...) -> None: ...
+    routed_moe_layers: int
+    routed_top_k: int
+    def __init__(self, sequences: _Optional[_Iterable[_Union[SampledSequence, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ..., prompt_topk_tokens: _Optional[_Iterable[int]] = ..., prompt_topk_logprobs: _Optional[_Iterable[float]] = ..., prompt_target_logprobs: _Optional[_Iterable[float]] = ..., weight_version: _Optional[int] = ..., routed_moe_layers: _Optional[int] = ..., routed_top_k: _Optional[int] = ...) -> None: ...
 
 class ComputeLogprobsRequest(_message.Message):
     __slots__ = ("tokens",)
