@@ -42,8 +42,9 @@ from bench.raw_grpc_server import INGEST_METHOD, UNARY_METHOD, VOCAB_ENV
 from coordinator.launcher import start_service
 from learner.batch import batch_from_arrow
 from protos.anvil.v1 import learner_pb2
-from protos.arrow_schemas import decode_batch, encode_batch, make_batch, validate_batch
+from protos.arrow_schemas import decode_batch, encode_batch, make_batch
 from protos.batch_encoding import encode_rows, request_bytes
+from protos.batch_validation import validate_batch
 from protos.channels import open_channel
 
 VOCAB = 32000

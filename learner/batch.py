@@ -1,7 +1,7 @@
 """Trajectory batches as the learner computes on them: validated Arrow rows turned into numpy per datum.
 
 The wire format stops here: `batch_from_arrow` takes the IPC bytes of a DataBatch, runs
-`protos.arrow_schemas.validate_batch` (so nothing invalid reaches a backend), and returns plain arrays.
+`protos.batch_validation.validate_batch` (so nothing invalid reaches a backend), and returns plain arrays.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from learner.losses import PER_TOKEN_INPUTS
-from protos.arrow_schemas import decode_batch, validate_batch
+from protos.arrow_schemas import decode_batch
+from protos.batch_validation import validate_batch
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
-from protos.arrow_schemas import BATCH_SCHEMA, validate_batch
+from protos.arrow_schemas import BATCH_SCHEMA
+from protos.batch_validation import validate_batch
 from protos.channels import open_channel
 from tests.clients.conftest import Servers, require_tool
 

@@ -10,7 +10,8 @@ from coordinator.client.types import SampledSequence
 from coordinator.loop import oldest_token_version
 from coordinator.objectives.maths import policy_datum
 from protos.anvil.v1 import common_pb2, rollout_pb2
-from protos.arrow_schemas import decode_batch, encode_batch, make_batch, validate_batch
+from protos.arrow_schemas import decode_batch, encode_batch, make_batch
+from protos.batch_validation import validate_batch
 from protos.errors import InvalidArgument
 
 

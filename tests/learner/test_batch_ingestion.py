@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from learner.batch import batch_from_arrow
-from protos.arrow_schemas import decode_batch, encode_batch, make_batch, validate_batch
+from protos.arrow_schemas import decode_batch, encode_batch, make_batch
+from protos.batch_validation import validate_batch
 from protos.errors import InvalidArgument
 
 VOCAB = 1000

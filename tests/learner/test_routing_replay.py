@@ -23,10 +23,12 @@ from learner.backends.torch_backend import TorchBackend
 from learner.batch import Datum, TrainingBatch, batch_from_arrow
 from learner.config import TorchBackendConfig
 from learner.losses import LOSSES
-from protos.arrow_schemas import encode_batch, make_batch, validate_batch
+from protos.arrow_schemas import encode_batch, make_batch
+from protos.batch_validation import validate_batch
 from protos.errors import FailedPrecondition, InvalidArgument
 from protos.moe_routing import moe_routers, recording
-from tests.learner.test_micro_batches import ATOL, make_batch as random_batch, reference
+from tests.learner.test_micro_batches import ATOL, reference
+from tests.learner.test_micro_batches import make_batch as random_batch
 
 MOE_MODELS = ["anvil-tiny-moe", "anvil-tiny-deepseek"]
 PATHS = {

@@ -17,8 +17,8 @@ from protos.arrow_schemas import (
     encode_batch,
     encode_outputs,
     make_batch,
-    validate_batch,
 )
+from protos.batch_validation import validate_batch
 from protos.errors import InvalidArgument
 
 VOCAB = 100
