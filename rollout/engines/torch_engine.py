@@ -147,7 +147,9 @@ class TorchEngine(RolloutEngine):
             )
             for row in range(n)
         ]  # fmt: skip
-        return SampleResult(sequences, **prompt_scores, routing_shape=self._routing_shape)
+        return SampleResult(
+            sequences, **prompt_scores, routing_shape=self._routing_shape if spec.return_routed_experts else (0, 0)
+        )
 
     def _routes_recorder(self, spec: SamplingSpec) -> Callable[..., tuple[Any, torch.Tensor | None]]:
         """A forward that also returns, with spec.return_routed_experts, the experts each input position was
