@@ -22,6 +22,7 @@ from bench import (
     loop,
     peers,
     rollout,
+    routing_replay,
     weight_sync,
 )
 
@@ -130,3 +131,11 @@ def test_peers(tmp_path):
     assert all(0 <= row["reward"] <= 1 for rows in result["curves"].values() for row in rows)
     assert result["config"]["trl"]["lr_scheduler_type"] == "constant"
     assert (tmp_path / "peers.png").stat().st_size > 0
+
+
+def test_routing_replay(tmp_path, anvil_home):
+    result = run_quick(routing_replay, tmp_path)
+    check_common(result, "routing_replay", {"kl_sample_train v2: replay / own routing"})
+    steps = result["per_step"]
+    assert steps[0]["staleness"] == 0 and steps[0]["kl_v2_own"] == pytest.approx(0.0, abs=1e-10), "same weights"
+    assert all(0.0 <= step["routes_changed"] <= 1.0 for step in steps)

@@ -1,4 +1,4 @@
-"""Hugging Face Llama/Qwen2/Qwen3 weights <-> Megatron GPTModel (local or Transformer Engine spec), per TP rank.
+"""Hugging Face Llama/Qwen2/Qwen3(-MoE) weights <-> Megatron GPTModel (local or Transformer Engine spec), per TP rank.
 
 Pure tensor code (no megatron import), so it is testable anywhere. The layouts:
 
@@ -10,6 +10,9 @@ Pure tensor code (no megatron import), so it is testable anywhere. The layouts:
   post_attention_layernorm      -> decoder.layers.i.pre_mlp_layernorm (TE: mlp.linear_fc1.layer_norm_weight)
   [gate; up]                    -> mlp.linear_fc1                   each rank holds [gate_r; up_r]
   down_proj                     -> mlp.linear_fc2                   columns split
+  mlp.gate (Qwen3-MoE router)   -> mlp.router                       replicated ([experts, hidden])
+  mlp.experts.e.[gate; up]      -> mlp.experts.local_experts.e.linear_fc1   whole (tp = 1 only)
+  mlp.experts.e.down_proj       -> mlp.experts.local_experts.e.linear_fc2   whole
   model.norm / lm_head          -> decoder.final_layernorm / output_layer (absent when tied)
 
 Splitting the whole `linear_qkv` by rows gives each rank whole query groups, which is why
@@ -23,9 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
+from learner.backends.megatron import convert_moe as moe
 from protos.errors import FailedPrecondition
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,9 @@ class ModelShape:
     """Transformer Engine spec: the two pre-norms are fused into linear_qkv / linear_fc1."""
     qk_norm: bool = False
     """Qwen3: an RMSNorm over head_dim on every query and key head, before RoPE (Megatron's qk_layernorm)."""
+    num_experts: int = 0
+    """Qwen3-MoE: routed experts in every layer's MLP (0: dense). Megatron's SequentialMLP names them
+    local_experts.e; with one expert-parallel rank, local and global expert numbers are the same."""
 
     @property
     def heads_per_group(self) -> int:
@@ -68,6 +75,7 @@ def model_shape(hf_config, tp: int, vocab_multiple: int, te_names: bool = False)
     heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
     if groups % tp or heads % tp:
         problems.append(f"{heads} heads / {groups} kv heads are not divisible by tp={tp}")
+    problems += moe.problems(hf_config, tp) if kind == "qwen3_moe" else []
     if problems:
         raise FailedPrecondition(f"cannot shard this {kind} model over megatron: {'; '.join(problems)}")
     vocab = int(hf_config.vocab_size)
@@ -81,7 +89,8 @@ def model_shape(hf_config, tp: int, vocab_multiple: int, te_names: bool = False)
         tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
         qkv_bias=kind == "qwen2",
         te_names=te_names,
-        qk_norm=kind == "qwen3",
+        qk_norm=kind in ("qwen3", "qwen3_moe"),
+        num_experts=int(hf_config.num_experts) if kind == "qwen3_moe" else 0,
     )
 
 
@@ -107,7 +116,10 @@ def megatron_names(shape: ModelShape) -> list[str]:
         names += [layer + "self_attention.linear_qkv.bias"] if shape.qkv_bias else []
         names += [layer + f"self_attention.{q}_layernorm.weight" for q in "qk"] if shape.qk_norm else []
         names += [layer + "self_attention.linear_proj.weight", norm_mlp]
-        names += [layer + "mlp.linear_fc1.weight", layer + "mlp.linear_fc2.weight"]
+        if shape.num_experts:
+            names += moe.layer_names(layer, shape.num_experts)
+        else:
+            names += [layer + "mlp.linear_fc1.weight", layer + "mlp.linear_fc2.weight"]
     names.append("decoder.final_layernorm.weight")
     return names if shape.tied else [*names, "output_layer.weight"]
 
@@ -139,6 +151,8 @@ def stage_names(shape: ModelShape, pp_rank: int, pp: int) -> dict[str, str]:
 
 def partition_dim(name: str) -> int | None:
     """The dimension a Megatron parameter is split along over TP ranks; None when it is replicated."""
+    if moe.is_moe_name(name):
+        return None  # experts are whole per rank (tp = 1 with MoE); the router is replicated
     if name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_fc1.weight")):
         return 0
     if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
@@ -188,6 +202,8 @@ def hf_to_megatron(name: str, shape: ModelShape, hf: Callable[[str], torch.Tenso
         return torch.cat([hf(prefix + "mlp.gate_proj.weight"), hf(prefix + "mlp.up_proj.weight")])
     if rest == "mlp.linear_fc2.weight":
         return hf(prefix + "mlp.down_proj.weight")
+    if moe.is_moe_name(rest):
+        return moe.hf_to_megatron(rest, prefix, hf)
     raise KeyError(f"no Hugging Face source for megatron parameter {name}")
 
 
@@ -227,6 +243,8 @@ def megatron_to_hf(name: str, tensor: torch.Tensor, shape: ModelShape) -> Iterat
         yield prefix + "mlp.up_proj.weight", up
     elif rest == "mlp.linear_fc2.weight":
         yield prefix + "mlp.down_proj.weight", tensor
+    elif moe.is_moe_name(rest):
+        yield from moe.megatron_to_hf(rest, prefix, tensor)
     else:
         raise KeyError(f"no Hugging Face name for megatron parameter {name}")
 

@@ -80,3 +80,31 @@ def tensor_cuda_is_identity() -> Iterator[None]:
         yield
     finally:
         torch.Tensor.cuda = original
+
+
+def install_moe_cpu_fixes() -> None:
+    """Two things megatron-core 0.16.1's MoE layers need besides the shim above.
+
+    Everywhere: its router calls `te_general_gemm` whenever the name is set, but imports it only from
+    Transformer Engine and never sets it otherwise (a NameError without TE): None selects the plain matmul.
+    On CPU: the all-to-all token dispatcher (the one the schedule's variable sequence lengths allow) copies its
+    split sizes to the host on a side CUDA stream; here they are host tensors already, and gloo's
+    all_to_all_single wants them as lists, so the copy becomes a plain conversion with no stream."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    if torch.cuda.is_available():
+        return
+    dispatcher = token_dispatcher.MoEAlltoAllTokenDispatcher
+    dispatcher.cuda_dtoh_stream = object()  # set, so the constructor creates no CUDA stream
+
+    def splits_to_host(self, point: str, tokens_per_expert: torch.Tensor | None = None) -> torch.Tensor | None:
+        if not self.drop_and_pad and point == self.cuda_dtoh_point:
+            for name in ("input_splits", "output_splits", "output_splits_tp"):
+                value = getattr(self, name)
+                if torch.is_tensor(value):
+                    setattr(self, name, value.numpy())
+        return tokens_per_expert
+
+    dispatcher._maybe_dtoh_and_synchronize = splits_to_host

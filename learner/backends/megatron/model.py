@@ -66,6 +66,26 @@ def hf_tensor_shapes(model_path: Path) -> dict[str, list[int]]:
     return shapes
 
 
+def moe_config(hf_config) -> dict:
+    """TransformerConfig fields for Qwen3-MoE's layers: a softmax router whose top-k probabilities are
+    renormalised (Megatron: top-k on the logits, then a softmax over those k: the same numbers), experts run
+    one after another (SequentialMLP: no grouped GEMM kernel needed), dropless, no load-balancing loss (RL
+    trains the routes the policy takes). Router in fp32, as Hugging Face's softmax. Tokens reach the experts
+    through the all-to-all dispatcher (schedule.PIPELINE_CONFIG: the one variable sequence lengths allow)."""
+    cuda_shim.install_moe_cpu_fixes()
+    return {
+        "num_moe_experts": int(hf_config.num_experts),
+        "moe_ffn_hidden_size": int(hf_config.moe_intermediate_size),
+        "moe_router_topk": int(hf_config.num_experts_per_tok),
+        "moe_router_score_function": "softmax",
+        "moe_router_pre_softmax": not getattr(hf_config, "norm_topk_prob", True),
+        "moe_router_load_balancing_type": "none",
+        "moe_aux_loss_coeff": 0.0,
+        "moe_grouped_gemm": False,
+        "moe_router_dtype": "fp32",
+    }
+
+
 def build_model(model_path: Path, config: MegatronBackendConfig, layout: ParallelLayout):
     """(GPTModel holding this rank's shard of the HF weights, its ModelShape, the HF config)."""
     from megatron.core.models.gpt import GPTModel, gpt_layer_specs
@@ -102,11 +122,13 @@ def build_model(model_path: Path, config: MegatronBackendConfig, layout: Paralle
         apply_rope_fusion=fused and te,
         **schedule.PIPELINE_CONFIG,  # micro-batches of varying shape; summed, not averaged, losses
         **(RECOMPUTE_EVERY_LAYER if config.activation_checkpointing else {}),
+        **(moe_config(hf_config) if shape.num_experts else {}),
     )
+    experts = {"num_experts": shape.num_experts, "moe_grouped_gemm": False} if shape.num_experts else {}
     if te:
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=shape.qk_norm)
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=shape.qk_norm, **experts)
     else:
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=shape.qk_norm)
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=shape.qk_norm, **experts)
     names = convert.stage_names(shape, layout.pp_rank, layout.pp)  # checks num_layers % pp
     with cuda_shim.tensor_cuda_is_identity():
         model = GPTModel(

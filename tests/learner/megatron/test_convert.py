@@ -92,6 +92,30 @@ LLAMA3_ROPE = {
 }
 
 
+def test_mixture_of_experts_round_trip_is_exact(tmp_path):
+    """Qwen3-MoE by checkpoint name (one tensor per expert, as model.safetensors holds them): the router and
+    each expert's [gate; up] and down projections, exactly back."""
+    from safetensors.torch import load_file
+    from transformers import Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(vocab_size=130, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8)  # fmt: skip
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(config).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    shape = convert.model_shape(config, 1, vocab_multiple=64)
+    (shard,) = convert.hf_state_to_megatron_shards(state, shape, 1)
+    assert torch.equal(shard["decoder.layers.1.mlp.router.weight"], state["model.layers.1.mlp.gate.weight"])
+    fc1 = shard["decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"]
+    assert torch.equal(fc1[:16], state["model.layers.0.mlp.experts.3.gate_proj.weight"])
+    assert torch.equal(fc1[16:], state["model.layers.0.mlp.experts.3.up_proj.weight"])
+    back = convert.megatron_shards_to_hf_state([shard], shape)
+    assert set(back) == set(state)
+    for name, tensor in state.items():
+        assert torch.equal(back[name], tensor), name
+
+
 @pytest.mark.parametrize(
     ("config", "tp", "message"),
     [
@@ -99,10 +123,11 @@ LLAMA3_ROPE = {
         (llama_config(), 4, "not divisible by tp=4"),
         (llama_config(hidden_act="gelu"), 1, "hidden_act"),
         (llama_config(attention_bias=True), 1, "biases"),
-        (Qwen3MoeConfig(num_attention_heads=4, num_key_value_heads=2), 1, "not 'qwen3_moe'"),
+        (Qwen3MoeConfig(num_attention_heads=4, num_key_value_heads=2), 2, "Mixture-of-Experts layers at tp=2"),
+        (Qwen3MoeConfig(num_attention_heads=4, num_key_value_heads=2, mlp_only_layers=[0]), 1, "dense layers"),
         (Qwen2Config(num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True), 1, "sliding-window"),
     ],
-    ids=["llama3-rope", "kv-heads-vs-tp", "gelu", "llama-bias", "moe", "sliding-window"],
+    ids=["llama3-rope", "kv-heads-vs-tp", "gelu", "llama-bias", "moe-tp2", "moe-dense-layers", "sliding-window"],
 )
 def test_unsupported_models_are_refused_by_name(config, tp, message):
     with pytest.raises(FailedPrecondition, match=message):

@@ -12,6 +12,8 @@ Tolerances (float32 on CPU; TP splits the matmul reductions, so sums round diffe
       AdamW divides by sqrt(v) + eps, so an element whose gradient is near rounding noise moves by up to
       lr in a direction the noise picks. Measured: <= 4 such elements per tensor, max |diff| 4.1e-5
       (with Tinker's eps 1e-12 the same run reaches 1.2e-4, hence eps 1e-8, the RL loop's default).
+      An expert that few tokens reach has more such elements: on the MoE, every element within 3e-4 (10 %
+      of the largest move; measured 1.3e-4 with DP=2, where the replicas' gradients add in another order).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from tests.learner.test_training_math import reference_logprobs
 
 LOGPROB_TOL = {"atol": 1e-5, "rtol": 1e-5}
 PARAM_MAX_DIFF = 1e-4
+MOE_PARAM_MAX_DIFF = 3e-4
 PARAM_CLOSE = 1e-5
 PARAM_OUTLIER_FRACTION = 1e-4
 ADAM = AdamParams(learning_rate=1e-3, weight_decay=0.01, grad_clip_norm=1.0, eps=1e-8)
@@ -62,11 +65,17 @@ def hf_model(tiny_model_dir):
 @pytest.fixture(scope="module")
 def models(tiny_model_dir, qwen2_model_dir, hf_model):
     """name -> (HF directory, transformers model): Llama (anvil-tiny, untied), Qwen2 (tied, qkv bias) and
-    Qwen3 (anvil-tiny-qwen3: q/k norms, Megatron's qk_layernorm)."""
+    Qwen3 (anvil-tiny-qwen3: q/k norms, Megatron's qk_layernorm) and Qwen3-MoE (anvil-tiny-moe: 8 experts,
+    top-2, Megatron's router and SequentialMLP experts behind the all-to-all dispatcher)."""
     qwen2 = AutoModelForCausalLM.from_pretrained(qwen2_model_dir, dtype=torch.float32).eval()
     qwen3_dir = resolve_model("anvil-tiny-qwen3")
     qwen3 = AutoModelForCausalLM.from_pretrained(qwen3_dir, dtype=torch.float32).eval()
-    return {"llama": (tiny_model_dir, hf_model), "qwen2": (qwen2_model_dir, qwen2), "qwen3": (qwen3_dir, qwen3)}
+    moe_dir = resolve_model("anvil-tiny-moe")
+    moe = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
+    return {
+        "llama": (tiny_model_dir, hf_model), "qwen2": (qwen2_model_dir, qwen2), "qwen3": (qwen3_dir, qwen3),
+        "qwen3-moe": (moe_dir, moe),
+    }  # fmt: skip
 
 
 def torch_backend(model_dir) -> TorchBackend:
@@ -103,7 +112,14 @@ def saved_tensors(path: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("model", "layout"),
-    [*(("llama", layout) for layout in LAYOUTS), ("qwen2", "tp2"), ("qwen2", "pp2"), ("qwen3", "tp2")],
+    [
+        *(("llama", layout) for layout in LAYOUTS),
+        ("qwen2", "tp2"),
+        ("qwen2", "pp2"),
+        ("qwen3", "tp2"),
+        ("qwen3-moe", "tp1"),
+        ("qwen3-moe", "pp2"),
+    ],
 )
 async def test_logprobs_match_the_torch_backend(megatron_learners, models, model, layout):
     learner = megatron_learners(*LAYOUTS[layout])
@@ -136,7 +152,8 @@ async def test_logprobs_match_the_torch_backend(megatron_learners, models, model
     + [("ppo", "tp2", "qwen3", 1.0)]
     + [("gspo", "tp1-dp2", "llama", 1.0)]  # a per-sequence ratio over datums split between DP replicas
     + [("ppo", "pp2-mb16", "llama", 1.0), ("gspo", "pp2-mb16", "qwen2", 1.0)]  # micro-batches vs one batch
-    + [("ppo", "tp2-ckpt", "llama", 1.0)],  # activations recomputed in backward
+    + [("ppo", "tp2-ckpt", "llama", 1.0)]  # activations recomputed in backward
+    + [("ppo", "tp1", "qwen3-moe", 1.0), ("importance_sampling", "tp1-dp2", "qwen3-moe", 1.0)],
 )
 async def test_three_adamw_steps_match_the_torch_backend(megatron_learners, models, loss_fn, layout, model, grad_scale):
     adam = dataclasses.replace(ADAM, grad_scale=grad_scale)  # grad_scale: OptimStep's normalisation factor
@@ -163,10 +180,11 @@ async def test_three_adamw_steps_match_the_torch_backend(megatron_learners, mode
         saved = await client.save_weights(f"after-3-{loss_fn}")
         await client.stub.CloseSession(close_request(client))
     weights = saved_tensors(saved.path)
-    parameters = dict(reference.model.named_parameters())
+    parameters = dict(reference.named_weights())  # by checkpoint name: an MoE's experts one by one
     assert set(weights) == set(parameters)
-    assert_weights_match(weights, {n: p.detach() for n, p in parameters.items()})
-    moved = max((p.detach() - hf_model.state_dict()[n]).abs().max().item() for n, p in parameters.items())
+    assert_weights_match(weights, parameters)
+    original = load_file(model_dir / "model.safetensors")
+    moved = max((p - original[n]).abs().max().item() for n, p in parameters.items())
     assert moved > 1e-3, "the steps must change the weights for the comparison to mean anything"
 
 
@@ -174,7 +192,8 @@ def assert_weights_match(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
     outliers = total = 0
     for name, expected in want.items():
         difference = (got[name] - expected).abs()
-        assert difference.max().item() <= PARAM_MAX_DIFF, f"{name}: max |diff| {difference.max().item():.3g}"
+        limit = MOE_PARAM_MAX_DIFF if ".mlp.experts." in name else PARAM_MAX_DIFF
+        assert difference.max().item() <= limit, f"{name}: max |diff| {difference.max().item():.3g}"
         outliers += int((difference > PARAM_CLOSE).sum())
         total += difference.numel()
     assert outliers <= PARAM_OUTLIER_FRACTION * total, f"{outliers} of {total} elements differ by > {PARAM_CLOSE}"
@@ -188,7 +207,15 @@ def close_request(client):
 
 @pytest.mark.parametrize(
     ("model", "layout"),
-    [("llama", "tp1"), ("llama", "tp2"), ("qwen2", "tp2"), ("llama", "pp2"), ("qwen2", "pp2"), ("qwen3", "tp2")],
+    [
+        ("llama", "tp1"),
+        ("llama", "tp2"),
+        ("qwen2", "tp2"),
+        ("llama", "pp2"),
+        ("qwen2", "pp2"),
+        ("qwen3", "tp2"),
+        ("qwen3-moe", "tp1"),
+    ],
 )
 async def test_hf_to_megatron_to_hf_round_trip_is_exact(megatron_learners, models, model, layout, tmp_path):
     """Load HF weights into the shards, gather them back through SaveWeights: bit-identical, same files."""
