@@ -54,6 +54,10 @@ class MegatronBackendConfig(BaseModel):
     (a longer datum goes alone); gradients accumulate over them, so the result equals one whole batch."""
     dp: int | None = Field(default=None, ge=1)
     """Data-parallel size; None derives it as world_size / (tp * pp). Datums are split over DP replicas."""
+    ep: int = Field(default=1, ge=1)
+    """Expert-parallel size (Mixture-of-Experts models): each group of `ep` DP replicas splits the experts
+    between them, and tokens travel to their experts' rank and back (all-to-all). Must divide dp and the
+    number of experts."""
     activation_checkpointing: bool = False
     """Recompute each transformer layer's activations in backward instead of keeping them (megatron's
     full, uniform recompute, one layer per unit): less memory, about a third more compute."""

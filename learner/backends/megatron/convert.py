@@ -57,7 +57,7 @@ class ModelShape:
         return self.num_heads // self.num_groups
 
 
-def model_shape(hf_config, tp: int, vocab_multiple: int, te_names: bool = False) -> ModelShape:
+def model_shape(hf_config, tp: int, vocab_multiple: int, te_names: bool = False, ep: int = 1) -> ModelShape:
     """Check that the model is supported at this tp and describe it; FailedPrecondition names what is not."""
     kind = getattr(hf_config, "model_type", "?")
     if kind not in SUPPORTED_MODEL_TYPES:
@@ -75,7 +75,9 @@ def model_shape(hf_config, tp: int, vocab_multiple: int, te_names: bool = False)
     heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
     if groups % tp or heads % tp:
         problems.append(f"{heads} heads / {groups} kv heads are not divisible by tp={tp}")
-    problems += moe.problems(hf_config, tp) if kind == "qwen3_moe" else []
+    problems += moe.problems(hf_config, tp, ep) if kind == "qwen3_moe" else []
+    if ep > 1 and kind != "qwen3_moe":
+        problems.append(f"ep={ep} for a model without experts")
     if problems:
         raise FailedPrecondition(f"cannot shard this {kind} model over megatron: {'; '.join(problems)}")
     vocab = int(hf_config.vocab_size)
@@ -124,10 +126,11 @@ def megatron_names(shape: ModelShape) -> list[str]:
     return names if shape.tied else [*names, "output_layer.weight"]
 
 
-def stage_names(shape: ModelShape, pp_rank: int, pp: int) -> dict[str, str]:
+def stage_names(shape: ModelShape, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> dict[str, str]:
     """Pipeline stage `pp_rank`'s parameter names (layers numbered locally, as in named_parameters) ->
     their whole-model names. With tied embeddings and pp > 1 the last stage holds its own copy of the
-    embedding as `output_layer.weight` (Megatron keeps the two in sync through their gradients)."""
+    embedding as `output_layer.weight` (Megatron keeps the two in sync through their gradients). With
+    experts split over `ep` ranks, expert-parallel rank `ep_rank` holds its share, numbered locally."""
     if shape.num_layers % pp:
         raise FailedPrecondition(f"{shape.num_layers} layers cannot be split into pp={pp} equal stages")
     per_stage = shape.num_layers // pp
@@ -137,7 +140,8 @@ def stage_names(shape: ModelShape, pp_rank: int, pp: int) -> dict[str, str]:
         if name.startswith("decoder.layers."):
             index, rest = name.removeprefix("decoder.layers.").split(".", 1)
             local = int(index) - pp_rank * per_stage
-            if 0 <= local < per_stage:
+            rest = moe.local_expert_name(rest, ep_rank, ep, shape.num_experts) if moe.is_moe_name(rest) else rest
+            if 0 <= local < per_stage and rest is not None:
                 names[f"decoder.layers.{local}.{rest}"] = name
         elif name == "embedding.word_embeddings.weight":
             if first:

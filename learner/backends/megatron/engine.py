@@ -28,15 +28,18 @@ import torch
 import torch.distributed as dist
 
 from learner.backends.base import ForwardResult, clip_and_step
-from learner.backends.megatron import convert, schedule
+from learner.backends.megatron import convert, convert_moe, schedule
 from learner.backends.megatron.logprobs import vocab_parallel_target_logprobs
 from learner.backends.megatron.model import build_model, hf_tensor_shapes
 from learner.backends.megatron.parallel import ParallelLayout
 from learner.backends.packing import peak_memory_gib, plan_micro_batches
-from learner.batch import TrainingBatch
+from learner.batch import Datum, TrainingBatch
 from learner.config import MegatronBackendConfig
 from learner.losses import LossSpec, loss_inputs_T
 from protos.adam import AdamParams
+
+IDLE = Datum(model_input=np.zeros(1, dtype=np.int64), target_tokens=np.zeros(1, dtype=np.int64))
+"""The one-token filler of an expert-parallel rank with fewer micro-batches than its group (never trained on)."""
 
 
 class MegatronEngine:
@@ -46,7 +49,7 @@ class MegatronEngine:
         self.layout = layout
         self.model, self.shape, self.hf_config = build_model(model_path, config, layout)
         self.base_shapes = hf_tensor_shapes(model_path)
-        self.stage_names = convert.stage_names(self.shape, layout.pp_rank, layout.pp)
+        self.stage_names = convert.stage_names(self.shape, layout.pp_rank, layout.pp, layout.ep_rank, layout.ep)
         self.optimizer = self.new_optimizer()
         self.step = 0
         bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and layout.device.type == "cuda")
@@ -103,6 +106,8 @@ class MegatronEngine:
             torch.cuda.reset_peak_memory_stats(layout.device)
 
         def loss_on_logits(micro_batch: schedule.MicroBatch, logits: torch.Tensor):
+            if micro_batch.data[0] is IDLE:  # expert parallelism's filler: no loss, no gradient
+                return logits.sum() * 0.0, {"logprobs": [], "metrics": {}}
             logprobs_BLK = vocab_parallel_target_logprobs(
                 logits, micro_batch.targets_BLK, self.shape.vocab_size, layout.tp_rank, layout.tp_group
             )
@@ -115,10 +120,11 @@ class MegatronEngine:
         # The losses are sums over datums, so gradients accumulated over the pieces are the whole batch's.
         pieces = plan_micro_batches([len(d.model_input) for d in mine], self.config.max_tokens_per_micro_batch)
         micro_batches = [schedule.make_micro_batch([mine[i] for i in piece], layout.device) for piece in pieces]
+        micro_batches += self._idle_micro_batches(len(micro_batches))
         kept = schedule.run(
             self.model, micro_batches, loss_on_logits, last_stage=layout.last_stage, backward=backward,
             autocast=self._autocast,
-        )  # fmt: skip
+        )[: len(pieces)]  # fmt: skip
         local: list[np.ndarray] = [lp for piece in kept for lp in piece["logprobs"]]
         metrics: dict[str, float] = kept[-1]["metrics"] if kept else {}
         if len(pieces) > 1 and local:  # the metrics of the whole of this replica's datums, not the last piece's
@@ -146,18 +152,31 @@ class MegatronEngine:
         metrics["learner/peak_memory_gib:max"] = max(part["peak"] for part in gathered)
         return ForwardResult(logprobs, metrics)
 
+    def _idle_micro_batches(self, planned: int) -> list[schedule.MicroBatch]:
+        """With experts split over EP ranks, every MoE layer's all-to-all needs every rank of the EP group, so
+        all of them run as many micro-batches as the busiest: the others add one-token fillers (IDLE)."""
+        if self.layout.ep == 1:
+            return []
+        most = torch.tensor([planned], dtype=torch.int64, device=self.layout.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.layout.ep_group)
+        return [schedule.make_micro_batch([IDLE], self.layout.device) for _ in range(int(most) - planned)]
+
     def optim_step(self, params: AdamParams) -> dict[str, float]:
-        parameters = list(self.model.parameters())
-        if self.layout.dp > 1:
+        layout = self.layout
+        named_parameters = list(self.model.named_parameters())
+        if layout.dp > 1:
             has_grad = torch.tensor(  # on the compute device: NCCL groups reduce CUDA tensors only
-                [p.grad is not None for p in parameters], dtype=torch.float32, device=self.layout.device
+                [p.grad is not None for _, p in named_parameters], dtype=torch.float32, device=layout.device
             )
-            dist.all_reduce(has_grad, op=dist.ReduceOp.MAX, group=self.layout.dp_group)
-            for parameter, flag in zip(parameters, has_grad.tolist(), strict=True):
+            dist.all_reduce(has_grad, op=dist.ReduceOp.MAX, group=layout.dp_group)
+            for (name, parameter), flag in zip(named_parameters, has_grad.tolist(), strict=True):
                 if flag:
                     if parameter.grad is None:
                         parameter.grad = torch.zeros_like(parameter)
-                    dist.all_reduce(parameter.grad, group=self.layout.dp_group)
+                    # An expert is held by the dp / ep replicas with the same expert share, not by all of them.
+                    expert = convert_moe.is_expert(name)
+                    if not expert or layout.dp > layout.ep:
+                        dist.all_reduce(parameter.grad, group=layout.expert_dp_group if expert else layout.dp_group)
         self._sync_tied_embedding_grads()
         self._sum_qk_norm_grads()
         named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
@@ -165,11 +184,16 @@ class MegatronEngine:
             for _, parameter in named:
                 parameter.grad.mul_(params.grad_scale)
         sum_squares = torch.zeros((), dtype=torch.float32, device=self.layout.device)
+        expert_squares = torch.zeros((), dtype=torch.float32, device=self.layout.device)
         for name, parameter in named:
             replicated = convert.partition_dim(name) is None
             tied_copy = self._is_tied_copy(name)
             if not tied_copy and (not replicated or self.layout.tp_rank == 0):  # count each element once
-                sum_squares += parameter.grad.float().square().sum()
+                total = expert_squares if convert_moe.is_expert(name) else sum_squares
+                total += parameter.grad.float().square().sum()
+        if self.layout.ep > 1:  # each EP rank holds other experts
+            dist.all_reduce(expert_squares, group=self.layout.ep_group)
+        sum_squares += expert_squares
         if self.layout.tp * self.layout.pp > 1:
             dist.all_reduce(sum_squares, group=self.layout.model_parallel_group)
         grad_norm = sum_squares.sqrt()
@@ -209,8 +233,10 @@ class MegatronEngine:
         to rank 0, DP replica 0's copy."""
         layout = self.layout
         out: dict[str, torch.Tensor] = {}
-        keep = layout.tp_rank == 0 and layout.dp_rank == 0
+        keep_dense = layout.tp_rank == 0 and layout.dp_rank == 0
+        keep_experts = layout.tp_rank == 0 and dist.get_rank(group=layout.expert_dp_group) == 0
         for name, parameter in self.model.named_parameters():
+            keep = keep_experts if convert_moe.is_expert(name) else keep_dense
             tensor = parameter.detach()
             if convert.partition_dim(name) is not None and layout.tp > 1:
                 parts = [torch.empty_like(tensor) for _ in range(layout.tp)]
@@ -220,9 +246,9 @@ class MegatronEngine:
             if keep and not self._is_tied_copy(name):
                 for hf_name, hf_tensor in convert.megatron_to_hf(whole_name, tensor, self.shape):
                     out[hf_name] = hf_tensor.to("cpu", torch.float32).clone()  # own storage: no views
-        if layout.pp > 1:
+        if layout.pp > 1 or layout.ep > 1:  # other stages' layers, other EP ranks' experts
             stages: list | None = [None] * layout.world_size if layout.rank == 0 else None
-            dist.gather_object(out if keep else None, stages, dst=0, group=layout.control_group)
+            dist.gather_object(out or None, stages, dst=0, group=layout.control_group)
             if layout.rank == 0:
                 out = {k: v for stage in stages if stage for k, v in stage.items()}
         return out if layout.rank == 0 else None

@@ -66,7 +66,7 @@ def hf_tensor_shapes(model_path: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def moe_config(hf_config) -> dict:
+def moe_config(hf_config, ep: int) -> dict:
     """TransformerConfig fields for Qwen3-MoE's layers: a softmax router whose top-k probabilities are
     renormalised (Megatron: top-k on the logits, then a softmax over those k: the same numbers), experts run
     one after another (SequentialMLP: no grouped GEMM kernel needed), dropless, no load-balancing loss (RL
@@ -83,6 +83,7 @@ def moe_config(hf_config) -> dict:
         "moe_aux_loss_coeff": 0.0,
         "moe_grouped_gemm": False,
         "moe_router_dtype": "fp32",
+        "expert_model_parallel_size": ep,
     }
 
 
@@ -94,7 +95,7 @@ def build_model(model_path: Path, config: MegatronBackendConfig, layout: Paralle
 
     hf_config = AutoConfig.from_pretrained(model_path)
     te = use_transformer_engine(config, layout)
-    shape = convert.model_shape(hf_config, layout.tp, config.vocab_multiple, te_names=te)
+    shape = convert.model_shape(hf_config, layout.tp, config.vocab_multiple, te_names=te, ep=layout.ep)
     fused = config.fused_kernels if config.fused_kernels is not None else layout.device.type == "cuda"
     transformer_config = TransformerConfig(
         num_layers=shape.num_layers,
@@ -122,14 +123,14 @@ def build_model(model_path: Path, config: MegatronBackendConfig, layout: Paralle
         apply_rope_fusion=fused and te,
         **schedule.PIPELINE_CONFIG,  # micro-batches of varying shape; summed, not averaged, losses
         **(RECOMPUTE_EVERY_LAYER if config.activation_checkpointing else {}),
-        **(moe_config(hf_config) if shape.num_experts else {}),
+        **(moe_config(hf_config, layout.ep) if shape.num_experts else {}),
     )
     experts = {"num_experts": shape.num_experts, "moe_grouped_gemm": False} if shape.num_experts else {}
     if te:
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=shape.qk_norm, **experts)
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=shape.qk_norm, **experts)
-    names = convert.stage_names(shape, layout.pp_rank, layout.pp)  # checks num_layers % pp
+    names = convert.stage_names(shape, layout.pp_rank, layout.pp, layout.ep_rank, layout.ep)  # num_layers % pp
     with cuda_shim.tensor_cuda_is_identity():
         model = GPTModel(
             config=transformer_config,

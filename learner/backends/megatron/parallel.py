@@ -1,5 +1,6 @@
 """Process groups for the Megatron learner: torch.distributed from torchrun's environment, then Megatron's
-parallel_state (TP x DP x PP), plus a gloo *control* group that carries commands from rank 0.
+parallel_state (TP x DP x PP, experts split over EP within DP), plus a gloo *control* group that carries
+commands from rank 0.
 
 The control group has a very long timeout because worker ranks idle in it between requests; compute
 collectives (the default group and Megatron's groups) use `collective_timeout_s`, so a rank that never
@@ -40,6 +41,12 @@ class ParallelLayout:
     """tp x pp: where a global gradient norm is summed."""
     embedding_group: object | None
     """First and last pipeline stage (tied embeddings with pp > 1), None on other ranks."""
+    ep: int
+    ep_rank: int
+    ep_group: object
+    """The DP replicas that split the experts between them (Mixture-of-Experts; size 1 otherwise)."""
+    expert_dp_group: object
+    """The ranks holding the same experts: where expert gradients are summed (dp / ep of them)."""
     prev_rank: int
     next_rank: int
 
@@ -95,6 +102,8 @@ def initialize(config: MegatronBackendConfig, seed: int = 1234) -> ParallelLayou
         raise ValueError(
             f"backend.tp={config.tp} x pp={config.pp} x dp={dp} != {world} ranks; launch tp*pp*dp processes"
         )
+    if dp % config.ep:
+        raise ValueError(f"backend.ep={config.ep} must divide dp={dp}: experts are split between DP replicas")
     control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
     from megatron.core import parallel_state
@@ -103,6 +112,7 @@ def initialize(config: MegatronBackendConfig, seed: int = 1234) -> ParallelLayou
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=config.tp,
         pipeline_model_parallel_size=config.pp,
+        expert_model_parallel_size=config.ep,
         distributed_timeout_minutes=max(1, round(config.collective_timeout_s / 60)),
     )
     megatron_random.model_parallel_cuda_manual_seed(seed)
@@ -123,6 +133,10 @@ def initialize(config: MegatronBackendConfig, seed: int = 1234) -> ParallelLayou
         dp_group=parallel_state.get_data_parallel_group(),
         model_parallel_group=parallel_state.get_model_parallel_group(),
         embedding_group=parallel_state.get_embedding_group() if in_embedding_group else None,
+        ep=config.ep,
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        ep_group=parallel_state.get_expert_model_parallel_group(),
+        expert_dp_group=parallel_state.get_expert_data_parallel_group(),
         prev_rank=parallel_state.get_pipeline_model_parallel_prev_rank(),
         next_rank=parallel_state.get_pipeline_model_parallel_next_rank(),
     )

@@ -35,6 +35,7 @@ class MegatronLearner:
         log_path: Path,
         micro_batch_tokens: int | None = None,
         activation_checkpointing: bool = False,
+        ep: int = 1,
     ) -> None:
         command = [  # the one-node launcher users run; it derives the rank count (tp * pp * dp) from the config
             "bash", "scripts/megatron_learner.sh",
@@ -42,6 +43,7 @@ class MegatronLearner:
             "--set", f"backend.tp={tp}",
             "--set", f"backend.pp={pp}",
             "--set", f"backend.dp={world // (tp * pp)}",
+            "--set", f"backend.ep={ep}",
             "--set", "backend.collective_timeout_s=120",
             "--set", "max_sessions=8",
             "--set", f'checkpoint_dir="{checkpoint_dir}"',
@@ -87,7 +89,7 @@ class MegatronLearner:
 
 @pytest.fixture(scope="package")  # stopped when this directory's tests are done, not at the end of the run
 def megatron_learners(tiny_model_dir: Path, tmp_path_factory) -> Iterator:
-    """get(tp, world, pp=1, micro_batch_tokens=None, activation_checkpointing=False) -> a running
+    """get(tp, world, pp=1, micro_batch_tokens=None, activation_checkpointing=False, ep=1) -> a running
     MegatronLearner of that layout (started once per test package)."""
     from tests.learner.megatron.needs import require_megatron
 
@@ -96,14 +98,17 @@ def megatron_learners(tiny_model_dir: Path, tmp_path_factory) -> Iterator:
     root = tmp_path_factory.mktemp("megatron")
 
     def get(
-        tp: int, world: int, pp: int = 1, micro_batch_tokens: int | None = None, activation_checkpointing: bool = False
-    ) -> MegatronLearner:
-        key = (tp, pp, world, micro_batch_tokens, activation_checkpointing)
+        tp: int, world: int, pp: int = 1, micro_batch_tokens: int | None = None, activation_checkpointing: bool = False,
+        ep: int = 1,
+    ) -> MegatronLearner:  # fmt: skip
+        key = (tp, pp, world, micro_batch_tokens, activation_checkpointing, ep)
         if key not in started:
-            name = f"tp{tp}-pp{pp}-w{world}-mb{micro_batch_tokens}" + ("-ckpt" if activation_checkpointing else "")
+            name = f"tp{tp}-pp{pp}-w{world}-mb{micro_batch_tokens}-ep{ep}" + (
+                "-ckpt" if activation_checkpointing else ""
+            )
             started[key] = MegatronLearner(
                 tp, pp, world, tiny_model_dir, root / name, root / f"{name}.log", micro_batch_tokens,
-                activation_checkpointing,
+                activation_checkpointing, ep,
             )  # fmt: skip
         return started[key]
 
