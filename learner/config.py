@@ -58,6 +58,11 @@ class MegatronBackendConfig(BaseModel):
     """Expert-parallel size (Mixture-of-Experts models): each group of `ep` DP replicas splits the experts
     between them, and tokens travel to their experts' rank and back (all-to-all). Must divide dp and the
     number of experts."""
+    moe_aux_loss_coeff: float = Field(default=0.0, ge=0)
+    """Mixture-of-Experts load-balancing loss (Switch Transformer's, per layer: E * sum_e f_e * P_e over each
+    micro-batch's real tokens, times this), added to the loss being trained; 0 turns it off (the default: RL
+    trains the routes the policy takes). Hugging Face's `router_aux_loss_coef` c matches roughly c * k / layers
+    (it pools every layer's tokens into one term)."""
     activation_checkpointing: bool = False
     """Recompute each transformer layer's activations in backward instead of keeping them (megatron's
     full, uniform recompute, one layer per unit): less memory, about a third more compute."""
@@ -80,6 +85,11 @@ class MegatronBackendConfig(BaseModel):
     def _check_layout(self) -> MegatronBackendConfig:
         if self.vocab_multiple % self.tp:
             raise ValueError(f"backend.vocab_multiple={self.vocab_multiple} must be a multiple of tp={self.tp}")
+        if self.ep > 1 and self.moe_aux_loss_coeff > 0:
+            raise ValueError(
+                "backend.moe_aux_loss_coeff > 0 with ep > 1 is not supported yet (an EP rank's filler micro-batches "
+                "would add a load-balancing term of their own): use ep=1 or no load-balancing loss"
+            )
         return self
 
 

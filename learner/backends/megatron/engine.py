@@ -31,15 +31,13 @@ from learner.backends.base import ForwardResult, clip_and_step
 from learner.backends.megatron import convert, convert_moe, schedule
 from learner.backends.megatron.logprobs import vocab_parallel_target_logprobs
 from learner.backends.megatron.model import build_model, hf_tensor_shapes
+from learner.backends.megatron.moe_metrics import ExpertLoad, load_metrics
 from learner.backends.megatron.parallel import ParallelLayout
 from learner.backends.packing import peak_memory_gib, plan_micro_batches
-from learner.batch import Datum, TrainingBatch
+from learner.batch import TrainingBatch
 from learner.config import MegatronBackendConfig
 from learner.losses import LossSpec, loss_inputs_T
 from protos.adam import AdamParams
-
-IDLE = Datum(model_input=np.zeros(1, dtype=np.int64), target_tokens=np.zeros(1, dtype=np.int64))
-"""The one-token filler of an expert-parallel rank with fewer micro-batches than its group (never trained on)."""
 
 
 class MegatronEngine:
@@ -51,6 +49,7 @@ class MegatronEngine:
         self.base_shapes = hf_tensor_shapes(model_path)
         self.stage_names = convert.stage_names(self.shape, layout.pp_rank, layout.pp, layout.ep_rank, layout.ep)
         self.optimizer = self.new_optimizer()
+        self.expert_load = ExpertLoad(self.model, layout.pp_rank * (self.shape.num_layers // layout.pp))
         self.step = 0
         bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and layout.device.type == "cuda")
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -106,7 +105,7 @@ class MegatronEngine:
             torch.cuda.reset_peak_memory_stats(layout.device)
 
         def loss_on_logits(micro_batch: schedule.MicroBatch, logits: torch.Tensor):
-            if micro_batch.data[0] is IDLE:  # expert parallelism's filler: no loss, no gradient
+            if micro_batch.data[0] is schedule.IDLE:  # expert parallelism's filler: no loss, no gradient
                 return logits.sum() * 0.0, {"logprobs": [], "metrics": {}}
             logprobs_BLK = vocab_parallel_target_logprobs(
                 logits, micro_batch.targets_BLK, self.shape.vocab_size, layout.tp_rank, layout.tp_group
@@ -134,7 +133,8 @@ class MegatronEngine:
         # Rank 0 needs every DP replica's logprobs, held by their last stage's TP rank 0, and every
         # rank's peak memory.
         mine_out = {"logprobs": local if layout.holds_results else None, "peak": peak_memory_gib(layout.device),
-                    "micro_batches": len(pieces) if layout.holds_results else 0}  # fmt: skip
+                    "micro_batches": len(pieces) if layout.holds_results else 0,
+                    "expert_load": self.expert_load.take() if layout.tp_rank == 0 else {}}  # fmt: skip
         gathered: list = [mine_out]
         if layout.world_size > 1:
             gathered = [None] * layout.world_size
@@ -150,16 +150,17 @@ class MegatronEngine:
         tokens = sum(len(d.model_input) for d in batch.data)
         metrics["learner/tokens_per_s:mean"] = tokens / max(time.perf_counter() - start, 1e-9)
         metrics["learner/peak_memory_gib:max"] = max(part["peak"] for part in gathered)
+        metrics.update(load_metrics(part["expert_load"] for part in gathered))
         return ForwardResult(logprobs, metrics)
 
     def _idle_micro_batches(self, planned: int) -> list[schedule.MicroBatch]:
         """With experts split over EP ranks, every MoE layer's all-to-all needs every rank of the EP group, so
-        all of them run as many micro-batches as the busiest: the others add one-token fillers (IDLE)."""
+        all of them run as many micro-batches as the busiest: the others add one-token fillers (schedule.IDLE)."""
         if self.layout.ep == 1:
             return []
         most = torch.tensor([planned], dtype=torch.int64, device=self.layout.device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.layout.ep_group)
-        return [schedule.make_micro_batch([IDLE], self.layout.device) for _ in range(int(most) - planned)]
+        return [schedule.make_micro_batch([schedule.IDLE], self.layout.device) for _ in range(int(most) - planned)]
 
     def optim_step(self, params: AdamParams) -> dict[str, float]:
         layout = self.layout

@@ -66,12 +66,13 @@ def hf_tensor_shapes(model_path: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def moe_config(hf_config, ep: int) -> dict:
+def moe_config(hf_config, ep: int, aux_loss_coeff: float) -> dict:
     """TransformerConfig fields for Qwen3-MoE's layers: a softmax router whose top-k probabilities are
     renormalised (Megatron: top-k on the logits, then a softmax over those k: the same numbers), experts run
-    one after another (SequentialMLP: no grouped GEMM kernel needed), dropless, no load-balancing loss (RL
-    trains the routes the policy takes). Router in fp32, as Hugging Face's softmax. Tokens reach the experts
-    through the all-to-all dispatcher (schedule.PIPELINE_CONFIG: the one variable sequence lengths allow)."""
+    one after another (SequentialMLP: no grouped GEMM kernel needed), dropless, the load-balancing loss only
+    when asked for (backend.moe_aux_loss_coeff; padding excluded: schedule.py passes the mask). Router in
+    fp32, as Hugging Face's softmax. Tokens reach the experts through the all-to-all dispatcher
+    (schedule.PIPELINE_CONFIG: the one variable sequence lengths allow)."""
     cuda_shim.install_moe_cpu_fixes()
     return {
         "num_moe_experts": int(hf_config.num_experts),
@@ -79,8 +80,8 @@ def moe_config(hf_config, ep: int) -> dict:
         "moe_router_topk": int(hf_config.num_experts_per_tok),
         "moe_router_score_function": "softmax",
         "moe_router_pre_softmax": not getattr(hf_config, "norm_topk_prob", True),
-        "moe_router_load_balancing_type": "none",
-        "moe_aux_loss_coeff": 0.0,
+        "moe_router_load_balancing_type": "aux_loss" if aux_loss_coeff > 0 else "none",
+        "moe_aux_loss_coeff": aux_loss_coeff,
         "moe_grouped_gemm": False,
         "moe_router_dtype": "fp32",
         "expert_model_parallel_size": ep,
@@ -123,7 +124,7 @@ def build_model(model_path: Path, config: MegatronBackendConfig, layout: Paralle
         apply_rope_fusion=fused and te,
         **schedule.PIPELINE_CONFIG,  # micro-batches of varying shape; summed, not averaged, losses
         **(RECOMPUTE_EVERY_LAYER if config.activation_checkpointing else {}),
-        **(moe_config(hf_config, layout.ep) if shape.num_experts else {}),
+        **(moe_config(hf_config, layout.ep, config.moe_aux_loss_coeff) if shape.num_experts else {}),
     )
     experts = {"num_experts": shape.num_experts, "moe_grouped_gemm": False} if shape.num_experts else {}
     if te:
@@ -144,6 +145,12 @@ def build_model(model_path: Path, config: MegatronBackendConfig, layout: Paralle
             rotary_base=int(convert.rope_theta(hf_config)),
         ).to(layout.device)
     load_hf_weights(model, shape, names, hf_tensor_reader(model_path), layout)
+    for module in model.modules():
+        # In per-token-loss mode a router multiplies its load-balancing loss by the micro-batch's tokens, for
+        # Megatron's finalize to divide every gradient by them again; losses here are sums that nothing
+        # divides (schedule.py), so the router's term must stay as it is.
+        if hasattr(module, "calculate_per_token_loss") and type(module).__name__.endswith("Router"):
+            module.calculate_per_token_loss = False
     return model, shape, hf_config
 
 

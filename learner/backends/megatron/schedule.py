@@ -22,6 +22,8 @@ from functools import partial
 import numpy as np
 import torch
 
+from learner.batch import Datum
+
 PIPELINE_CONFIG = {
     "variable_seq_lengths": True,
     "moe_token_dispatcher_type": "alltoall",  # megatron refuses allgather with variable lengths, MoE or not
@@ -29,6 +31,12 @@ PIPELINE_CONFIG = {
     "calculate_per_token_loss": True,
 }
 """TransformerConfig settings the schedule needs (model.build_model passes them)."""
+
+
+IDLE = Datum(model_input=np.zeros(1, dtype=np.int64), target_tokens=np.zeros(1, dtype=np.int64))
+"""The one-token filler of an expert-parallel rank with fewer micro-batches than its group: it only keeps the
+group's all-to-alls in step (no loss, no gradient, no load; with a load-balancing loss it would be all padding,
+which is why backend.ep > 1 refuses one)."""
 
 
 @dataclass
@@ -42,6 +50,16 @@ class MicroBatch:
     targets_BLK: torch.Tensor
     lengths: list[int]
     widths: list[int]
+
+    @property
+    def padding_BL(self) -> torch.Tensor:
+        """True on the right padding, and on all of a filler: what an MoE router leaves out of its
+        load-balancing loss and load counts."""
+        if self.data[0] is IDLE:
+            return torch.ones_like(self.input_ids_BL, dtype=torch.bool)
+        length = self.input_ids_BL.shape[1]
+        positions = torch.arange(length, device=self.input_ids_BL.device)
+        return positions[None, :] >= torch.tensor(self.lengths, device=positions.device)[:, None]
 
 
 def make_micro_batch(data: list, device: torch.device) -> MicroBatch:
@@ -90,8 +108,9 @@ def run(
 
     def forward_step(data_iterator, stage_model):
         micro_batch = next(data_iterator)
+        moe = {"padding_mask": micro_batch.padding_BL} if stage_model.config.num_moe_experts else {}
         with autocast():
-            output = stage_model(micro_batch.input_ids_BL, micro_batch.position_ids_BL, micro_batch.causal_mask)
+            output = stage_model(micro_batch.input_ids_BL, micro_batch.position_ids_BL, micro_batch.causal_mask, **moe)
         if not last_stage:
             output = output.float()  # the receiving stage allocates pipeline_dtype (float32)
         return output, partial(_loss, loss_on_logits, micro_batch)

@@ -36,6 +36,7 @@ class MegatronLearner:
         micro_batch_tokens: int | None = None,
         activation_checkpointing: bool = False,
         ep: int = 1,
+        settings: tuple[str, ...] = (),
     ) -> None:
         command = [  # the one-node launcher users run; it derives the rank count (tp * pp * dp) from the config
             "bash", "scripts/megatron_learner.sh",
@@ -53,6 +54,8 @@ class MegatronLearner:
             command += ["--set", f"backend.max_tokens_per_micro_batch={micro_batch_tokens}"]
         if activation_checkpointing:
             command += ["--set", "backend.activation_checkpointing=true"]
+        for setting in settings:
+            command += ["--set", setting]
         env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.log_path = log_path
         with log_path.open("w") as log:
@@ -89,26 +92,24 @@ class MegatronLearner:
 
 @pytest.fixture(scope="package")  # stopped when this directory's tests are done, not at the end of the run
 def megatron_learners(tiny_model_dir: Path, tmp_path_factory) -> Iterator:
-    """get(tp, world, pp=1, micro_batch_tokens=None, activation_checkpointing=False, ep=1) -> a running
-    MegatronLearner of that layout (started once per test package)."""
+    """get(tp, world, pp=1, micro_batch_tokens=None, activation_checkpointing=False, ep=1, settings=()) -> a
+    running MegatronLearner of that layout, with those extra `--set` settings (started once per test package)."""
     from tests.learner.megatron.needs import require_megatron
 
     require_megatron()
-    started: dict[tuple[int, int, int, int | None, bool], MegatronLearner] = {}
+    started: dict[tuple, MegatronLearner] = {}
     root = tmp_path_factory.mktemp("megatron")
 
     def get(
         tp: int, world: int, pp: int = 1, micro_batch_tokens: int | None = None, activation_checkpointing: bool = False,
-        ep: int = 1,
+        ep: int = 1, settings: tuple[str, ...] = (),
     ) -> MegatronLearner:  # fmt: skip
-        key = (tp, pp, world, micro_batch_tokens, activation_checkpointing, ep)
+        key = (tp, pp, world, micro_batch_tokens, activation_checkpointing, ep, settings)
         if key not in started:
-            name = f"tp{tp}-pp{pp}-w{world}-mb{micro_batch_tokens}-ep{ep}" + (
-                "-ckpt" if activation_checkpointing else ""
-            )
+            name = f"tp{tp}-pp{pp}-w{world}-mb{micro_batch_tokens}-ep{ep}-{len(started)}"
             started[key] = MegatronLearner(
                 tp, pp, world, tiny_model_dir, root / name, root / f"{name}.log", micro_batch_tokens,
-                activation_checkpointing, ep,
+                activation_checkpointing, ep, settings,
             )  # fmt: skip
         return started[key]
 
