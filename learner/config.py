@@ -55,9 +55,10 @@ class MegatronBackendConfig(BaseModel):
     dp: int | None = Field(default=None, ge=1)
     """Data-parallel size; None derives it as world_size / (tp * pp). Datums are split over DP replicas."""
     ep: int = Field(default=1, ge=1)
-    """Expert-parallel size (Mixture-of-Experts models): each group of `ep` DP replicas splits the experts
-    between them, and tokens travel to their experts' rank and back (all-to-all). Must divide dp and the
-    number of experts."""
+    """Expert-parallel size (Mixture-of-Experts models): each group of `ep` ranks (of a stage's tp x dp, TP
+    ranks first) splits the experts between them, whole, and tokens travel to their experts' rank and back
+    (all-to-all). Must divide tp x dp and the number of experts. At tp > 1 an MoE runs with sequence
+    parallelism (each TP rank routes its own slice of the sequence)."""
     moe_aux_loss_coeff: float = Field(default=0.0, ge=0)
     """Mixture-of-Experts load-balancing loss (Switch Transformer's, per layer: E * sum_e f_e * P_e over each
     micro-batch's real tokens, times this), added to the loss being trained; 0 turns it off (the default: RL

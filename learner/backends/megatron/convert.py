@@ -76,8 +76,6 @@ def model_shape(hf_config, tp: int, vocab_multiple: int, te_names: bool = False,
     if groups % tp or heads % tp:
         problems.append(f"{heads} heads / {groups} kv heads are not divisible by tp={tp}")
     problems += moe.problems(hf_config, tp, ep) if kind == "qwen3_moe" else []
-    if ep > 1 and kind != "qwen3_moe":
-        problems.append(f"ep={ep} for a model without experts")
     if problems:
         raise FailedPrecondition(f"cannot shard this {kind} model over megatron: {'; '.join(problems)}")
     vocab = int(hf_config.vocab_size)

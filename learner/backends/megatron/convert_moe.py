@@ -27,11 +27,6 @@ def problems(hf_config, tp: int, ep: int = 1) -> list[str]:
         found.append(f"{hf_config.num_experts} experts cannot be split evenly over ep={ep} ranks")
     if getattr(hf_config, "mlp_only_layers", None) or getattr(hf_config, "decoder_sparse_step", 1) != 1:
         found.append("dense layers between the MoE ones (mlp_only_layers / decoder_sparse_step)")
-    if tp > 1:
-        found.append(
-            f"Mixture-of-Experts layers at tp={tp} (megatron-core needs sequence parallelism there, which this "
-            "backend does not run yet; use tp=1, with dp for more ranks)"
-        )
     return found
 
 

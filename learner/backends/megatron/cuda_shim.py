@@ -7,8 +7,10 @@ dist_checkpointing and the pipeline's p2p calls `torch.cuda.synchronize()`, and 
 schedules count tokens in a `device="cuda"` tensor. This module redirects exactly those to the CPU.
 
 It is installed only when no GPU is present (`install_if_needed`), and nowhere else: on a CUDA machine
-megatron runs unpatched. The backend never uses the code paths that need more (Megatron's own
-optimizer/DDP stack, which want `Tensor.type() == 'torch.cuda.FloatTensor'`).
+megatron runs unpatched. Two gaps of megatron-core without Transformer Engine are filled here too, on any
+device: the MoE router's unset `te_general_gemm`, and the plain-torch norm under sequence parallelism. The
+backend never uses the code paths that need more (Megatron's own optimizer/DDP stack, which want
+`Tensor.type() == 'torch.cuda.FloatTensor'`).
 """
 
 from __future__ import annotations
@@ -108,3 +110,30 @@ def install_moe_cpu_fixes() -> None:
         return tokens_per_expert
 
     dispatcher._maybe_dtoh_and_synchronize = splits_to_host
+
+
+@contextlib.contextmanager
+def torch_norms_under_sequence_parallelism() -> Iterator[None]:
+    """megatron-core's plain-torch norm (the local layer spec's, without Apex or TE) refuses sequence
+    parallelism, although a norm is per token and so indifferent to how the sequence is split. While this is
+    open it builds the norm as without, and tags its weight `sequence_parallel` (each TP rank then holds a
+    partial gradient, which the engine sums over the TP group, as Megatron's finalize does)."""
+    import copy
+
+    from megatron.core.transformer import torch_norm
+
+    original = torch_norm.WrappedTorchNorm.__new__
+
+    def build(cls, config, hidden_size, eps=1e-5, **kwargs):
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = original(cls, plain, hidden_size, eps, **kwargs)
+        for parameter in norm.parameters():
+            parameter.sequence_parallel = config.sequence_parallel
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = build
+    try:
+        yield
+    finally:
+        torch_norm.WrappedTorchNorm.__new__ = original

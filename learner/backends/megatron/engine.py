@@ -118,7 +118,10 @@ class MegatronEngine:
         # Token-budget micro-batches, in datum order; every stage of this DP replica plans the same ones.
         # The losses are sums over datums, so gradients accumulated over the pieces are the whole batch's.
         pieces = plan_micro_batches([len(d.model_input) for d in mine], self.config.max_tokens_per_micro_batch)
-        micro_batches = [schedule.make_micro_batch([mine[i] for i in piece], layout.device) for piece in pieces]
+        multiple = layout.tp if self.model.config.sequence_parallel else 1  # the sequence splits over TP ranks
+        micro_batches = [
+            schedule.make_micro_batch([mine[i] for i in piece], layout.device, multiple) for piece in pieces
+        ]
         micro_batches += self._idle_micro_batches(len(micro_batches))
         kept = schedule.run(
             self.model, micro_batches, loss_on_logits, last_stage=layout.last_stage, backward=backward,
@@ -134,7 +137,7 @@ class MegatronEngine:
         # rank's peak memory.
         mine_out = {"logprobs": local if layout.holds_results else None, "peak": peak_memory_gib(layout.device),
                     "micro_batches": len(pieces) if layout.holds_results else 0,
-                    "expert_load": self.expert_load.take() if layout.tp_rank == 0 else {}}  # fmt: skip
+                    "expert_load": self.expert_load.take()}  # fmt: skip
         gathered: list = [mine_out]
         if layout.world_size > 1:
             gathered = [None] * layout.world_size
@@ -156,11 +159,13 @@ class MegatronEngine:
     def _idle_micro_batches(self, planned: int) -> list[schedule.MicroBatch]:
         """With experts split over EP ranks, every MoE layer's all-to-all needs every rank of the EP group, so
         all of them run as many micro-batches as the busiest: the others add one-token fillers (schedule.IDLE)."""
-        if self.layout.ep == 1:
+        if self.layout.ep == 1 or not self.shape.num_experts:  # a dense model on an EP learner has no all-to-all
             return []
         most = torch.tensor([planned], dtype=torch.int64, device=self.layout.device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.layout.ep_group)
-        return [schedule.make_micro_batch([schedule.IDLE], self.layout.device) for _ in range(int(most) - planned)]
+        multiple = self.layout.tp if self.model.config.sequence_parallel else 1
+        fillers = int(most) - planned
+        return [schedule.make_micro_batch([schedule.IDLE], self.layout.device, multiple) for _ in range(fillers)]
 
     def optim_step(self, params: AdamParams) -> dict[str, float]:
         layout = self.layout
@@ -174,30 +179,34 @@ class MegatronEngine:
                 if flag:
                     if parameter.grad is None:
                         parameter.grad = torch.zeros_like(parameter)
-                    # An expert is held by the dp / ep replicas with the same expert share, not by all of them.
+                    # An expert is held by the ranks with the same expert share (its expert-DP group), not by all.
                     expert = convert_moe.is_expert(name)
-                    if not expert or layout.dp > layout.ep:
-                        dist.all_reduce(parameter.grad, group=layout.expert_dp_group if expert else layout.dp_group)
+                    group = layout.expert_dp_group if expert else layout.dp_group
+                    if dist.get_world_size(group=group) > 1:
+                        dist.all_reduce(parameter.grad, group=group)
         self._sync_tied_embedding_grads()
-        self._sum_qk_norm_grads()
+        self._sum_partial_replicated_grads()
         named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
         if params.grad_scale != 1.0:  # before clipping, as the torch backend
             for _, parameter in named:
                 parameter.grad.mul_(params.grad_scale)
         sum_squares = torch.zeros((), dtype=torch.float32, device=self.layout.device)
         expert_squares = torch.zeros((), dtype=torch.float32, device=self.layout.device)
+        first_expert_copy = dist.get_rank(group=self.layout.expert_dp_group) == 0
         for name, parameter in named:
+            if convert_moe.is_expert(name):  # whole experts: counted by one holder of each, summed over all
+                if first_expert_copy:
+                    expert_squares += parameter.grad.float().square().sum()
+                continue
             replicated = convert.partition_dim(name) is None
             tied_copy = self._is_tied_copy(name)
             if not tied_copy and (not replicated or self.layout.tp_rank == 0):  # count each element once
-                total = expert_squares if convert_moe.is_expert(name) else sum_squares
-                total += parameter.grad.float().square().sum()
-        if self.layout.ep > 1:  # each EP rank holds other experts
-            dist.all_reduce(expert_squares, group=self.layout.ep_group)
-        sum_squares += expert_squares
+                sum_squares += parameter.grad.float().square().sum()
+        if self.shape.num_experts and self.layout.world_size > 1:
+            dist.all_reduce(expert_squares)  # each holder's share, over every stage and EP rank
         if self.layout.tp * self.layout.pp > 1:
             dist.all_reduce(sum_squares, group=self.layout.model_parallel_group)
-        grad_norm = sum_squares.sqrt()
+        grad_norm = (sum_squares + expert_squares).sqrt()
         metrics = clip_and_step(self.optimizer, [p for _, p in named], grad_norm, params)
         self.step += 1
         return metrics
@@ -218,13 +227,16 @@ class MegatronEngine:
             weight.grad = torch.zeros_like(weight)
         dist.all_reduce(weight.grad, group=layout.embedding_group)
 
-    def _sum_qk_norm_grads(self) -> None:
-        """Qwen3's q/k norms: one [head_dim] weight, replicated on every TP rank, applied to the rank's own
-        heads; its gradient is the sum over all heads, so over the TP ranks (as Megatron's finalize does)."""
-        if not self.shape.qk_norm or self.layout.tp == 1:
+    def _sum_partial_replicated_grads(self) -> None:
+        """Weights replicated on every TP rank that each rank applies to its own part of the work, so each
+        holds part of the gradient, summed over the TP group (as Megatron's finalize does): Qwen3's q/k norms
+        (one [head_dim] weight for the rank's own heads), and under sequence parallelism (MoE at tp > 1) the
+        norms and the router (each rank's own slice of the sequence), which Megatron tags `sequence_parallel`."""
+        if self.layout.tp == 1:
             return
         for name, parameter in self.model.named_parameters():
-            if name.endswith(("q_layernorm.weight", "k_layernorm.weight")) and parameter.grad is not None:
+            qk_norm = name.endswith(("q_layernorm.weight", "k_layernorm.weight"))
+            if (qk_norm or getattr(parameter, "sequence_parallel", False)) and parameter.grad is not None:
                 dist.all_reduce(parameter.grad, group=self.layout.tp_group)
 
     # --- weights --------------------------------------------------------------------------------------
@@ -235,7 +247,7 @@ class MegatronEngine:
         layout = self.layout
         out: dict[str, torch.Tensor] = {}
         keep_dense = layout.tp_rank == 0 and layout.dp_rank == 0
-        keep_experts = layout.tp_rank == 0 and dist.get_rank(group=layout.expert_dp_group) == 0
+        keep_experts = dist.get_rank(group=layout.expert_dp_group) == 0  # experts are whole (no TP split)
         for name, parameter in self.model.named_parameters():
             keep = keep_experts if convert_moe.is_expert(name) else keep_dense
             tensor = parameter.detach()
@@ -247,7 +259,7 @@ class MegatronEngine:
             if keep and not self._is_tied_copy(name):
                 for hf_name, hf_tensor in convert.megatron_to_hf(whole_name, tensor, self.shape):
                     out[hf_name] = hf_tensor.to("cpu", torch.float32).clone()  # own storage: no views
-        if layout.pp > 1 or layout.ep > 1:  # other stages' layers, other EP ranks' experts
+        if layout.pp > 1 or (self.shape.num_experts and layout.world_size > 1):  # other stages', EP ranks' parts
             stages: list | None = [None] * layout.world_size if layout.rank == 0 else None
             dist.gather_object(out or None, stages, dst=0, group=layout.control_group)
             if layout.rank == 0:

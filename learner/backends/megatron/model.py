@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -66,6 +67,12 @@ def hf_tensor_shapes(model_path: Path) -> dict[str, list[int]]:
     return shapes
 
 
+def sequence_parallel(shape: convert.ModelShape, layout: ParallelLayout) -> bool:
+    """Megatron's MoE layers train at tp > 1 only with sequence parallelism (each TP rank routes its own slice
+    of the sequence); dense models run without it, as before."""
+    return bool(shape.num_experts) and layout.tp > 1
+
+
 def moe_config(hf_config, ep: int, aux_loss_coeff: float) -> dict:
     """TransformerConfig fields for Qwen3-MoE's layers: a softmax router whose top-k probabilities are
     renormalised (Megatron: top-k on the logits, then a softmax over those k: the same numbers), experts run
@@ -85,6 +92,7 @@ def moe_config(hf_config, ep: int, aux_loss_coeff: float) -> dict:
         "moe_grouped_gemm": False,
         "moe_router_dtype": "fp32",
         "expert_model_parallel_size": ep,
+        "expert_tensor_parallel_size": 1,  # experts whole on every rank that holds them
     }
 
 
@@ -125,6 +133,7 @@ def build_model(model_path: Path, config: MegatronBackendConfig, layout: Paralle
         **schedule.PIPELINE_CONFIG,  # micro-batches of varying shape; summed, not averaged, losses
         **(RECOMPUTE_EVERY_LAYER if config.activation_checkpointing else {}),
         **(moe_config(hf_config, layout.ep, config.moe_aux_loss_coeff) if shape.num_experts else {}),
+        sequence_parallel=sequence_parallel(shape, layout),
     )
     experts = {"num_experts": shape.num_experts, "moe_grouped_gemm": False} if shape.num_experts else {}
     if te:
@@ -132,7 +141,15 @@ def build_model(model_path: Path, config: MegatronBackendConfig, layout: Paralle
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=shape.qk_norm, **experts)
     names = convert.stage_names(shape, layout.pp_rank, layout.pp, layout.ep_rank, layout.ep)  # num_layers % pp
-    with cuda_shim.tensor_cuda_is_identity():
+    if transformer_config.sequence_parallel and layout.pp > 1:
+        raise FailedPrecondition(
+            f"a Mixture-of-Experts model at tp={layout.tp} with pp={layout.pp}: sequence-parallel pipelines are "
+            "not run yet; use pp=1 at tp > 1, or tp=1"
+        )
+    norms = (
+        cuda_shim.torch_norms_under_sequence_parallelism() if transformer_config.sequence_parallel else nullcontext()
+    )
+    with cuda_shim.tensor_cuda_is_identity(), norms:
         model = GPTModel(
             config=transformer_config,
             transformer_layer_spec=spec,

@@ -2,7 +2,8 @@
 
 A forward hook on every MoE layer's router counts the tokens routed to each expert, the right padding left
 out (the router gets the micro-batch's padding mask). Each rank counts its own tokens (before the all-to-all
-sends them to their experts' ranks), so a request's counts are the sum over ranks per layer; rank 0 reports
+sends them to their experts' ranks; under sequence parallelism each TP rank routes its own slice of the
+sequence), so a request's counts are the sum over ranks per layer; rank 0 reports
 the most loaded expert's tokens over the mean and the least loaded one's, over the layers.
 Activation checkpointing routes each micro-batch twice (forward and recompute), which doubles every count
 of a layer alike and leaves the ratios as they are.

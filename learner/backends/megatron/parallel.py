@@ -102,8 +102,10 @@ def initialize(config: MegatronBackendConfig, seed: int = 1234) -> ParallelLayou
         raise ValueError(
             f"backend.tp={config.tp} x pp={config.pp} x dp={dp} != {world} ranks; launch tp*pp*dp processes"
         )
-    if dp % config.ep:
-        raise ValueError(f"backend.ep={config.ep} must divide dp={dp}: experts are split between DP replicas")
+    if (config.tp * dp) % config.ep:
+        raise ValueError(
+            f"backend.ep={config.ep} must divide tp x dp = {config.tp * dp}: experts are split between those ranks"
+        )
     control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
     from megatron.core import parallel_state
@@ -113,6 +115,7 @@ def initialize(config: MegatronBackendConfig, seed: int = 1234) -> ParallelLayou
         tensor_model_parallel_size=config.tp,
         pipeline_model_parallel_size=config.pp,
         expert_model_parallel_size=config.ep,
+        expert_tensor_parallel_size=1,  # experts whole on each rank that holds them (not split over TP)
         distributed_timeout_minutes=max(1, round(config.collective_timeout_s / 60)),
     )
     megatron_random.model_parallel_cuda_manual_seed(seed)

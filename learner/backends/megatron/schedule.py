@@ -62,10 +62,12 @@ class MicroBatch:
         return positions[None, :] >= torch.tensor(self.lengths, device=positions.device)[:, None]
 
 
-def make_micro_batch(data: list, device: torch.device) -> MicroBatch:
+def make_micro_batch(data: list, device: torch.device, multiple: int = 1) -> MicroBatch:
+    """Right-padded to the longest datum, rounded up to `multiple` (sequence parallelism splits the
+    sequence into that many equal parts)."""
     lengths = [len(d.model_input) for d in data]
     widths = [d.targets_per_position for d in data]
-    batch, length, k = len(data), max(lengths), max(widths)
+    batch, length, k = len(data), -(-max(lengths) // multiple) * multiple, max(widths)
     input_ids_BL = torch.zeros(batch, length, dtype=torch.long)
     targets_BLK = torch.zeros(batch, length, k, dtype=torch.long)
     for row, datum in enumerate(data):

@@ -110,6 +110,9 @@ def test_mixture_of_experts_round_trip_is_exact(tmp_path):
     fc1 = shard["decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"]
     assert torch.equal(fc1[:16], state["model.layers.0.mlp.experts.3.gate_proj.weight"])
     assert torch.equal(fc1[16:], state["model.layers.0.mlp.experts.3.up_proj.weight"])
+    with pytest.raises(FailedPrecondition, match="4 experts cannot be split evenly over ep=3"):
+        convert.model_shape(config, 1, vocab_multiple=64, ep=3)
+    assert convert.model_shape(llama_config(), 1, vocab_multiple=64, ep=2).num_experts == 0, "ep leaves dense ones be"
     back = convert.megatron_shards_to_hf_state([shard], shape)
     assert set(back) == set(state)
     for name, tensor in state.items():
@@ -123,11 +126,10 @@ def test_mixture_of_experts_round_trip_is_exact(tmp_path):
         (llama_config(), 4, "not divisible by tp=4"),
         (llama_config(hidden_act="gelu"), 1, "hidden_act"),
         (llama_config(attention_bias=True), 1, "biases"),
-        (Qwen3MoeConfig(num_attention_heads=4, num_key_value_heads=2), 2, "Mixture-of-Experts layers at tp=2"),
         (Qwen3MoeConfig(num_attention_heads=4, num_key_value_heads=2, mlp_only_layers=[0]), 1, "dense layers"),
         (Qwen2Config(num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True), 1, "sliding-window"),
     ],
-    ids=["llama3-rope", "kv-heads-vs-tp", "gelu", "llama-bias", "moe-tp2", "moe-dense-layers", "sliding-window"],
+    ids=["llama3-rope", "kv-heads-vs-tp", "gelu", "llama-bias", "moe-dense-layers", "sliding-window"],
 )
 def test_unsupported_models_are_refused_by_name(config, tp, message):
     with pytest.raises(FailedPrecondition, match=message):

@@ -48,12 +48,14 @@ ADAM = AdamParams(learning_rate=1e-3, weight_decay=0.01, grad_clip_norm=1.0, eps
 LAYOUTS = {
     "tp1": (1, 1), "tp2": (2, 2), "tp1-dp2": (1, 2), "pp2": (1, 2, 2), "pp2-mb16": (1, 2, 2, 16),
     "tp2-ckpt": (2, 2, 1, None, True), "ep2": (1, 2, 1, None, False, 2), "ep2-mb16": (1, 2, 1, 16, False, 2),
+    "tp2-ep2": (2, 2, 1, None, False, 2),
 }  # fmt: skip
 """(tp, world[, pp[, max_tokens_per_micro_batch[, activation_checkpointing[, ep]]]]): "pp2-mb16" splits every test
 batch into 3-4 micro-batches (a datum longer than 16 tokens goes alone) that go through both stages on
 megatron's 1F1B schedule; "tp2-ckpt" recomputes every layer's activations in backward; "ep2" splits an MoE's
 experts over the two DP replicas (tokens reach them by all-to-all), "ep2-mb16" with micro-batches, so one
-replica runs fewer than the other and pads with fillers (the all-to-all needs both at every layer)."""
+replica runs fewer than the other and pads with fillers (the all-to-all needs both at every layer); "tp2-ep2"
+runs an MoE with sequence parallelism, its experts split over the two TP ranks."""
 
 pytestmark = pytest.mark.integration
 require_megatron()
@@ -122,6 +124,8 @@ def saved_tensors(path: str) -> dict[str, torch.Tensor]:
         ("qwen3-moe", "tp1"),
         ("qwen3-moe", "pp2"),
         ("qwen3-moe", "ep2"),
+        ("qwen3-moe", "tp2-ep2"),
+        ("qwen3-moe", "tp2"),
     ],
 )
 async def test_logprobs_match_the_torch_backend(megatron_learners, models, model, layout):
@@ -157,7 +161,8 @@ async def test_logprobs_match_the_torch_backend(megatron_learners, models, model
     + [("ppo", "pp2-mb16", "llama", 1.0), ("gspo", "pp2-mb16", "qwen2", 1.0)]  # micro-batches vs one batch
     + [("ppo", "tp2-ckpt", "llama", 1.0)]  # activations recomputed in backward
     + [("ppo", "tp1", "qwen3-moe", 1.0), ("importance_sampling", "tp1-dp2", "qwen3-moe", 1.0)]
-    + [("ppo", "ep2", "qwen3-moe", 1.0), ("cross_entropy", "ep2-mb16", "qwen3-moe", 1.0)],
+    + [("ppo", "ep2", "qwen3-moe", 1.0), ("cross_entropy", "ep2-mb16", "qwen3-moe", 1.0)]
+    + [("ppo", "tp2-ep2", "qwen3-moe", 1.0)],
 )
 async def test_three_adamw_steps_match_the_torch_backend(megatron_learners, models, loss_fn, layout, model, grad_scale):
     adam = dataclasses.replace(ADAM, grad_scale=grad_scale)  # grad_scale: OptimStep's normalisation factor
@@ -220,6 +225,7 @@ def close_request(client):
         ("qwen3", "tp2"),
         ("qwen3-moe", "tp1"),
         ("qwen3-moe", "ep2"),
+        ("qwen3-moe", "tp2-ep2"),
     ],
 )
 async def test_hf_to_megatron_to_hf_round_trip_is_exact(megatron_learners, models, model, layout, tmp_path):
