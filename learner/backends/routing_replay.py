@@ -27,7 +27,13 @@ def check_routes(model: torch.nn.Module, routes: Sequence[np.ndarray], lengths: 
             f"the batch carries routed_experts for routing replay, but this learner's model "
             f"({type(model).__name__}) has no Mixture-of-Experts router; turn routing replay off"
         )
-    layers, top_k, experts = len(routers), routers[0].top_k, routers[0].num_experts
+    check_routes_fit(routes, lengths, len(routers), routers[0].top_k, routers[0].num_experts)
+
+
+def check_routes_fit(
+    routes: Sequence[np.ndarray], lengths: Sequence[int], layers: int, top_k: int, experts: int
+) -> None:
+    """InvalidArgument unless each datum has lengths x layers x top_k expert ids, each below `experts`."""
     for index, (values, length) in enumerate(zip(routes, lengths, strict=True)):
         if values.size != length * layers * top_k:
             raise InvalidArgument(

@@ -116,11 +116,6 @@ class MegatronBackend(LearnerBackend):
     def forward(
         self, batch: TrainingBatch, loss: LossSpec, loss_config: Mapping[str, float], backward: bool
     ) -> ForwardResult:
-        if any(datum.routed_experts is not None for datum in batch.data):
-            raise FailedPrecondition(
-                "the batch carries routed_experts for routing replay, which the Megatron backend does not "
-                "replay (its models are dense); turn routing replay off or use the torch backend"
-            )
         return self._commander.execute(
             "forward", self._session, batch=batch, loss=loss, loss_config=dict(loss_config), backward=backward
         )

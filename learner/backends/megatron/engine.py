@@ -28,16 +28,18 @@ import torch
 import torch.distributed as dist
 
 from learner.backends.base import ForwardResult, clip_and_step
-from learner.backends.megatron import convert, convert_moe, schedule
+from learner.backends.megatron import convert, convert_moe, routing, schedule
 from learner.backends.megatron.logprobs import vocab_parallel_target_logprobs
 from learner.backends.megatron.model import build_model, hf_tensor_shapes
 from learner.backends.megatron.moe_metrics import ExpertLoad, load_metrics
 from learner.backends.megatron.parallel import ParallelLayout
 from learner.backends.packing import peak_memory_gib, plan_micro_batches
+from learner.backends.routing_replay import check_routes_fit
 from learner.batch import TrainingBatch
 from learner.config import MegatronBackendConfig
 from learner.losses import LossSpec, loss_inputs_T
 from protos.adam import AdamParams
+from protos.errors import FailedPrecondition
 
 
 class MegatronEngine:
@@ -122,11 +124,15 @@ class MegatronEngine:
         micro_batches = [
             schedule.make_micro_batch([mine[i] for i in piece], layout.device, multiple) for piece in pieces
         ]
+        replay = self._route_replayer(batch)  # checks the routes before any collective
         micro_batches += self._idle_micro_batches(len(micro_batches))
-        kept = schedule.run(
-            self.model, micro_batches, loss_on_logits, last_stage=layout.last_stage, backward=backward,
-            autocast=self._autocast,
-        )[: len(pieces)]  # fmt: skip
+        try:
+            kept = schedule.run(
+                self.model, micro_batches, loss_on_logits, last_stage=layout.last_stage, backward=backward,
+                autocast=self._autocast, before_forward=replay,
+            )[: len(pieces)]  # fmt: skip
+        finally:
+            routing.stop(routing.replays(self.model))
         local: list[np.ndarray] = [lp for piece in kept for lp in piece["logprobs"]]
         metrics: dict[str, float] = kept[-1]["metrics"] if kept else {}
         if len(pieces) > 1 and local:  # the metrics of the whole of this replica's datums, not the last piece's
@@ -155,6 +161,28 @@ class MegatronEngine:
         metrics["learner/peak_memory_gib:max"] = max(part["peak"] for part in gathered)
         metrics.update(load_metrics(part["expert_load"] for part in gathered))
         return ForwardResult(logprobs, metrics)
+
+    def _route_replayer(self, batch: TrainingBatch):
+        """With routes in the batch (checked against the model first, on every rank alike), what sets each
+        micro-batch's routes as its forward starts (routing.py); None without."""
+        if not batch.data or batch.data[0].routed_experts is None:
+            return None
+        if not self.shape.num_experts:
+            raise FailedPrecondition(
+                "the batch carries routed_experts for routing replay, but this model has no Mixture-of-Experts "
+                "router; turn routing replay off"
+            )
+        top_k, layout = int(self.hf_config.num_experts_per_tok), self.layout
+        lengths = [len(d.model_input) for d in batch.data]
+        check_routes_fit([d.routed_experts for d in batch.data], lengths, self.shape.num_layers, top_k,
+                         self.shape.num_experts)  # fmt: skip
+        routing.check_replayable(layout.pp, self.config.activation_checkpointing)
+        per_stage = self.shape.num_layers // layout.pp
+        layers = range(layout.pp_rank * per_stage, (layout.pp_rank + 1) * per_stage)
+        handles, split = routing.replays(self.model), self.model.config.sequence_parallel
+        return lambda micro_batch: routing.start(
+            handles, routing.micro_batch_routes(micro_batch, layers, top_k, layout.tp_rank, layout.tp, split)
+        )
 
     def _idle_micro_batches(self, planned: int) -> list[schedule.MicroBatch]:
         """With experts split over EP ranks, every MoE layer's all-to-all needs every rank of the EP group, so

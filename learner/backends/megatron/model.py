@@ -93,6 +93,7 @@ def moe_config(hf_config, ep: int, aux_loss_coeff: float) -> dict:
         "moe_router_dtype": "fp32",
         "expert_model_parallel_size": ep,
         "expert_tensor_parallel_size": 1,  # experts whole on every rank that holds them
+        "moe_enable_routing_replay": True,  # inert until a batch carries routes (routing.py)
     }
 
 
@@ -162,6 +163,10 @@ def build_model(model_path: Path, config: MegatronBackendConfig, layout: Paralle
             rotary_base=int(convert.rope_theta(hf_config)),
         ).to(layout.device)
     load_hf_weights(model, shape, names, hf_tensor_reader(model_path), layout)
+    if shape.num_experts:  # megatron lists every RouterReplay globally; routing.py uses each router's own
+        from megatron.core.transformer.moe.router_replay import RouterReplay
+
+        RouterReplay.global_router_replay_instances.clear()
     for module in model.modules():
         # In per-token-loss mode a router multiplies its load-balancing loss by the micro-batch's tokens, for
         # Megatron's finalize to divide every gradient by them again; losses here are sums that nothing

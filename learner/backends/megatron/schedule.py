@@ -100,9 +100,11 @@ def run(
     last_stage: bool,
     backward: bool,
     autocast: Callable,
+    before_forward: Callable[[MicroBatch], None] | None = None,
 ) -> list[dict]:
     """Forward (and backward) of every micro-batch through this stage; on the last stage, what
-    `loss_on_logits` kept for each micro-batch, in order ([] elsewhere)."""
+    `loss_on_logits` kept for each micro-batch, in order ([] elsewhere). `before_forward` sees each
+    micro-batch as its forward starts (routing replay sets its routes there)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not micro_batches:
@@ -110,6 +112,8 @@ def run(
 
     def forward_step(data_iterator, stage_model):
         micro_batch = next(data_iterator)
+        if before_forward is not None:
+            before_forward(micro_batch)
         moe = {"padding_mask": micro_batch.padding_BL} if stage_model.config.num_moe_experts else {}
         with autocast():
             output = stage_model(micro_batch.input_ids_BL, micro_batch.position_ids_BL, micro_batch.causal_mask, **moe)

@@ -3,6 +3,8 @@ here from Hugging Face's own router logits (each datum alone, so no padding):
 
 * per-expert load: the most and least loaded expert's real tokens over the mean (worst layer), at TP1, at PP2
   (each stage counts its own layers) and at EP2 (each replica its own tokens, before the all-to-all);
+* routing replay: logprobs with routes a perturbed router recorded equal the torch backend's replay at TP1,
+  PP2, EP2 and TP2 x EP2 (sequence parallel), and differ from free routing;
 * the load-balancing loss (`backend.moe_aux_loss_coeff`): Switch Transformer's term per layer,
   coeff * E / (k * T^2) * sum_e (sum_t p_te) * n_e over the micro-batch's T real tokens, added to the
   policy loss: Megatron's gradient norm and its weights after a step equal the torch backend's with this
@@ -11,11 +13,15 @@ here from Hugging Face's own router logits (each datum alone, so no padding):
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 
 from protos.adam import AdamParams
 from protos.channels import open_channel
+from protos.moe_routing import moe_routers, recording
 from tests.learner.megatron.needs import require_megatron
 from tests.learner.megatron.test_megatron_parity import (
     LAYOUTS,
@@ -114,3 +120,63 @@ async def test_load_balancing_loss_adds_its_gradient(megatron_learners, moe):
     assert stepped.metrics["grad_norm:mean"] == pytest.approx(expected["grad_norm:mean"], rel=1e-4)
     assert stepped.metrics["grad_norm:mean"] != pytest.approx(expected_without["grad_norm:mean"], rel=1e-3)
     assert_weights_match(weights, dict(with_aux.named_weights()))
+
+
+def sampled_routes(hf, rows) -> list[np.ndarray]:
+    """Each row's routes as a sampler a step behind would record them: the routers perturbed (noise of half
+    their spread), the recording the one protos.moe_routing makes on the rollout."""
+    sampler = copy.deepcopy(hf)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for router in moe_routers(sampler):
+            router.weight.add_(0.5 * torch.randn(router.weight.shape, generator=generator) * router.weight.std())
+    routes = []
+    for row in rows:
+        with torch.no_grad(), recording(sampler) as recorder:
+            sampler(input_ids=torch.as_tensor(row["model_input"], dtype=torch.long)[None])
+        routes.append(recorder.forwards()[0].numpy().reshape(-1))
+    return routes
+
+
+@pytest.mark.parametrize("layout", ["tp1", "pp2", "ep2", "tp2-ep2"])
+async def test_replayed_routes_match_the_torch_backend(megatron_learners, moe, layout):
+    """Megatron's router replay (each micro-batch's routes laid out sequence-major, sliced per TP rank under
+    sequence parallelism, per stage's layers) against the torch backend's (protos.moe_routing), both on routes
+    that their own routers would not all have picked."""
+    model_dir, hf = moe
+    rows = rows_for("ppo", hf, seed=5)
+    replayed = [{**row, "routed_experts": routes} for row, routes in zip(rows, sampled_routes(hf, rows), strict=True)]
+    reference = torch_backend(model_dir)
+    expected = torch_forward(reference, replayed, "ppo", backward=False)
+    free = torch_forward(reference, rows, "ppo", backward=False)
+    assert expected.metrics["learner/routing_replay_changed:mean"] > 0.05, "the sampler routed otherwise"
+    async with open_channel(megatron_learners(*LAYOUTS[layout]).address) as channel:
+        client = await megatron_client(channel, model_dir)
+        logprobs, _ = await client.forward(replayed, "ppo")
+        await client.stub.CloseSession(close_request(client))
+    for got, want in zip(logprobs, expected.logprobs, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert max(np.abs(w - o).max() for w, o in zip(expected.logprobs, free.logprobs, strict=True)) > 1e-3
+
+
+async def test_a_replayed_step_matches_the_torch_backend(megatron_learners, moe):
+    """One ppo step on replayed routes at TP2 x EP2: the gradient (its norm) and the weights after it equal the
+    torch backend's on the same routes."""
+    model_dir, hf = moe
+    rows = rows_for("ppo", hf, seed=6)
+    replayed = [{**row, "routed_experts": routes} for row, routes in zip(rows, sampled_routes(hf, rows), strict=True)]
+    adam = AdamParams(learning_rate=1e-3, weight_decay=0.01, grad_clip_norm=1.0, eps=1e-8)
+    reference = torch_backend(model_dir)
+    torch_forward(reference, replayed, "ppo", backward=True)
+    expected = reference.optim_step(adam)
+    async with open_channel(megatron_learners(*LAYOUTS["tp2-ep2"]).address) as channel:
+        client = await megatron_client(channel, model_dir)
+        await client.forward_backward(replayed, "ppo")
+        stepped = await client.optim_step(
+            learning_rate=adam.learning_rate, weight_decay=adam.weight_decay, grad_clip_norm=adam.grad_clip_norm,
+            eps=adam.eps,
+        )  # fmt: skip
+        weights = saved_tensors((await client.save_weights("after-replay")).path)
+        await client.stub.CloseSession(close_request(client))
+    assert stepped.metrics["grad_norm:mean"] == pytest.approx(expected["grad_norm:mean"], rel=1e-4)
+    assert_weights_match(weights, dict(reference.named_weights()))
