@@ -37,6 +37,7 @@ from tests.learner.megatron.test_megatron_parity import (
 pytestmark = pytest.mark.integration
 require_megatron()
 
+ADAM = AdamParams(learning_rate=1e-3, weight_decay=0.01, grad_clip_norm=1.0, eps=1e-8)
 AUX_COEFF = 1.0  # large, so its share of the gradient is far above the comparison's tolerance
 
 
@@ -100,26 +101,31 @@ def switch_aux_loss(model, rows, coeff: float) -> torch.Tensor:
 async def test_load_balancing_loss_adds_its_gradient(megatron_learners, moe):
     model_dir, hf = moe
     learner = megatron_learners(1, 1, settings=(f"backend.moe_aux_loss_coeff={AUX_COEFF}",))
-    adam = AdamParams(learning_rate=1e-3, weight_decay=0.01, grad_clip_norm=1.0, eps=1e-8)
     rows = rows_for("ppo", hf, seed=0)
     with_aux, without_aux = torch_backend(model_dir), torch_backend(model_dir)
     torch_forward(with_aux, rows, "ppo", backward=True)
     switch_aux_loss(with_aux.model, rows, AUX_COEFF).backward()  # onto the policy loss's gradients
-    expected = with_aux.optim_step(adam)
+    expected = with_aux.optim_step(ADAM)
     torch_forward(without_aux, rows, "ppo", backward=True)
-    expected_without = without_aux.optim_step(adam)
-    async with open_channel(learner.address) as channel:
+    expected_without = without_aux.optim_step(ADAM)
+    stepped, weights = await megatron_step(learner.address, model_dir, rows, ADAM)
+    assert stepped.metrics["grad_norm:mean"] == pytest.approx(expected["grad_norm:mean"], rel=1e-4)
+    assert stepped.metrics["grad_norm:mean"] != pytest.approx(expected_without["grad_norm:mean"], rel=1e-3)
+    assert_weights_match(weights, dict(with_aux.named_weights()))
+
+
+async def megatron_step(address: str, model_dir, rows, adam: AdamParams) -> tuple:
+    """One ppo ForwardBackward + OptimStep on a fresh session: (the step's reply, the weights after it)."""
+    async with open_channel(address) as channel:
         client = await megatron_client(channel, model_dir)
         await client.forward_backward(rows, "ppo")
         stepped = await client.optim_step(
             learning_rate=adam.learning_rate, weight_decay=adam.weight_decay, grad_clip_norm=adam.grad_clip_norm,
             eps=adam.eps,
         )  # fmt: skip
-        weights = saved_tensors((await client.save_weights("after-aux")).path)
+        weights = saved_tensors((await client.save_weights(f"after-{client.session_id}")).path)
         await client.stub.CloseSession(close_request(client))
-    assert stepped.metrics["grad_norm:mean"] == pytest.approx(expected["grad_norm:mean"], rel=1e-4)
-    assert stepped.metrics["grad_norm:mean"] != pytest.approx(expected_without["grad_norm:mean"], rel=1e-3)
-    assert_weights_match(weights, dict(with_aux.named_weights()))
+    return stepped, weights
 
 
 def sampled_routes(hf, rows) -> list[np.ndarray]:
@@ -165,18 +171,9 @@ async def test_a_replayed_step_matches_the_torch_backend(megatron_learners, moe)
     model_dir, hf = moe
     rows = rows_for("ppo", hf, seed=6)
     replayed = [{**row, "routed_experts": routes} for row, routes in zip(rows, sampled_routes(hf, rows), strict=True)]
-    adam = AdamParams(learning_rate=1e-3, weight_decay=0.01, grad_clip_norm=1.0, eps=1e-8)
     reference = torch_backend(model_dir)
     torch_forward(reference, replayed, "ppo", backward=True)
-    expected = reference.optim_step(adam)
-    async with open_channel(megatron_learners(*LAYOUTS["tp2-ep2"]).address) as channel:
-        client = await megatron_client(channel, model_dir)
-        await client.forward_backward(replayed, "ppo")
-        stepped = await client.optim_step(
-            learning_rate=adam.learning_rate, weight_decay=adam.weight_decay, grad_clip_norm=adam.grad_clip_norm,
-            eps=adam.eps,
-        )  # fmt: skip
-        weights = saved_tensors((await client.save_weights("after-replay")).path)
-        await client.stub.CloseSession(close_request(client))
+    expected = reference.optim_step(ADAM)
+    stepped, weights = await megatron_step(megatron_learners(*LAYOUTS["tp2-ep2"]).address, model_dir, replayed, ADAM)
     assert stepped.metrics["grad_norm:mean"] == pytest.approx(expected["grad_norm:mean"], rel=1e-4)
     assert_weights_match(weights, dict(reference.named_weights()))
