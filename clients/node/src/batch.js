@@ -21,6 +21,7 @@ export const BATCH_COLUMNS = {
   targets_per_position: () => new Int32(), // K, default 1
   sampler_version: () => new Int64(), // weight version that sampled the row (its oldest token's)
   sampler_versions: () => listOf(new Int64()), // N, the version that sampled each target; -1 on prompt positions
+  routed_experts: () => listOf(new Int32()), // N*L*k, the experts each position was routed to (routing replay)
   group_id: () => new Int64(), // rollout group of the row
   reward: () => new Float32(), // scalar reward of the row
 };

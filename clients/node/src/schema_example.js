@@ -19,6 +19,7 @@ const example = {
   targets_per_position: 1,
   sampler_version: 1,
   sampler_versions: [-1, 1],
+  routed_experts: [0, 1, 2, 3],
   group_id: 0,
   reward: 1,
 };
