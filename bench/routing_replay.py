@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 from transformers import AutoTokenizer
@@ -29,7 +30,8 @@ from coordinator.client.convert import datum_row
 from coordinator.envs import build_source
 from coordinator.envs.answer_env import AnswerEnv
 from coordinator.models import resolve_model
-from coordinator.objectives.maths import group_advantages, policy_datum, sampler_learner_kl, supervised_datum
+from coordinator.objectives.maths import group_advantages, policy_datum, sampler_learner_kl
+from coordinator.warmup import warmup_data
 from learner.backends.torch_backend import TorchBackend
 from learner.batch import TrainingBatch, batch_from_arrow
 from learner.config import TorchBackendConfig
@@ -48,8 +50,6 @@ def to_batch(data: list, vocab: int) -> TrainingBatch:
 
 
 def without_routes(batch: TrainingBatch) -> TrainingBatch:
-    from dataclasses import replace
-
     return TrainingBatch([replace(d, routed_experts=None) for d in batch.data], batch.input_names)
 
 
@@ -58,15 +58,11 @@ def completion_logprobs(logprobs: list[np.ndarray], completion_lengths: list[int
 
 
 async def warm_up(backend: TorchBackend, envs: list[AnswerEnv], steps: int, vocab: int) -> None:
-    """Supervised steps on right answers (coordinator/warmup.py's recipe), so RL has rewards to learn from."""
+    """Supervised steps on right answers (coordinator/warmup.py's data, 64 problems a step, lr 1e-3: the main
+    job's warmup settings), so RL has rewards to learn from."""
     loss = LOSSES["cross_entropy"]
     for step in range(steps):
-        chosen = envs[(step * 64) % len(envs) :][:64]
-        data = [
-            supervised_datum(await e.prompt_tokens(), r, 1.0 / len(r))
-            for e in chosen
-            for r in [e.reference_completion()]
-        ]
+        data = await warmup_data(envs[(step * 64) % len(envs) :][:64])
         backend.forward(to_batch(data, vocab), loss, dict(loss.defaults), backward=True)
         backend.optim_step(AdamParams(learning_rate=1e-3, eps=1e-8, grad_clip_norm=1.0))
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
 
 from coordinator.client.learner_api import LearnerSession
+from coordinator.client.types import Datum
 from coordinator.config import WarmupConfig
 from coordinator.envs.answer_env import AnswerEnv
 from coordinator.envs.base import Problem, ProblemSource
@@ -51,9 +52,7 @@ async def supervised_warmup(
     step = int(session.info.step)
     for index in range(config.steps):
         envs = [make_env(problem) for problem in problems(source, index * config.batch_size, config.batch_size)]
-        pairs = [(await env.prompt_tokens(), env.reference_completion()) for env in envs]
-        weight = 1.0 / sum(len(completion) for _, completion in pairs)
-        data = [supervised_datum(prompt, completion, weight) for prompt, completion in pairs]
+        data = await warmup_data(envs)
         output = await session.forward_backward(data, "cross_entropy")
         loss = output.metrics["loss:sum"]  # -sum(weights * logprobs): with weights 1/targets, the mean NLL
         step = int((await session.optim_step(adam)).step)
@@ -71,6 +70,14 @@ async def supervised_warmup(
         soft_wrap=True,
     )
     return step
+
+
+async def warmup_data(envs: Sequence[AnswerEnv]) -> list[Datum]:
+    """One warmup step's data: each problem's right answer (and EOS) for `cross_entropy`, weights 1/targets
+    over the whole step, so the loss is the mean NLL of the answer tokens."""
+    pairs = [(await env.prompt_tokens(), env.reference_completion()) for env in envs]
+    weight = 1.0 / sum(len(completion) for _, completion in pairs)
+    return [supervised_datum(prompt, completion, weight) for prompt, completion in pairs]
 
 
 def problems(source: ProblemSource, start: int, count: int) -> list[Problem]:
