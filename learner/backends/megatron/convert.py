@@ -1,4 +1,5 @@
-"""Hugging Face Llama/Qwen2/Qwen3(-MoE) weights <-> Megatron GPTModel (local or Transformer Engine spec), per TP rank.
+"""Hugging Face Llama/Qwen2/Qwen3(-MoE)/DeepSeek-V3 weights <-> Megatron GPTModel (local or Transformer Engine
+spec), per TP rank. DeepSeek-V3's attention is convert_mla.py's, every router and expert convert_moe.py's.
 
 Pure tensor code (no megatron import), so it is testable anywhere. The layouts:
 
@@ -13,6 +14,7 @@ Pure tensor code (no megatron import), so it is testable anywhere. The layouts:
   mlp.gate (Qwen3-MoE router)   -> mlp.router                       replicated ([experts, hidden])
   mlp.experts.e.[gate; up]      -> mlp.experts.local_experts.e.linear_fc1   whole (tp = 1 only)
   mlp.experts.e.down_proj       -> mlp.experts.local_experts.e.linear_fc2   whole
+  mlp.shared_experts            -> mlp.shared_experts.linear_fc1 / fc2      split as a dense MLP
   model.norm / lm_head          -> decoder.final_layernorm / output_layer (absent when tied)
 
 Splitting the whole `linear_qkv` by rows gives each rank whole query groups, which is why
@@ -22,82 +24,13 @@ num_key_value_heads must be divisible by tp.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 
 import torch
 
+from learner.backends.megatron import convert_mla as mla
 from learner.backends.megatron import convert_moe as moe
+from learner.backends.megatron.model_shape import ModelShape
 from protos.errors import FailedPrecondition
-
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the conversion needs from a Hugging Face config."""
-
-    num_layers: int
-    num_heads: int
-    num_groups: int
-    head_dim: int
-    vocab_size: int
-    padded_vocab_size: int
-    tied: bool
-    qkv_bias: bool
-    te_names: bool = False
-    """Transformer Engine spec: the two pre-norms are fused into linear_qkv / linear_fc1."""
-    qk_norm: bool = False
-    """Qwen3: an RMSNorm over head_dim on every query and key head, before RoPE (Megatron's qk_layernorm)."""
-    num_experts: int = 0
-    """Qwen3-MoE: routed experts in every layer's MLP (0: dense). Megatron's SequentialMLP names them
-    local_experts.e; with one expert-parallel rank, local and global expert numbers are the same."""
-
-    @property
-    def heads_per_group(self) -> int:
-        return self.num_heads // self.num_groups
-
-
-def model_shape(hf_config, tp: int, vocab_multiple: int, te_names: bool = False, ep: int = 1) -> ModelShape:
-    """Check that the model is supported at this tp and describe it; FailedPrecondition names what is not."""
-    kind = getattr(hf_config, "model_type", "?")
-    if kind not in SUPPORTED_MODEL_TYPES:
-        raise FailedPrecondition(f"the megatron backend converts {list(SUPPORTED_MODEL_TYPES)} models, not {kind!r}")
-    problems = []
-    if getattr(hf_config, "hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={hf_config.hidden_act!r} (only silu)")
-    if getattr(hf_config, "mlp_bias", False) or (kind != "qwen2" and getattr(hf_config, "attention_bias", False)):
-        problems.append("linear biases other than Qwen2's qkv bias")
-    if getattr(hf_config, "use_sliding_window", False):
-        problems.append("sliding-window attention (Megatron's layers attend over the whole sequence)")
-    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        problems.append(f"rope scaling {rope.get('rope_type', rope.get('type'))!r}")
-    heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
-    if groups % tp or heads % tp:
-        problems.append(f"{heads} heads / {groups} kv heads are not divisible by tp={tp}")
-    problems += moe.problems(hf_config, tp, ep) if kind == "qwen3_moe" else []
-    if problems:
-        raise FailedPrecondition(f"cannot shard this {kind} model over megatron: {'; '.join(problems)}")
-    vocab = int(hf_config.vocab_size)
-    return ModelShape(
-        num_layers=hf_config.num_hidden_layers,
-        num_heads=heads,
-        num_groups=groups,
-        head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
-        vocab_size=vocab,
-        padded_vocab_size=-(-vocab // vocab_multiple) * vocab_multiple,
-        tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        qkv_bias=kind == "qwen2",
-        te_names=te_names,
-        qk_norm=kind in ("qwen3", "qwen3_moe"),
-        num_experts=int(hf_config.num_experts) if kind == "qwen3_moe" else 0,
-    )
-
-
-def rope_theta(hf_config) -> float:
-    """transformers 5 keeps rope_theta in `rope_parameters`; older configs have it at the top level."""
-    parameters = getattr(hf_config, "rope_parameters", None) or {}
-    return float(parameters.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
 
 
 def _norm_names(shape: ModelShape, layer: str) -> tuple[str, str]:
@@ -112,12 +45,15 @@ def megatron_names(shape: ModelShape) -> list[str]:
     for i in range(shape.num_layers):
         layer = f"decoder.layers.{i}."
         norm_in, norm_mlp = _norm_names(shape, layer)
-        names += [norm_in, layer + "self_attention.linear_qkv.weight"]
-        names += [layer + "self_attention.linear_qkv.bias"] if shape.qkv_bias else []
-        names += [layer + f"self_attention.{q}_layernorm.weight" for q in "qk"] if shape.qk_norm else []
+        if shape.mla:
+            names += [norm_in, *mla.layer_names(layer, shape.q_lora)]
+        else:
+            names += [norm_in, layer + "self_attention.linear_qkv.weight"]
+            names += [layer + "self_attention.linear_qkv.bias"] if shape.qkv_bias else []
+            names += [layer + f"self_attention.{q}_layernorm.weight" for q in "qk"] if shape.qk_norm else []
         names += [layer + "self_attention.linear_proj.weight", norm_mlp]
-        if shape.num_experts:
-            names += moe.layer_names(layer, shape.num_experts)
+        if shape.is_moe_layer(i):
+            names += moe.layer_names(layer, shape.num_experts, shape.expert_bias, shape.shared_experts)
         else:
             names += [layer + "mlp.linear_fc1.weight", layer + "mlp.linear_fc2.weight"]
     names.append("decoder.final_layernorm.weight")
@@ -153,8 +89,10 @@ def stage_names(shape: ModelShape, pp_rank: int, pp: int, ep_rank: int = 0, ep: 
 
 def partition_dim(name: str) -> int | None:
     """The dimension a Megatron parameter is split along over TP ranks; None when it is replicated."""
-    if moe.is_moe_name(name):
-        return None  # experts are whole per rank (tp = 1 with MoE); the router is replicated
+    if moe.is_routed_name(name):
+        return None  # experts are whole per rank (ETP = 1); the router and its bias are replicated
+    if mla.splits_rows(name):
+        return 0
     if name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_fc1.weight")):
         return 0
     if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
@@ -188,6 +126,8 @@ def hf_to_megatron(name: str, shape: ModelShape, hf: Callable[[str], torch.Tenso
         return hf(prefix + "input_layernorm.weight")
     if rest == norm_mlp:
         return hf(prefix + "post_attention_layernorm.weight")
+    if shape.mla and mla.is_mla_name(rest):
+        return mla.hf_to_megatron(rest, prefix, hf)
     if rest.startswith("self_attention.linear_qkv."):
         suffix = rest.rsplit(".", 1)[1]
         g, d = shape.num_groups, shape.head_dim
@@ -227,6 +167,8 @@ def megatron_to_hf(name: str, tensor: torch.Tensor, shape: ModelShape) -> Iterat
         yield prefix + "input_layernorm.weight", tensor
     elif rest == norm_mlp:
         yield prefix + "post_attention_layernorm.weight", tensor
+    elif shape.mla and mla.is_mla_name(rest):
+        yield mla.hf_name(rest, prefix), tensor
     elif rest.startswith("self_attention.linear_qkv."):
         suffix = rest.rsplit(".", 1)[1]
         g, d = shape.num_groups, shape.head_dim

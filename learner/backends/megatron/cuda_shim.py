@@ -8,7 +8,8 @@ schedules count tokens in a `device="cuda"` tensor. This module redirects exactl
 
 It is installed only when no GPU is present (`install_if_needed`), and nowhere else: on a CUDA machine
 megatron runs unpatched. Two gaps of megatron-core without Transformer Engine are filled here too, on any
-device: the MoE router's unset `te_general_gemm`, and the plain-torch norm under sequence parallelism. The
+device: the MoE router's unset `te_general_gemm`, the plain-torch norm under sequence parallelism, and
+MLA's belief that Transformer Engine is there. The
 backend never uses the code paths that need more (Megatron's own optimizer/DDP stack, which want
 `Tensor.type() == 'torch.cuda.FloatTensor'`).
 """
@@ -110,6 +111,20 @@ def install_moe_cpu_fixes() -> None:
         return tokens_per_expert
 
     dispatcher._maybe_dtoh_and_synchronize = splits_to_host
+
+
+def install_mla_local_fixes(duplicated_linear: type) -> None:
+    """megatron-core's multi-latent attention on the local spec (deepseek.py). It accepts a replicated
+    down projection only as TE's `TELinear` or modelopt's `Linear`; `duplicated_linear` becomes the latter.
+    And it imports TE's linears through a module that stands in for TE when it is absent, so it believes
+    TE is there and checks its layers against TE's stand-in classes; without TE those checks must be off."""
+    import importlib.util
+
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.Linear = duplicated_linear
+    if importlib.util.find_spec("transformer_engine") is None:
+        multi_latent_attention.HAVE_TE = False
 
 
 @contextlib.contextmanager

@@ -174,11 +174,10 @@ class MegatronEngine:
             )
         top_k, layout = int(self.hf_config.num_experts_per_tok), self.layout
         lengths = [len(d.model_input) for d in batch.data]
-        check_routes_fit([d.routed_experts for d in batch.data], lengths, self.shape.num_layers, top_k,
+        check_routes_fit([d.routed_experts for d in batch.data], lengths, self.shape.num_moe_layers, top_k,
                          self.shape.num_experts)  # fmt: skip
         routing.check_replayable(layout.pp, self.config.activation_checkpointing)
-        per_stage = self.shape.num_layers // layout.pp
-        layers = range(layout.pp_rank * per_stage, (layout.pp_rank + 1) * per_stage)
+        layers = self.shape.moe_layers_of_stage(layout.pp_rank, layout.pp)  # numbered among the MoE layers
         handles, split = routing.replays(self.model), self.model.config.sequence_parallel
         return lambda micro_batch: routing.start(
             handles, routing.micro_batch_routes(micro_batch, layers, top_k, layout.tp_rank, layout.tp, split)
@@ -276,7 +275,7 @@ class MegatronEngine:
         out: dict[str, torch.Tensor] = {}
         keep_dense = layout.tp_rank == 0 and layout.dp_rank == 0
         keep_experts = dist.get_rank(group=layout.expert_dp_group) == 0  # experts are whole (no TP split)
-        for name, parameter in self.model.named_parameters():
+        for name, parameter in convert_moe.model_weights(self.model).items():  # with the expert biases
             keep = keep_experts if convert_moe.is_expert(name) else keep_dense
             tensor = parameter.detach()
             if convert.partition_dim(name) is not None and layout.tp > 1:

@@ -1,7 +1,8 @@
 """Build this rank's Megatron GPTModel from a Hugging Face model directory and load its weights.
 
 The TransformerConfig is derived from config.json (Llama / Qwen2: RMSNorm, SwiGLU, RoPE, GQA, Qwen2's qkv
-bias, tied embeddings). Parameters are created uninitialised (`perform_initialization=False`) and then
+bias, tied embeddings; Qwen3's q/k norms; Qwen3-MoE's experts; DeepSeek-V3's MLA and router: deepseek.py).
+Parameters are created uninitialised (`perform_initialization=False`) and then
 filled from the safetensors, one HF tensor at a time, converted to Megatron layout and cut to this TP
 rank's slice of this pipeline stage's layers - no rank ever holds more than one full layer tensor beyond
 its own shard.
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from learner.backends.megatron import convert, cuda_shim, schedule
+from learner.backends.megatron import convert, convert_moe, cuda_shim, deepseek, schedule
+from learner.backends.megatron.model_shape import ModelShape, model_shape, rope_theta
 from learner.backends.megatron.parallel import ParallelLayout
 from learner.config import MegatronBackendConfig
 from protos.errors import FailedPrecondition
@@ -27,10 +29,17 @@ RECOMPUTE_EVERY_LAYER = {"recompute_granularity": "full", "recompute_method": "u
 """backend.activation_checkpointing: each layer's input is kept, its insides recomputed in backward."""
 
 
-def use_transformer_engine(config: MegatronBackendConfig, layout: ParallelLayout) -> bool:
+def use_transformer_engine(config: MegatronBackendConfig, layout: ParallelLayout, mla: bool = False) -> bool:
+    """MLA models always take the local spec: TE's fuses the q/kv latent norms into the up projections,
+    under names the converter does not write."""
     installed = importlib.util.find_spec("transformer_engine") is not None
     if config.transformer_engine == "on" and not installed:
         raise FailedPrecondition("backend.transformer_engine='on' but transformer_engine is not installed")
+    if mla:
+        if config.transformer_engine == "on":
+            raise FailedPrecondition("backend.transformer_engine='on' with a DeepSeek-V3 (MLA) model: it runs on "
+                                     "megatron's local spec only; use 'auto' or 'off'")  # fmt: skip
+        return False
     return config.transformer_engine == "on" or (
         config.transformer_engine == "auto" and installed and layout.device.type == "cuda"
     )
@@ -67,7 +76,7 @@ def hf_tensor_shapes(model_path: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def sequence_parallel(shape: convert.ModelShape, layout: ParallelLayout) -> bool:
+def sequence_parallel(shape: ModelShape, layout: ParallelLayout) -> bool:
     """Megatron's MoE layers train at tp > 1 only with sequence parallelism (each TP rank routes its own slice
     of the sequence); dense models run without it, as before."""
     return bool(shape.num_experts) and layout.tp > 1
@@ -81,8 +90,14 @@ def moe_config(hf_config, ep: int, aux_loss_coeff: float) -> dict:
     fp32, as Hugging Face's softmax. Tokens reach the experts through the all-to-all dispatcher
     (schedule.PIPELINE_CONFIG: the one variable sequence lengths allow)."""
     cuda_shim.install_moe_cpu_fixes()
-    return {
-        "num_moe_experts": int(hf_config.num_experts),
+    deepseek_v3 = hf_config.model_type == "deepseek_v3"
+    if deepseek_v3 and aux_loss_coeff > 0:
+        raise FailedPrecondition(
+            "backend.moe_aux_loss_coeff > 0 with DeepSeek-V3: the load-balancing loss is built for softmax "
+            "routers; DeepSeek-V3 balances with its expert bias. Set it to 0"
+        )
+    fields = {
+        "num_moe_experts": convert_moe.num_experts(hf_config),
         "moe_ffn_hidden_size": int(hf_config.moe_intermediate_size),
         "moe_router_topk": int(hf_config.num_experts_per_tok),
         "moe_router_score_function": "softmax",
@@ -95,19 +110,20 @@ def moe_config(hf_config, ep: int, aux_loss_coeff: float) -> dict:
         "expert_tensor_parallel_size": 1,  # experts whole on every rank that holds them
         "moe_enable_routing_replay": True,  # inert until a batch carries routes (routing.py)
     }
+    return {**fields, **deepseek.router_config(hf_config)} if deepseek_v3 else fields
 
 
 def build_model(model_path: Path, config: MegatronBackendConfig, layout: ParallelLayout):
     """(GPTModel holding this rank's shard of the HF weights, its ModelShape, the HF config)."""
     from megatron.core.models.gpt import GPTModel, gpt_layer_specs
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(model_path)
-    te = use_transformer_engine(config, layout)
-    shape = convert.model_shape(hf_config, layout.tp, config.vocab_multiple, te_names=te, ep=layout.ep)
+    te = use_transformer_engine(config, layout, mla=hf_config.model_type == "deepseek_v3")
+    shape = model_shape(hf_config, layout.tp, config.vocab_multiple, te_names=te, ep=layout.ep)
     fused = config.fused_kernels if config.fused_kernels is not None else layout.device.type == "cuda"
-    transformer_config = TransformerConfig(
+    fields = dict(
         num_layers=shape.num_layers,
         hidden_size=hf_config.hidden_size,
         ffn_hidden_size=hf_config.intermediate_size,
@@ -136,8 +152,14 @@ def build_model(model_path: Path, config: MegatronBackendConfig, layout: Paralle
         **(moe_config(hf_config, layout.ep, config.moe_aux_loss_coeff) if shape.num_experts else {}),
         sequence_parallel=sequence_parallel(shape, layout),
     )
+    if shape.mla:
+        transformer_config = MLATransformerConfig(**{**fields, **deepseek.mla_config(hf_config)})
+    else:
+        transformer_config = TransformerConfig(**fields)
     experts = {"num_experts": shape.num_experts, "moe_grouped_gemm": False} if shape.num_experts else {}
-    if te:
+    if shape.mla:
+        spec = deepseek.layer_specs(transformer_config)
+    elif te:
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=shape.qk_norm, **experts)
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=shape.qk_norm, **experts)
@@ -160,7 +182,7 @@ def build_model(model_path: Path, config: MegatronBackendConfig, layout: Paralle
             post_process=layout.last_stage,
             share_embeddings_and_output_weights=shape.tied,
             position_embedding_type="rope",
-            rotary_base=int(convert.rope_theta(hf_config)),
+            rotary_base=int(rope_theta(hf_config)),
         ).to(layout.device)
     load_hf_weights(model, shape, names, hf_tensor_reader(model_path), layout)
     if shape.num_experts:  # megatron lists every RouterReplay globally; routing.py uses each router's own
@@ -173,15 +195,18 @@ def build_model(model_path: Path, config: MegatronBackendConfig, layout: Paralle
         # divides (schedule.py), so the router's term must stay as it is.
         if hasattr(module, "calculate_per_token_loss") and type(module).__name__.endswith("Router"):
             module.calculate_per_token_loss = False
+            # DeepSeek-V3's expert bias still steers the routing, but is never updated here, so its token
+            # counts are not kept (megatron-core 0.16.1's count also fails on a padding mask: [T, E] & [T]).
+            module.enable_expert_bias = False
     return model, shape, hf_config
 
 
 def load_hf_weights(
-    model, shape: convert.ModelShape, names: dict[str, str], read: Callable[[str], torch.Tensor], layout
+    model, shape: ModelShape, names: dict[str, str], read: Callable[[str], torch.Tensor], layout
 ) -> None:
-    """Overwrite every parameter with its shard of the HF weights; any name left over is an error.
-    `names` maps this stage's parameter names to whole-model ones (convert.stage_names)."""
-    parameters = dict(model.named_parameters())
+    """Overwrite every parameter (and expert bias) with its shard of the HF weights; any name left over is an
+    error. `names` maps this stage's parameter names to whole-model ones (convert.stage_names)."""
+    parameters = convert_moe.model_weights(model)
     expected = set(names)
     if set(parameters) != expected:
         raise FailedPrecondition(

@@ -139,3 +139,26 @@ def qwen2_model_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("qwen2-tiny")
     model.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def deepseek_model_dir(anvil_home, tmp_path_factory) -> Path:
+    """anvil-tiny-deepseek (MLA, a dense first layer, then 8 routed experts in 2 groups beside a shared one)
+    with every weight moved off its small initialisation and a random router expert bias, large enough to
+    change which experts (and groups) the sigmoid router picks: the built-in's bias is all zeros."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from coordinator.models import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("anvil-tiny-deepseek"), dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
+    directory = tmp_path_factory.mktemp("deepseek-tiny")
+    model.save_pretrained(directory)
+    return directory

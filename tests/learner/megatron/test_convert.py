@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, Qwen2Config, Qwen3MoeConfig
+from transformers import DeepseekV3Config, LlamaConfig, Qwen2Config, Qwen3MoeConfig
 
 from learner.backends.megatron import convert
+from learner.backends.megatron.model_shape import model_shape
 from protos.errors import FailedPrecondition
 
 
@@ -41,7 +42,7 @@ def hf(request):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_round_trip_is_exact(hf, tp):
     config, state = hf
-    shape = convert.model_shape(config, tp, vocab_multiple=64)
+    shape = model_shape(config, tp, vocab_multiple=64)
     shards = convert.hf_state_to_megatron_shards(state, shape, tp)
     assert all(set(s) == set(convert.megatron_names(shape)) for s in shards)
     back = convert.megatron_shards_to_hf_state(shards, shape)
@@ -54,7 +55,7 @@ def test_round_trip_is_exact(hf, tp):
 def test_tp_shards_hold_whole_query_groups_and_gate_up_halves():
     config = llama_config()
     state = random_state(__import__("transformers").LlamaForCausalLM(config))
-    shape = convert.model_shape(config, 2, vocab_multiple=64)
+    shape = model_shape(config, 2, vocab_multiple=64)
     shards = convert.hf_state_to_megatron_shards(state, shape, 2)
     d, per_group = 8, 3  # head_dim, query heads per kv group
     q, k, v = (state[f"model.layers.1.self_attn.{x}_proj.weight"] for x in "qkv")
@@ -75,7 +76,7 @@ def test_tp_shards_hold_whole_query_groups_and_gate_up_halves():
 
 
 def test_te_spec_names_the_fused_norms():
-    shape = convert.model_shape(llama_config(), 1, vocab_multiple=8, te_names=True)
+    shape = model_shape(llama_config(), 1, vocab_multiple=8, te_names=True)
     names = convert.megatron_names(shape)
     assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in names
     assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in names
@@ -104,16 +105,58 @@ def test_mixture_of_experts_round_trip_is_exact(tmp_path):
     torch.manual_seed(0)
     Qwen3MoeForCausalLM(config).save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
-    shape = convert.model_shape(config, 1, vocab_multiple=64)
+    shape = model_shape(config, 1, vocab_multiple=64)
     (shard,) = convert.hf_state_to_megatron_shards(state, shape, 1)
     assert torch.equal(shard["decoder.layers.1.mlp.router.weight"], state["model.layers.1.mlp.gate.weight"])
     fc1 = shard["decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"]
     assert torch.equal(fc1[:16], state["model.layers.0.mlp.experts.3.gate_proj.weight"])
     assert torch.equal(fc1[16:], state["model.layers.0.mlp.experts.3.up_proj.weight"])
     with pytest.raises(FailedPrecondition, match="4 experts cannot be split evenly over ep=3"):
-        convert.model_shape(config, 1, vocab_multiple=64, ep=3)
-    assert convert.model_shape(llama_config(), 1, vocab_multiple=64, ep=2).num_experts == 0, "ep leaves dense ones be"
+        model_shape(config, 1, vocab_multiple=64, ep=3)
+    assert model_shape(llama_config(), 1, vocab_multiple=64, ep=2).num_experts == 0, "ep leaves dense ones be"
     back = convert.megatron_shards_to_hf_state([shard], shape)
+    assert set(back) == set(state)
+    for name, tensor in state.items():
+        assert torch.equal(back[name], tensor), name
+
+
+def deepseek_config(**overrides) -> DeepseekV3Config:
+    fields = dict(vocab_size=130, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                  n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                  first_k_dense_replace=1, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                  q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)  # fmt: skip
+    return DeepseekV3Config(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize("q_lora_rank", [24, None])
+def test_deepseek_round_trip_is_exact(tmp_path, q_lora_rank):
+    """DeepSeek-V3 by checkpoint name at TP2: MLA's projections and latent norms (the down projections
+    whole on both ranks, the up projections split by heads), the dense first layer, the router and its bias,
+    routed and shared experts; exactly back. Without q_lora the query is one projection."""
+    from safetensors.torch import load_file
+    from transformers import DeepseekV3ForCausalLM
+
+    config = deepseek_config(q_lora_rank=q_lora_rank)
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(config)
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.e_score_correction_bias.normal_()
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    shape = model_shape(config, 2, vocab_multiple=64)
+    assert (shape.mla, shape.q_lora, shape.first_dense_layers, shape.num_moe_layers) == (True, bool(q_lora_rank), 1, 1)
+    shards = convert.hf_state_to_megatron_shards(state, shape, 2)
+    layer = "decoder.layers.1."
+    kv_down = state["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"]
+    assert all(torch.equal(s[layer + "self_attention.linear_kv_down_proj.weight"], kv_down) for s in shards)
+    kv_up = state["model.layers.1.self_attn.kv_b_proj.weight"]  # 4 heads x (nope 8 + v 8) rows
+    assert torch.equal(shards[1][layer + "self_attention.linear_kv_up_proj.weight"], kv_up[32:])
+    bias = state["model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert torch.equal(shards[0][layer + "mlp.router.expert_bias"], bias)
+    shared = state["model.layers.1.mlp.shared_experts.gate_proj.weight"]  # 16 rows: 8 per rank
+    assert torch.equal(shards[1][layer + "mlp.shared_experts.linear_fc1.weight"][:8], shared[8:])
+    assert "decoder.layers.0.mlp.router.weight" not in shards[0], "the first layer is dense"
+    back = convert.megatron_shards_to_hf_state(shards, shape)
     assert set(back) == set(state)
     for name, tensor in state.items():
         assert torch.equal(back[name], tensor), name
@@ -128,16 +171,31 @@ def test_mixture_of_experts_round_trip_is_exact(tmp_path):
         (llama_config(attention_bias=True), 1, "biases"),
         (Qwen3MoeConfig(num_attention_heads=4, num_key_value_heads=2, mlp_only_layers=[0]), 1, "dense layers"),
         (Qwen2Config(num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True), 1, "sliding-window"),
+        (deepseek_config(norm_topk_prob=False), 1, "norm_topk_prob"),
+        (deepseek_config(num_experts_per_tok=3), 1, "grouped top-k"),
+        (deepseek_config(rope_interleave=False), 1, "rope_interleave"),
+        (deepseek_config(), 3, "not divisible by tp=3"),
     ],
-    ids=["llama3-rope", "kv-heads-vs-tp", "gelu", "llama-bias", "moe-dense-layers", "sliding-window"],
+    ids=[
+        "llama3-rope",
+        "kv-heads-vs-tp",
+        "gelu",
+        "llama-bias",
+        "moe-dense-layers",
+        "sliding-window",
+        "deepseek-unnormalised-top-k",
+        "deepseek-top-k-per-group",
+        "deepseek-half-rotary",
+        "deepseek-heads-vs-tp",
+    ],
 )
 def test_unsupported_models_are_refused_by_name(config, tp, message):
     with pytest.raises(FailedPrecondition, match=message):
-        convert.model_shape(config, tp, vocab_multiple=128)
+        model_shape(config, tp, vocab_multiple=128)
 
 
 def test_pipeline_stages_split_layers_and_keep_a_tied_copy_on_the_last_stage():
-    shape = convert.model_shape(llama_config(num_hidden_layers=4, tie_word_embeddings=True), 1, vocab_multiple=64)
+    shape = model_shape(llama_config(num_hidden_layers=4, tie_word_embeddings=True), 1, vocab_multiple=64)
     first, last = convert.stage_names(shape, 0, 2), convert.stage_names(shape, 1, 2)
     assert first["embedding.word_embeddings.weight"] == "embedding.word_embeddings.weight"
     assert first["decoder.layers.1.mlp.linear_fc2.weight"] == "decoder.layers.1.mlp.linear_fc2.weight"

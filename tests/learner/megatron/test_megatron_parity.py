@@ -44,6 +44,12 @@ PARAM_MAX_DIFF = 1e-4
 MOE_PARAM_MAX_DIFF = 3e-4
 PARAM_CLOSE = 1e-5
 PARAM_OUTLIER_FRACTION = 1e-4
+DEEPSEEK_TOLERANCE = {"loss_abs": 1e-4, "param_max_diff": 1e-3}
+"""DeepSeek's perturbed weights give gradient norms of 200-400, clipped to 1, so an element that the batch
+barely touches has a gradient near AdamW's eps, where rounding moves it by up to one step (lr 1e-3): one
+embedding element of 98,304 differed by 4.8e-4 at TP2 x EP2 while every metric and gradient norm agreed to
+2e-6. Its losses are sums of terms of both signs near 0 (0.23 from ~33 terms of size ~1), so their absolute
+rounding is ~1e-5 per DP split. The outlier fraction stays as strict as for every other model."""
 ADAM = AdamParams(learning_rate=1e-3, weight_decay=0.01, grad_clip_norm=1.0, eps=1e-8)
 LAYOUTS = {
     "tp1": (1, 1), "tp2": (2, 2), "tp1-dp2": (1, 2), "pp2": (1, 2, 2), "pp2-mb16": (1, 2, 2, 16),
@@ -67,10 +73,12 @@ def hf_model(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model_dir, qwen2_model_dir, hf_model):
+def models(tiny_model_dir, qwen2_model_dir, deepseek_model_dir, hf_model):
     """name -> (HF directory, transformers model): Llama (anvil-tiny, untied), Qwen2 (tied, qkv bias) and
-    Qwen3 (anvil-tiny-qwen3: q/k norms, Megatron's qk_layernorm) and Qwen3-MoE (anvil-tiny-moe: 8 experts,
-    top-2, Megatron's router and SequentialMLP experts behind the all-to-all dispatcher)."""
+    Qwen3 (anvil-tiny-qwen3: q/k norms, Megatron's qk_layernorm), Qwen3-MoE (anvil-tiny-moe: 8 experts,
+    top-2, Megatron's router and SequentialMLP experts behind the all-to-all dispatcher) and DeepSeek-V3
+    (conftest's deepseek_model_dir: MLA, a dense first layer, a shared expert, a sigmoid router with a bias
+    and grouped top-k)."""
     qwen2 = AutoModelForCausalLM.from_pretrained(qwen2_model_dir, dtype=torch.float32).eval()
     qwen3_dir = resolve_model("anvil-tiny-qwen3")
     qwen3 = AutoModelForCausalLM.from_pretrained(qwen3_dir, dtype=torch.float32).eval()
@@ -79,6 +87,7 @@ def models(tiny_model_dir, qwen2_model_dir, hf_model):
     return {
         "llama": (tiny_model_dir, hf_model), "qwen2": (qwen2_model_dir, qwen2), "qwen3": (qwen3_dir, qwen3),
         "qwen3-moe": (moe_dir, moe),
+        "deepseek": (deepseek_model_dir, AutoModelForCausalLM.from_pretrained(deepseek_model_dir).eval()),
     }  # fmt: skip
 
 
@@ -126,6 +135,7 @@ def saved_tensors(path: str) -> dict[str, torch.Tensor]:
         ("qwen3-moe", "ep2"),
         ("qwen3-moe", "tp2-ep2"),
         ("qwen3-moe", "tp2"),
+        *(("deepseek", layout) for layout in ("tp1", "pp2", "ep2", "tp2", "tp2-ep2")),
     ],
 )
 async def test_logprobs_match_the_torch_backend(megatron_learners, models, model, layout):
@@ -162,7 +172,9 @@ async def test_logprobs_match_the_torch_backend(megatron_learners, models, model
     + [("ppo", "tp2-ckpt", "llama", 1.0)]  # activations recomputed in backward
     + [("ppo", "tp1", "qwen3-moe", 1.0), ("importance_sampling", "tp1-dp2", "qwen3-moe", 1.0)]
     + [("ppo", "ep2", "qwen3-moe", 1.0), ("cross_entropy", "ep2-mb16", "qwen3-moe", 1.0)]
-    + [("ppo", "tp2-ep2", "qwen3-moe", 1.0)],
+    + [("ppo", "tp2-ep2", "qwen3-moe", 1.0)]
+    + [("ppo", "tp1", "deepseek", 1.0), ("cross_entropy", "pp2", "deepseek", 1.0)]
+    + [("ppo", "tp2-ep2", "deepseek", 1.0), ("importance_sampling", "tp1-dp2", "deepseek", 1.0)],
 )
 async def test_three_adamw_steps_match_the_torch_backend(megatron_learners, models, loss_fn, layout, model, grad_scale):
     adam = dataclasses.replace(ADAM, grad_scale=grad_scale)  # grad_scale: OptimStep's normalisation factor
@@ -180,7 +192,8 @@ async def test_three_adamw_steps_match_the_torch_backend(megatron_learners, mode
                 learning_rate=adam.learning_rate, weight_decay=adam.weight_decay, grad_clip_norm=adam.grad_clip_norm,
                 eps=adam.eps, grad_scale=adam.grad_scale,
             )  # fmt: skip
-            assert metrics["loss:sum"] == pytest.approx(expected.metrics["loss:sum"], rel=1e-4, abs=1e-5)
+            loss_abs = DEEPSEEK_TOLERANCE["loss_abs"] if model == "deepseek" else 1e-5
+            assert metrics["loss:sum"] == pytest.approx(expected.metrics["loss:sum"], rel=1e-4, abs=loss_abs)
             for key in ("ratio:mean", "clip_fraction:mean"):
                 if key in expected.metrics:
                     assert metrics[key] == pytest.approx(expected.metrics[key], rel=1e-4, abs=1e-6)
@@ -191,17 +204,19 @@ async def test_three_adamw_steps_match_the_torch_backend(megatron_learners, mode
     weights = saved_tensors(saved.path)
     parameters = dict(reference.named_weights())  # by checkpoint name: an MoE's experts one by one
     assert set(weights) == set(parameters)
-    assert_weights_match(weights, parameters)
+    assert_weights_match(weights, parameters, DEEPSEEK_TOLERANCE["param_max_diff"] if model == "deepseek" else None)
     original = load_file(model_dir / "model.safetensors")
     moved = max((p - original[n]).abs().max().item() for n, p in parameters.items())
     assert moved > 1e-3, "the steps must change the weights for the comparison to mean anything"
 
 
-def assert_weights_match(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+def assert_weights_match(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], max_diff: float | None = None
+) -> None:
     outliers = total = 0
     for name, expected in want.items():
         difference = (got[name] - expected).abs()
-        limit = MOE_PARAM_MAX_DIFF if ".mlp.experts." in name else PARAM_MAX_DIFF
+        limit = max_diff or (MOE_PARAM_MAX_DIFF if ".mlp.experts." in name else PARAM_MAX_DIFF)
         assert difference.max().item() <= limit, f"{name}: max |diff| {difference.max().item():.3g}"
         outliers += int((difference > PARAM_CLOSE).sum())
         total += difference.numel()
@@ -226,6 +241,8 @@ def close_request(client):
         ("qwen3-moe", "tp1"),
         ("qwen3-moe", "ep2"),
         ("qwen3-moe", "tp2-ep2"),
+        ("deepseek", "tp1"),
+        ("deepseek", "tp2-ep2"),
     ],
 )
 async def test_hf_to_megatron_to_hf_round_trip_is_exact(megatron_learners, models, model, layout, tmp_path):
@@ -257,8 +274,8 @@ def _file_names(path) -> set[str]:
 
 @pytest.mark.parametrize(
     ("model", "saved_at", "loaded_at"),
-    [("llama", "tp2", "tp1"), ("qwen2", "pp2", "tp2"), ("qwen3-moe", "ep2", "tp1")],
-    ids=["tp2-to-tp1", "pp2-to-tp2", "moe-ep2-to-ep1"],
+    [("llama", "tp2", "tp1"), ("qwen2", "pp2", "tp2"), ("qwen3-moe", "ep2", "tp1"), ("deepseek", "tp2-ep2", "pp2")],
+    ids=["tp2-to-tp1", "pp2-to-tp2", "moe-ep2-to-ep1", "deepseek-tp2-ep2-to-pp2"],
 )
 async def test_state_continues_identically_at_another_layout(megatron_learners, models, model, saved_at, loaded_at):
     """dist_checkpointing resharding: model and AdamW moments saved at one layout, loaded at another."""
