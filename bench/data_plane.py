@@ -3,9 +3,9 @@
 The Anvil path, timed end to end: frame the per-datum numpy arrays as a serialised ForwardBackwardRequest
 whose batch is their Arrow IPC stream (`protos.batch_encoding.request_bytes`: one copy of the values, the
 same bytes a parser gets from `make_batch` + `encode_batch` + the protobuf message), send it over gRPC to
-another process, which parses the request and runs the learner's own ingestion
-(`learner.batch.batch_from_arrow`: decode, `validate_batch`, per-datum arrays) and answers. The baseline
-sends the same number of bytes as one raw gRPC bytes message to the same server process. The ratio
+another process, which parses the request and runs the learner's own ingestion (the exactly-once
+fingerprint, then `learner.batch.batch_from_arrow`: decode, `validate_batch`, per-datum arrays) and
+answers. The baseline sends the same number of bytes as one raw gRPC bytes message to the same server process. The ratio
 anvil / raw is the framing cost (target ≤ 1.15).
 
 Each step is also timed on its own, in this process, so the table shows where the time goes. The
@@ -46,6 +46,7 @@ from protos.arrow_schemas import decode_batch, encode_batch, make_batch
 from protos.batch_encoding import encode_rows, request_bytes
 from protos.batch_validation import validate_batch
 from protos.channels import open_channel
+from servicekit.sequencer import request_fingerprint
 
 VOCAB = 32000
 
@@ -94,6 +95,7 @@ def local_phases(rows: list[dict[str, np.ndarray]], repeats: int, num_bytes: int
         for name in (
             "request_bytes (numpy rows -> request bytes)",
             "ForwardBackwardRequest.FromString + read of the payload",
+            "request_fingerprint (exactly-once: xxh3_128 of the serialised request)",
             "validate_batch (decode + checks)",
             "batch_from_arrow (decode + checks + per-datum arrays)",
             "context: plain path (make_batch+encode_batch+message+SerializeToString)",
@@ -104,7 +106,10 @@ def local_phases(rows: list[dict[str, np.ndarray]], repeats: int, num_bytes: int
         marks = [time.perf_counter()]
         wire = anvil_encode(rows)
         marks.append(time.perf_counter())
-        received = learner_pb2.ForwardBackwardRequest.FromString(wire).batch.arrow_ipc_stream
+        request = learner_pb2.ForwardBackwardRequest.FromString(wire)
+        received = request.batch.arrow_ipc_stream
+        marks.append(time.perf_counter())
+        request_fingerprint(request)
         marks.append(time.perf_counter())
         validate_batch(decode_batch(received), VOCAB)
         marks.append(time.perf_counter())

@@ -5,7 +5,8 @@ learner's batch ingestion behind the same server, so both data-plane paths cross
 
     /bench.Raw/Stream  client stream of raw bytes messages -> total length (8 bytes, little-endian)
     /bench.Raw/Unary   one raw bytes message              -> its length
-    /bench.Raw/Ingest  a ForwardBackwardRequest            -> the datum count, after the learner's own
+    /bench.Raw/Ingest  a ForwardBackwardRequest            -> the datum count, after what the learner does
+                       before its backend: the exactly-once fingerprint (`request_fingerprint`) and
                        `learner.batch.batch_from_arrow` (decode + validate + arrays), nothing else
 
 with the same message-size cap as Anvil's servers. It runs in its own process so the baselines pay the
@@ -43,7 +44,9 @@ async def _unary(request: bytes, context) -> bytes:
 
 async def _ingest(request: learner_pb2.ForwardBackwardRequest, context) -> bytes:
     from learner.batch import batch_from_arrow  # imported on first use: the byte baselines start faster
+    from servicekit.sequencer import request_fingerprint
 
+    request_fingerprint(request)
     batch = batch_from_arrow(request.batch.arrow_ipc_stream, vocab_size=int(os.environ.get(VOCAB_ENV, "1048576")))
     return len(batch.data).to_bytes(8, "little")
 

@@ -11,7 +11,6 @@ optimizer state.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
 from protos.arrow_schemas import encode_outputs
 from protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from servicekit.failpoints import failpoint
+from servicekit.sequencer import request_fingerprint
 
 LOSS_OUTPUT_TYPE = "ArrayRecord"
 CLIENT_STATE_FILE = "client_state.bin"
@@ -55,8 +55,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
 
     async def _sequenced(self, request: Any, execute: Callable[[TrainingSession], Awaitable[Any]]) -> Any:
         session = self.sessions.get(request.session_id)
-        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
-        return await session.sequencer.run(request.seq_id, fingerprint, lambda: execute(session))
+        return await session.sequencer.run(request.seq_id, request_fingerprint(request), lambda: execute(session))
 
     async def Forward(self, request, context):
         return await self._sequenced(request, lambda s: self._forward(s, request, backward=False))

@@ -28,9 +28,21 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import xxhash
+from google.protobuf.message import Message
+
 from protos.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 
 Work = Callable[[], Awaitable[Any]]
+
+
+def request_fingerprint(request: Message) -> bytes:
+    """What tells a retry of a request (same seq_id, same content) from another request under a reused seq_id:
+    xxh3_128 of its deterministic serialisation. It guards against mistakes, not adversaries (a client can
+    only confuse its own session), so a fast non-cryptographic hash is enough: on an 8 MiB ForwardBackward,
+    sha256 took 4.6 ms a request and xxh3_128 0.16 ms (plus 0.8 ms to serialise), measured on this VM.
+    The learner keeps its sessions' fingerprints in memory only, so the choice can change freely."""
+    return xxhash.xxh3_128_digest(request.SerializeToString(deterministic=True))
 
 
 class GapPolicy(enum.Enum):
