@@ -1,10 +1,11 @@
-"""The Megatron backend's Mixture-of-Experts extras on anvil-tiny-moe (Qwen3-MoE), against computations made
-here from Hugging Face's own router logits (each datum alone, so no padding):
+"""The Megatron backend's Mixture-of-Experts extras on anvil-tiny-moe (Qwen3-MoE) and a DeepSeek-V3 (conftest's
+deepseek_model_dir), against computations made here from Hugging Face's own routers (each datum alone, so
+no padding):
 
 * per-expert load: the most and least loaded expert's real tokens over the mean (worst layer), at TP1, at PP2
   (each stage counts its own layers) and at EP2 (each replica its own tokens, before the all-to-all);
 * routing replay: logprobs with routes a perturbed router recorded equal the torch backend's replay at TP1,
-  PP2, EP2 and TP2 x EP2 (sequence parallel), and differ from free routing;
+  PP2, EP2 and TP2 x EP2 (sequence parallel), and differ from free routing; one replayed step;
 * the load-balancing loss (`backend.moe_aux_loss_coeff`): Switch Transformer's term per layer,
   coeff * E / (k * T^2) * sum_e (sum_t p_te) * n_e over the micro-batch's T real tokens, added to the
   policy loss: Megatron's gradient norm and its weights after a step equal the torch backend's with this
@@ -90,35 +91,14 @@ def router_logits(model, rows) -> list[torch.Tensor]:
     ]
 
 
-def expected_load(model, rows) -> tuple[float, float]:
-    k = model.config.num_experts_per_tok
-    with torch.no_grad():
-        counts = [
-            torch.bincount(torch.topk(logits, k).indices.reshape(-1), minlength=model.config.num_experts).double()
-            for logits in router_logits(model, rows)
-        ]
-    return max(float(c.max() / c.mean()) for c in counts), min(float(c.min() / c.mean()) for c in counts)
-
-
-@pytest.mark.parametrize("layout", ["tp1", "pp2", "ep2"])
-async def test_expert_load_counts_real_tokens(megatron_learners, moe, layout):
-    model_dir, hf = moe
-    rows = rows_for("cross_entropy", hf, seed=3)
-    most, least = expected_load(hf, rows)
-    async with open_channel(megatron_learners(*LAYOUTS[layout]).address) as channel:
-        client = await megatron_client(channel, model_dir)
-        _, metrics = await client.forward(rows)
-        await client.stub.CloseSession(close_request(client))
-    assert metrics["learner/moe_load_max_over_mean:max"] == pytest.approx(most, rel=1e-9)
-    assert metrics["learner/moe_load_min_over_mean:min"] == pytest.approx(least, rel=1e-9)
-    assert most > 1.0 > least, "the random router is not perfectly balanced"
-
-
-@pytest.mark.parametrize("layout", ["pp2"])
-async def test_deepseek_expert_load_counts_its_routers_choice(megatron_learners, deepseek, layout):
-    """DeepSeek-V3's sigmoid router, expert bias and groups: the load equals HF's recorded routes' (the dense
-    first layer has none; at PP2 it and one MoE layer are the first stage's)."""
-    model_dir, hf = deepseek
+@pytest.mark.parametrize(
+    ("model", "layout"),
+    [*(("qwen3-moe", layout) for layout in ("tp1", "pp2", "ep2")), ("deepseek", "pp2")],
+)
+async def test_expert_load_counts_real_tokens(megatron_learners, moe_models, model, layout):
+    """The load equals counts of the routes HF's own routers pick (DeepSeek-V3: sigmoid router, expert bias and
+    groups; its dense first layer has none, and at PP2 it and one MoE layer are the first stage's)."""
+    model_dir, hf = moe_models(model)
     rows = rows_for("cross_entropy", hf, seed=3)
     most, least = recorded_load(hf, rows)
     async with open_channel(megatron_learners(*LAYOUTS[layout]).address) as channel:
@@ -127,6 +107,7 @@ async def test_deepseek_expert_load_counts_its_routers_choice(megatron_learners,
         await client.stub.CloseSession(close_request(client))
     assert metrics["learner/moe_load_max_over_mean:max"] == pytest.approx(most, rel=1e-9)
     assert metrics["learner/moe_load_min_over_mean:min"] == pytest.approx(least, rel=1e-9)
+    assert most > 1.0 > least, "the random router is not perfectly balanced"
 
 
 def switch_aux_loss(model, rows, coeff: float) -> torch.Tensor:
