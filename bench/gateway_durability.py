@@ -33,8 +33,8 @@ async def steps_through_serve(model: str, every: int, steps: int, batch: int) ->
         process, base_url = start_serve(
             Path(scratch), "torch", 1, f'model="{model}"', f"durable_state_every_steps={every}"
         )
+        service = tinker.ServiceClient(base_url=base_url, api_key=KEY)
         try:
-            service = tinker.ServiceClient(base_url=base_url, api_key=KEY)
             training = await service.create_lora_training_client_async(base_model=model, rank=0)
             tokens = list(range(5, 37))
             data = [
@@ -50,6 +50,7 @@ async def steps_through_serve(model: str, every: int, steps: int, batch: int) ->
                 seconds.append(time.perf_counter() - start)
             return seconds[2:]
         finally:
+            await service.close("success")  # else its session heartbeat thread outlives the benchmark
             stop_serve(process)
 
 

@@ -72,8 +72,8 @@ async def main(args) -> None:
     with tempfile.TemporaryDirectory(prefix="anvil-bench-load-") as scratch:
         process, base_url = start_serve(Path(scratch), args.engine, args.replicas)
         gateway = psutil.Process(process.pid)
+        service = tinker.ServiceClient(base_url=base_url, api_key=KEY)
         try:
-            service = tinker.ServiceClient(base_url=base_url, api_key=KEY)
             prompt, params = types.ModelInput.from_ints(PROMPT), types.SamplingParams(max_tokens=args.max_tokens)
             idle_client = await service.create_sampling_client_async(base_model="anvil-tiny")
             idle = []
@@ -121,6 +121,7 @@ async def main(args) -> None:
             await asyncio.gather(*trainer_tasks)
             rss_after = gateway.memory_info().rss
         finally:
+            await service.close("success")  # else its session heartbeat thread outlives the benchmark
             stop_serve(process)
 
     loaded = Timing("sample under load (per request)", latencies or [float("nan")])
