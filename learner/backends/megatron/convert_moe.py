@@ -88,17 +88,21 @@ def is_moe_name(name: str) -> bool:
     return is_routed_name(name) or SHARED in name
 
 
+def _hf_mlp(rest: str, prefix: str) -> tuple[str, str]:
+    """(the HF name prefix of the expert MLP that Megatron tensor `rest` belongs to, its linear's name)."""
+    if rest.startswith(SHARED):
+        return f"{prefix}mlp.shared_experts.", rest.removeprefix(SHARED)
+    expert, linear = rest.removeprefix(EXPERTS).split(".", 1)
+    return f"{prefix}mlp.experts.{expert}.", linear
+
+
 def hf_to_megatron(rest: str, prefix: str, hf: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """The Megatron tensor `rest` of the layer whose HF names start with `prefix`."""
     if rest == ROUTER:
         return hf(prefix + "mlp.gate.weight")
     if rest == EXPERT_BIAS:
         return hf(prefix + "mlp.gate.e_score_correction_bias")
-    if rest.startswith(SHARED):
-        source, linear = f"{prefix}mlp.shared_experts.", rest.removeprefix(SHARED)
-    else:
-        expert, linear = rest.removeprefix(EXPERTS).split(".", 1)
-        source = f"{prefix}mlp.experts.{expert}."
+    source, linear = _hf_mlp(rest, prefix)
     if linear == "linear_fc1.weight":
         return torch.cat([hf(source + "gate_proj.weight"), hf(source + "up_proj.weight")])
     return hf(source + "down_proj.weight")
@@ -109,11 +113,7 @@ def megatron_to_hf(rest: str, prefix: str, tensor: torch.Tensor) -> Iterator[tup
     if rest in (ROUTER, EXPERT_BIAS):
         yield prefix + ("mlp.gate.weight" if rest == ROUTER else "mlp.gate.e_score_correction_bias"), tensor
         return
-    if rest.startswith(SHARED):
-        target, linear = f"{prefix}mlp.shared_experts.", rest.removeprefix(SHARED)
-    else:
-        expert, linear = rest.removeprefix(EXPERTS).split(".", 1)
-        target = f"{prefix}mlp.experts.{expert}."
+    target, linear = _hf_mlp(rest, prefix)
     if linear == "linear_fc1.weight":
         gate, up = tensor.chunk(2)
         yield target + "gate_proj.weight", gate

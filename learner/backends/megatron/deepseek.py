@@ -1,5 +1,5 @@
 """DeepSeek-V3 (and Kimi K2) on megatron-core's local layer spec: the MLA and router settings of its
-TransformerConfig, and the layer specs, with one gap of megatron-core 0.16.1 filled.
+TransformerConfig, and the layer specs, with two gaps of megatron-core 0.16.1's local spec filled.
 
 megatron-core builds DeepSeek-V3 from an `MLATransformerConfig`: multi-latent attention (q and kv
 low-rank projections, their RMSNorms as q_layernorm / kv_layernorm: `qk_layernorm=True`), the first
