@@ -6,8 +6,9 @@ learner's batch ingestion behind the same server, so both data-plane paths cross
     /bench.Raw/Stream  client stream of raw bytes messages -> total length (8 bytes, little-endian)
     /bench.Raw/Unary   one raw bytes message              -> its length
     /bench.Raw/Ingest  a ForwardBackwardRequest            -> the datum count, after what the learner does
-                       before its backend: the exactly-once fingerprint (`request_fingerprint`) and
-                       `learner.batch.batch_from_arrow` (decode + validate + arrays), nothing else
+                       before its backend: its deserializer (`protos.batch_request`, the batch left in
+                       place), the exactly-once fingerprint and `learner.batch.batch_from_arrow`
+                       (decode + validate + arrays), nothing else
 
 with the same message-size cap as Anvil's servers. It runs in its own process so the baselines pay the
 same process boundary as a coordinator talking to a learner or a learner talking to a rollout replica.
@@ -21,6 +22,7 @@ import os
 import grpc
 
 from protos.anvil.v1 import learner_pb2
+from protos.batch_request import BatchRequest, batch_request_parser
 from protos.channels import DEFAULT_MAX_MESSAGE_BYTES
 from servicekit.process import die_with_parent
 
@@ -42,12 +44,11 @@ async def _unary(request: bytes, context) -> bytes:
     return len(request).to_bytes(8, "little")
 
 
-async def _ingest(request: learner_pb2.ForwardBackwardRequest, context) -> bytes:
+async def _ingest(request: BatchRequest, context) -> bytes:
     from learner.batch import batch_from_arrow  # imported on first use: the byte baselines start faster
-    from servicekit.sequencer import request_fingerprint
 
-    request_fingerprint(request)
-    batch = batch_from_arrow(request.batch.arrow_ipc_stream, vocab_size=int(os.environ.get(VOCAB_ENV, "1048576")))
+    request.fingerprint()
+    batch = batch_from_arrow(request.arrow_ipc_stream, vocab_size=int(os.environ.get(VOCAB_ENV, "1048576")))
     return len(batch.data).to_bytes(8, "little")
 
 
@@ -61,7 +62,7 @@ async def serve() -> None:
         "Stream": grpc.stream_unary_rpc_method_handler(_stream),
         "Unary": grpc.unary_unary_rpc_method_handler(_unary),
         "Ingest": grpc.unary_unary_rpc_method_handler(
-            _ingest, request_deserializer=learner_pb2.ForwardBackwardRequest.FromString
+            _ingest, request_deserializer=batch_request_parser(learner_pb2.ForwardBackwardRequest)
         ),
     }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Raw", handlers)])

@@ -25,6 +25,7 @@ from learner.transports import PublishContext, make_transport, raise_first_failu
 from protos.adam import adam_params_from_proto
 from protos.anvil.v1 import common_pb2, learner_pb2, learner_pb2_grpc
 from protos.arrow_schemas import encode_outputs
+from protos.batch_request import BatchRequest, as_batch_request
 from protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from servicekit.failpoints import failpoint
 from servicekit.sequencer import request_fingerprint
@@ -53,19 +54,26 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
 
     # --- sequenced training requests -------------------------------------------------------------
 
-    async def _sequenced(self, request: Any, execute: Callable[[TrainingSession], Awaitable[Any]]) -> Any:
+    async def _sequenced(
+        self, request: Any, execute: Callable[[TrainingSession], Awaitable[Any]], fingerprint: bytes | None = None
+    ) -> Any:
         session = self.sessions.get(request.session_id)
-        return await session.sequencer.run(request.seq_id, request_fingerprint(request), lambda: execute(session))
+        fingerprint = request_fingerprint(request) if fingerprint is None else fingerprint
+        return await session.sequencer.run(request.seq_id, fingerprint, lambda: execute(session))
 
     async def Forward(self, request, context):
-        return await self._sequenced(request, lambda s: self._forward(s, request, backward=False))
+        batched = as_batch_request(request)  # over gRPC: already one (learner.server registers the parser)
+        return await self._sequenced(
+            batched, lambda s: self._forward(s, batched, backward=False), batched.fingerprint()
+        )
 
     async def ForwardBackward(self, request, context):
-        return await self._sequenced(request, lambda s: self._forward(s, request, backward=True))
+        batched = as_batch_request(request)
+        return await self._sequenced(batched, lambda s: self._forward(s, batched, backward=True), batched.fingerprint())
 
-    async def _forward(self, session: TrainingSession, request: Any, backward: bool) -> Any:
+    async def _forward(self, session: TrainingSession, request: BatchRequest, backward: bool) -> Any:
         description = session.backend.description
-        batch = batch_from_arrow(request.batch.arrow_ipc_stream, vocab_size=description.vocab_size)
+        batch = batch_from_arrow(request.arrow_ipc_stream, vocab_size=description.vocab_size)
         if len(batch.data) > self.config.max_batch_rows:
             raise InvalidArgument(
                 f"the batch has {len(batch.data)} rows; this learner takes at most {self.config.max_batch_rows} per "

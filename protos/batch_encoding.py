@@ -28,6 +28,7 @@ import pyarrow as pa
 from google.protobuf.message import Message
 
 from protos.arrow_schemas import BATCH_SCHEMA, PartsSink, batch_column_names, column_array, encode_batch, make_batch
+from protos.wire_scan import varint
 
 
 def encode_rows(rows: Sequence[Mapping[str, Any]]) -> bytes:
@@ -44,8 +45,8 @@ def request_bytes(message: Message, rows: Sequence[Mapping[str, Any]]) -> bytes:
     payload_field = batch_field.message_type.fields_by_name["arrow_ipc_stream"]
     parts = [memoryview(part) for part in ipc_parts(rows)]
     size = sum(part.nbytes for part in parts)
-    inner = _varint(payload_field.number << 3 | 2) + _varint(size)
-    outer = _varint(batch_field.number << 3 | 2) + _varint(len(inner) + size)
+    inner = varint(payload_field.number << 3 | 2) + varint(size)
+    outer = varint(batch_field.number << 3 | 2) + varint(len(inner) + size)
     return b"".join([message.SerializeToString(), outer, inner, *parts])
 
 
@@ -100,13 +101,3 @@ def _placeholder_column(column: list[Any], list_type: pa.ListType) -> tuple[pa.L
     values = pa.Array.from_buffers(list_type.value_type, total, [None, placeholder], null_count=0)
     array = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values, type=list_type)
     return array, placeholder
-
-
-def _varint(value: int) -> bytes:
-    """Protobuf base-128 varint of a non-negative int."""
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)

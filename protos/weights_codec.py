@@ -24,6 +24,7 @@ from protos.errors import InvalidArgument
 from protos.weights_delta import ENCODING as DELTA_ENCODING
 from protos.weights_delta import encode_piece
 from protos.weights_digest import sha256_digest, tree_digest
+from protos.wire_scan import fields, read_varint, varint
 from servicekit.failpoints import failpoint
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
@@ -69,17 +70,6 @@ def encode_chunks(
                 break
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
 _PUSH_VERSION_TAG = b"\x08"  # PushWeightsRequest.version = 1, varint
 _PUSH_CHUNK_TAG = b"\x12"  # PushWeightsRequest.chunk = 2, length-delimited
 _CHUNK_DATA_TAG = b"\x2a"  # WeightChunk.data = 5, length-delimited
@@ -101,7 +91,7 @@ def framed_push_requests(
     With `base`, each piece goes as an "xor-zstd" delta from the base's bytes where that is smaller.
     `sent[0]` adds up the data bytes framed (what goes on the wire besides the small headers).
     """
-    version_field = _PUSH_VERSION_TAG + _varint(version) if version else b""
+    version_field = _PUSH_VERSION_TAG + varint(version) if version else b""
     for tensor in tensors:
         view = memoryview(tensor.data).cast("B")
         total, offset, shape = len(view), 0, list(tensor.shape)
@@ -115,9 +105,9 @@ def framed_push_requests(
             header = header.SerializeToString()
             if sent is not None:
                 sent[0] += len(piece)
-            data_field = _CHUNK_DATA_TAG + _varint(len(piece)) if len(piece) else b""
+            data_field = _CHUNK_DATA_TAG + varint(len(piece)) if len(piece) else b""
             chunk_length = len(header) + len(data_field) + len(piece)
-            yield b"".join((version_field, _PUSH_CHUNK_TAG, _varint(chunk_length), header, data_field, piece))
+            yield b"".join((version_field, _PUSH_CHUNK_TAG, varint(chunk_length), header, data_field, piece))
             failpoint("weights.push_chunk")
             offset += chunk_bytes
             if offset >= total:
@@ -174,39 +164,6 @@ class RawPush:
     """The whole wire message, as received (a relay forwards it as is)."""
 
 
-def _read_varint(view: memoryview, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if at >= len(view):
-            raise InvalidArgument("malformed PushWeightsRequest: truncated varint")
-        byte = view[at]
-        value |= (byte & 0x7F) << shift
-        at, shift = at + 1, shift + 7
-        if not byte & 0x80:
-            return value, at
-
-
-def _fields(view: memoryview) -> Iterator[tuple[int, int, int, int]]:
-    """(field number, wire type, start, end) of each field; for varints start..end is the value's bytes."""
-    at = 0
-    while at < len(view):
-        key, at = _read_varint(view, at)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, end = _read_varint(view, at)
-        elif wire == 2:
-            length, at = _read_varint(view, at)
-            end = at + length
-        elif wire in (1, 5):
-            end = at + (8 if wire == 1 else 4)
-        else:
-            raise InvalidArgument(f"malformed PushWeightsRequest: wire type {wire} of field {number}")
-        if end > len(view):
-            raise InvalidArgument("malformed PushWeightsRequest: a field runs past the message")
-        yield number, wire, at, end
-        at = end
-
-
 def parse_push_request(message: bytes) -> RawPush:
     """The PushWeights request deserializer: the chunk's data stays a view into `message` (zero copy).
 
@@ -217,20 +174,17 @@ def parse_push_request(message: bytes) -> RawPush:
     """
     view = memoryview(message).cast("B")
     version, chunk_view = 0, memoryview(b"")
-    for number, wire, start, end in _fields(view):
+    for number, wire, _, start, end in fields(view, "PushWeightsRequest"):
         if number == 1 and wire == 0:
-            version = _read_varint(view, start)[0]
+            version = read_varint(view, start)[0]
         elif number == 2 and wire == 2:
             chunk_view = view[start:end]
     header, data = bytearray(), memoryview(b"")
-    at = 0
-    for number, wire, start, end in _fields(chunk_view):
-        field_start = at
-        at = end
+    for number, wire, key_start, start, end in fields(chunk_view, "PushWeightsRequest"):
         if number == 5 and wire == 2:
             data = chunk_view[start:end]
         else:
-            header += chunk_view[field_start:end]
+            header += chunk_view[key_start:end]
     parsed = common_pb2.WeightChunk.FromString(bytes(header))
     chunk = RawChunk(
         parsed.name,

@@ -11,10 +11,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import grpc
-
 from protos.anvil.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 from protos.errors import FailedPrecondition, InvalidArgument
+from protos.registration import with_request_deserializers
 from protos.weights_codec import parse_push_request
 from protos.weights_relay import relay_chain
 from rollout.engines.base import PromptScoring, RolloutEngine, SamplingSpec
@@ -220,26 +219,9 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         return rollout_pb2.LoadWeightsResponse(version=request.version, load_duration_s=seconds)
 
 
-def add_rollout_service(servicer: RolloutServicer, server: grpc.aio.Server) -> None:
-    """The generated registration, except that PushWeights requests are parsed without copying the data.
-
-    The generated stub decodes each PushWeightsRequest with protobuf, which copies the chunk's bytes; the
-    receive path instead keeps a view into the gRPC message and copies it once, into the staged tensor
-    (`protos.weights_codec.parse_push_request`). `updater.push` reads both forms alike.
-    """
-
-    class Capture:
-        handlers: dict
-
-        def add_generic_rpc_handlers(self, handlers) -> None:
-            pass
-
-        def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
-            self.handlers = handlers
-
-    capture = Capture()
-    rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer, capture)
-    handlers = dict(capture.handlers)
-    handlers["PushWeights"] = handlers["PushWeights"]._replace(request_deserializer=parse_push_request)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+add_rollout_service = with_request_deserializers(
+    rollout_pb2_grpc.add_RolloutServiceServicer_to_server, SERVICE_NAME, {"PushWeights": parse_push_request}
+)
+"""The generated registration, except that PushWeights requests are parsed without copying the data: the
+receive path keeps a view into the gRPC message and copies it once, into the staged tensor
+(`protos.weights_codec.parse_push_request`). `updater.push` reads both forms alike."""
