@@ -52,22 +52,35 @@ def expected_bytes(dtype: str, shape: Sequence[int]) -> int:
     return count * DTYPE_BYTES[dtype]
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def piece_bounds(total: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    """[start, end) of a tensor's pieces: as few as `chunk_bytes` allows, of (nearly) equal size.
+
+    Why equal and not full ones plus a remainder: a stream whose messages alternate between full size and
+    small remainders ran 15-30 % slower through grpc than one whose messages vary little (measured on the
+    synthetic 0.5 B set, bench/README.md). Pieces are multiples of 64 bytes but the last; an empty tensor
+    is one empty piece."""
+    count = max(1, _ceil_div(total, chunk_bytes))
+    align = 64 if chunk_bytes >= 64 else 1
+    step = max(1, min(chunk_bytes, _ceil_div(_ceil_div(total, count), align) * align))
+    for start in range(0, max(total, 1), step):
+        yield start, min(total, start + step)
+
+
 def encode_chunks(
     tensors: Iterable[TensorBytes], chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> Iterator[common_pb2.WeightChunk]:
-    """Split tensors into WeightChunks of at most chunk_bytes of data each."""
+    """Split tensors into WeightChunks of at most chunk_bytes of data each (`piece_bounds`)."""
     for tensor in tensors:
         view = memoryview(tensor.data).cast("B")
-        total = len(view)
-        offset = 0
-        while True:
-            piece = view[offset : offset + chunk_bytes]
+        for start, end in piece_bounds(len(view), chunk_bytes):
+            data = bytes(view[start:end])
             yield common_pb2.WeightChunk(
-                name=tensor.name, dtype=tensor.dtype, shape=list(tensor.shape), offset=offset, data=bytes(piece)
+                name=tensor.name, dtype=tensor.dtype, shape=list(tensor.shape), offset=start, data=data
             )
-            offset += len(piece)
-            if offset >= total:
-                break
 
 
 _PUSH_VERSION_TAG = b"\x08"  # PushWeightsRequest.version = 1, varint
@@ -93,10 +106,9 @@ def framed_push_requests(
     """
     version_field = _PUSH_VERSION_TAG + varint(version) if version else b""
     for tensor in tensors:
-        view = memoryview(tensor.data).cast("B")
-        total, offset, shape = len(view), 0, list(tensor.shape)
-        while True:
-            piece = view[offset : offset + chunk_bytes]
+        view, shape = memoryview(tensor.data).cast("B"), list(tensor.shape)
+        for offset, end in piece_bounds(len(view), chunk_bytes):
+            piece = view[offset:end]
             header = common_pb2.WeightChunk(name=tensor.name, dtype=tensor.dtype, shape=shape, offset=offset)
             delta = base.encode(tensor.name, offset, piece) if base is not None else None
             if delta is not None:
@@ -109,9 +121,6 @@ def framed_push_requests(
             chunk_length = len(header) + len(data_field) + len(piece)
             yield b"".join((version_field, _PUSH_CHUNK_TAG, varint(chunk_length), header, data_field, piece))
             failpoint("weights.push_chunk")
-            offset += chunk_bytes
-            if offset >= total:
-                break
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,8 @@ def test_fields_in_any_order_and_repeated_batches_merge_as_protobuf_merges():
     batch_only = learner_pb2.ForwardBackwardRequest(batch=common_pb2.DataBatch(arrow_ipc_stream=b"new"))
     head_only = learner_pb2.ForwardBackwardRequest(seq_id=9, session_id="s-2")
     wire = batch_only.SerializeToString() + first.SerializeToString() + head_only.SerializeToString()
-    wire += learner_pb2.ForwardBackwardRequest(batch=common_pb2.DataBatch(arrow_ipc_stream=b"newest")).SerializeToString()
+    newest = learner_pb2.ForwardBackwardRequest(batch=common_pb2.DataBatch(arrow_ipc_stream=b"newest"))
+    wire += newest.SerializeToString()
     parsed = batch_request_parser(learner_pb2.ForwardBackwardRequest)(wire)
     expected = learner_pb2.ForwardBackwardRequest.FromString(wire)
     assert bytes(parsed.arrow_ipc_stream) == expected.batch.arrow_ipc_stream == b"newest"

@@ -3,6 +3,7 @@ digest equals `digest()` whatever order the chunks arrive in."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from protos.anvil.v1 import rollout_pb2
 from protos.errors import InvalidArgument
 from protos.weights_assembler import ChunkAssembler
-from protos.weights_codec import TensorBytes, digest, encode_chunks, framed_push_requests
+from protos.weights_codec import TensorBytes, digest, encode_chunks, framed_push_requests, piece_bounds
 
 SHAPES = {"b.weight": (3, 5), "a.bias": (7,), "empty": (0, 4), "c.weight": (64, 33)}
 
@@ -33,6 +34,21 @@ def test_framed_requests_are_the_protobuf_messages(version, chunk_bytes):
     ]
     assert [rollout_pb2.PushWeightsRequest.FromString(wire) for wire in framed] == expected
     assert framed == [message.SerializeToString() for message in expected]
+
+
+@pytest.mark.parametrize(
+    ("total", "chunk_bytes"),
+    [(0, 64), (1, 64), (4 << 20, 4 << 20), ((4 << 20) + 1, 4 << 20), (8_716_288, 4 << 20), (272_269_312, 4 << 20)],
+)
+def test_pieces_cover_the_tensor_in_as_few_nearly_equal_pieces_as_the_chunk_size_allows(total, chunk_bytes):
+    pieces = list(piece_bounds(total, chunk_bytes))
+    assert pieces[0][0] == 0 and pieces[-1][1] == total
+    assert all(end == start for (_, end), (start, _) in itertools.pairwise(pieces)), "contiguous"
+    sizes = [end - start for start, end in pieces]
+    assert len(pieces) == max(1, -(-total // chunk_bytes)), "no more pieces than full ones would take"
+    assert max(sizes) <= chunk_bytes
+    assert max(sizes) - min(sizes) <= 64 * len(pieces), "no small remainder after full pieces"
+    assert all(size % 64 == 0 for size in sizes[:-1])
 
 
 @pytest.mark.parametrize("order", ["in_order", "reversed", "shuffled"])
