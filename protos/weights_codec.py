@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from protos.anvil.v1 import common_pb2
@@ -94,6 +94,7 @@ def framed_push_requests(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     base: DeltaBase | None = None,
     sent: list[int] | None = None,
+    bounds: Callable[[int, int], Iterable[tuple[int, int]]] | None = None,
 ) -> Iterator[bytes]:
     """Serialized PushWeightsRequests of `version` for `tensors`, framed by hand around the raw bytes.
 
@@ -102,12 +103,13 @@ def framed_push_requests(
     offset) is serialized by protobuf and the data field is appended after it with its tag and length:
     the same wire message (protobuf allows fields in any order), built with one copy of the data.
     With `base`, each piece goes as an "xor-zstd" delta from the base's bytes where that is smaller.
-    `sent[0]` adds up the data bytes framed (what goes on the wire besides the small headers).
+    `sent[0]` adds up the data bytes framed (what goes on the wire besides the small headers). `bounds`
+    cuts each tensor into pieces (default `piece_bounds`; bench/stream_chunking.py compares another).
     """
     version_field = _PUSH_VERSION_TAG + varint(version) if version else b""
     for tensor in tensors:
         view, shape = memoryview(tensor.data).cast("B"), list(tensor.shape)
-        for offset, end in piece_bounds(len(view), chunk_bytes):
+        for offset, end in (bounds or piece_bounds)(len(view), chunk_bytes):
             piece = view[offset:end]
             header = common_pb2.WeightChunk(name=tensor.name, dtype=tensor.dtype, shape=shape, offset=offset)
             delta = base.encode(tensor.name, offset, piece) if base is not None else None

@@ -23,6 +23,7 @@ from bench import (
     peers,
     rollout,
     routing_replay,
+    stream_chunking,
     weight_sync,
 )
 
@@ -79,6 +80,13 @@ def test_data_plane(tmp_path):
     result = run_quick(data_plane, tmp_path)
     check_common(result, "data_plane", {"anvil / raw gRPC (time)"})
     assert any("gateway" in note for note in result["notes"]) or any("REST" in t["name"] for t in result["timings"])
+
+
+def test_stream_chunking(tmp_path):
+    result = run_quick(stream_chunking, tmp_path)
+    check_common(result, "stream_chunking", {"full+remainder / equal pieces (time)"})
+    counts = [len(t["samples_s"]) for t in result["timings"]]
+    assert counts == [2, 2], "both cuts timed in each ABBA pair"
 
 
 def test_learner_overhead(tmp_path):
