@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from protos.errors import InvalidArgument, NotFound
 from protos.weights_codec import TensorBytes, expected_bytes
@@ -62,14 +63,33 @@ def layout(version: int, tensors: Sequence[TensorBytes], digest: str) -> Layout:
     return Layout(MAGIC + (start - 16).to_bytes(8, "little") + header, offsets, max(at, start))
 
 
-def write_into(target: mmap.mmap, plan: Layout, tensors: Sequence[TensorBytes]) -> None:
-    """Write the segment `plan` lays out into the writable mapping `target` (at least `plan.total` long)."""
+BLOCK = 1 << 20
+"""Copy-then-hash unit of `write_into`: small enough that the hash reads the block from cache."""
+
+
+def write_into(target: mmap.mmap, plan: Layout, tensors: Sequence[TensorBytes], threads: int = 2) -> dict[str, bytes]:
+    """Write the segment `plan` lays out into the writable mapping `target` (at least `plan.total` long);
+    return each tensor's `tensor_hash`.
+
+    Each 1 MiB block is copied and then hashed from the source while it is still in cache, so the hash
+    costs little memory traffic of its own; tensors are shared out over `threads` (numpy's copy and xxh3
+    release the GIL). The hashes are of the learner's own bytes, not of the segment, so a replica that
+    hashes what it mapped checks the copy too."""
     view = np.frombuffer(target, dtype=np.uint8)
     view[: len(plan.header)] = np.frombuffer(plan.header, dtype=np.uint8)
-    for tensor, offset in zip(tensors, plan.offsets, strict=True):
+
+    def copy_and_hash(tensor: TensorBytes, offset: int) -> bytes:
         source = np.frombuffer(tensor.data, dtype=np.uint8)
-        view[offset : offset + source.nbytes] = source
-    del view
+        hasher = xxhash.xxh3_128()
+        for start in range(0, source.nbytes, BLOCK):
+            block = source[start : start + BLOCK]
+            view[offset + start : offset + start + block.nbytes] = block
+            hasher.update(block)
+        return hasher.digest()
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="shm-write") as pool:
+        hashes = pool.map(copy_and_hash, tensors, plan.offsets)
+        return {tensor.name: hashed for tensor, hashed in zip(tensors, hashes, strict=True)}
 
 
 class _WarmMapping:

@@ -30,7 +30,6 @@ import mmap
 import os
 import re
 import secrets
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -40,7 +39,7 @@ from learner.transports.stream import tensors_as_bytes
 from protos.anvil.v1 import rollout_pb2, rollout_pb2_grpc
 from protos.errors import Unavailable
 from protos.weights_codec import TensorBytes, push_weight_update
-from protos.weights_digest import TREE_V1, tree_digest
+from protos.weights_digest import TREE_V1, combine_tree, tree_record
 from protos.weights_segment import SEGMENT_PREFIX, layout, write_into
 
 SHM_DIR = Path("/dev/shm")
@@ -115,13 +114,10 @@ class Segment:
         self.version = version
 
     def write(self, tensors: list[TensorBytes]) -> None:
-        """Hash the tensors (on another thread) while copying them in, then write the header with the digest."""
-        placeholder = f"{TREE_V1}:" + "0" * 32
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shm-digest") as pool:
-            hashing = pool.submit(tree_digest, [(t.name, t.dtype, t.shape, t.data) for t in tensors])
-            plan = layout(self.version, tensors, placeholder)
-            write_into(self.file.mapped(plan.total), plan, tensors)
-            digest = hashing.result()
+        """Copy the tensors in, hashing each block as it is copied, then write the header with the digest."""
+        plan = layout(self.version, tensors, f"{TREE_V1}:" + "0" * 32)  # a placeholder of the digest's length
+        hashes = write_into(self.file.mapped(plan.total), plan, tensors)
+        digest = combine_tree({t.name: tree_record(t.name, t.dtype, t.shape, hashes[t.name]) for t in tensors})
         header = layout(self.version, tensors, digest).header  # same length as the placeholder's
         self.file.mapping[: len(header)] = header
 
