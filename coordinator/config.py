@@ -69,6 +69,13 @@ class LoopConfig(_Strict):
     batch overlaps training of this one when this is >= 1."""
     sampler_concurrency: int = Field(default=16, ge=1)
     """Sample calls in flight at once."""
+    groups_per_pass: int | None = Field(default=4, ge=1)
+    """Train while the batch is still being sampled: a forward/backward pass starts once this many of the
+    batch's groups are scored (taking every one scored by then), the optimizer step once all are in. The
+    sum of the passes' gradients is the whole batch's (the factor a loss normalisation needs from the
+    whole batch is OptimStep's grad_scale), so only the time changes: on-policy, the learner trains the
+    first groups while vLLM decodes the rest. None: one pass on the whole batch. Objectives whose
+    datums need the whole batch (dpo, custom, a batch advantage baseline) always take one pass."""
     routing_replay: bool = False
     """Routing replay (R3) for Mixture-of-Experts models: the rollout returns the experts each token was routed
     to and the learner routes exactly so (protos/moe_routing.py). Needs an MoE model and a rollout engine that

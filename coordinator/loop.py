@@ -6,12 +6,13 @@
     samplers  a pool (asyncio-pool's AioPool) of at most `sampler_concurrency` tasks, one per prompt,
               each calling Sample (n = group_size) on a rollout replica and scoring every completion
               with the prompt's Env (a second pool bounds reward calls to `scoring_concurrency`);
-    trainer   assembles batch b from its groups, drops any group whose oldest token was sampled by a
-              version older than the bound (counted; an in-flight weight update can give one completion
-              tokens of two versions, and the oldest decides), hands the fresh groups to the run's
-              Objective (datums, loss and the forward/backward passes: coordinator/objectives/), runs
-              OptimStep, and publishes the new
-              weights to every replica before releasing the next batch.
+    trainer   takes batch b's groups as they are scored (coordinator/step_inputs.py), drops any group
+              whose oldest token was sampled by a version older than the bound (counted; an in-flight
+              weight update can give one completion tokens of two versions, and the oldest decides),
+              hands the fresh groups to the run's Objective (datums, loss and the forward/backward
+              passes: coordinator/objectives/) - in passes of `groups_per_pass` while the rest are still
+              sampled, when the objective allows - runs OptimStep, and publishes the new weights to
+              every replica before releasing the next batch.
 
 The loop never decides where services run or how state is stored: `on_step` receives each step's
 metrics and `on_checkpoint` is asked to save after the steps it names.
@@ -38,6 +39,7 @@ from coordinator.envs.base import Env, Problem, ProblemSource
 from coordinator.fleet.replica_set import ReplicaSet
 from coordinator.objectives import ScoredGroup, make_objective
 from coordinator.objectives.maths import sampler_learner_kl
+from coordinator.step_inputs import BatchArrivals, merge_pass_metrics, sample_metrics, sampler_logprobs
 
 
 @dataclass
@@ -157,18 +159,12 @@ class RLLoop:
         )
 
     async def _train(self, scored: asyncio.Queue) -> None:
-        pending: dict[int, list[ScoredGroup]] = defaultdict(list)
+        pending: defaultdict[int, list[ScoredGroup]] = defaultdict(list)
         for batch in range(self.start_batch, self.end_batch):
             step_start = time.perf_counter()
-            while len(pending[batch]) < self.config.groups_per_batch:
-                group = await scored.get()
-                if isinstance(group, Exception):
-                    raise group
-                pending[group.batch].append(group)
-            groups = sorted(pending.pop(batch), key=lambda g: g.problem.index)
-            wait_s = time.perf_counter() - step_start
-            result = await self._train_batch(batch, groups)
-            result.metrics["time/wait_for_samples_s"] = wait_s
+            arrivals = BatchArrivals(scored, pending, batch)
+            result = await self._train_batch(batch, arrivals)
+            result.metrics["time/wait_for_samples_s"] = arrivals.waited_s
             result.metrics["time/step_s"] = time.perf_counter() - step_start
             completion_tokens = result.metrics["tokens/completion"]
             result.metrics["tokens/per_s"] = completion_tokens / max(result.metrics["time/step_s"], 1e-9)
@@ -184,43 +180,54 @@ class RLLoop:
 
     # --- one step -----------------------------------------------------------------------------------
 
-    async def _train_batch(self, batch: int, groups: list[ScoredGroup]) -> StepResult:
-        config = self.config
-        bound = config.max_off_policy_steps
-        fresh = [g for g in groups if self.step - g.sampler_version <= bound]
-        staleness = [self.step - g.sampler_version for g in fresh]
-        token_staleness = [self.step - v for g in fresh for s in g.sequences for v in s.token_weight_versions or []]
-        metrics: dict[str, float] = {
-            "reward/mean": float(np.mean([r for g in groups for r in g.rewards])),
-            "reward/std": float(np.std([r for g in groups for r in g.rewards])),
-            "correct/mean": float(np.nanmean([c for g in groups for c in g.correct])),
-            "staleness/mean": float(np.mean(staleness)) if staleness else 0.0,
-            "staleness/max": float(max(staleness, default=0)),
-            "staleness/token_mean": float(np.mean(token_staleness)) if token_staleness else 0.0,
-            "sequences/mixed_versions": float(
-                sum(len(set(s.token_weight_versions or [])) > 1 for g in fresh for s in g.sequences)
-            ),
-            "groups/dropped_stale": float(len(groups) - len(fresh)),
-            "time/sample_mean_s": float(np.mean([g.sample_s for g in groups])),
-        }
-        sampled = [s for g in fresh for s in g.sequences]
-        sampler_T = (
-            np.concatenate([np.asarray(s.logprobs, dtype=np.float64) for s in sampled]) if sampled else np.zeros(0)
-        )
+    async def _train_batch(self, batch: int, arrivals: BatchArrivals) -> StepResult:
+        """Forward/backward passes on the batch's groups as they arrive (a streaming objective: a pass
+        once `groups_per_pass` are scored, taking every one scored by then; otherwise one pass on the
+        whole batch), then OptimStep with the factor the whole batch shares, then the publication."""
+        config, size = self.config, self.config.groups_per_batch
+        streamed = self.objective.streams and config.groups_per_pass is not None
+        per_pass = config.groups_per_pass if streamed else size
+        groups: list[ScoredGroup] = []
+        fresh: list[ScoredGroup] = []
+        passes: list[dict[str, float]] = []
+        sampler_parts: list[np.ndarray] = []
+        learner_parts: list[np.ndarray | None] = []
+        train_s = 0.0
+        while len(groups) < size:
+            part = await arrivals.take(min(per_pass, size - len(groups)))
+            groups += part
+            part = [g for g in part if self.step - g.sampler_version <= config.max_off_policy_steps]
+            fresh += part
+            if streamed and not part:
+                continue
+            train_start, pass_metrics = time.perf_counter(), {}
+            accumulate = self.objective.accumulate_part if streamed else self.objective.accumulate_gradients
+            learner_parts.append(await accumulate(self.session, part, pass_metrics))
+            sampler_parts.append(sampler_logprobs(part))
+            passes.append(pass_metrics)
+            train_s += time.perf_counter() - train_start
+        metrics = sample_metrics(groups, fresh, self.step)
+        sampler_T = np.concatenate(sampler_parts) if sampler_parts else np.zeros(0)
         metrics["tokens/completion"] = float(sampler_T.size)
         metrics["entropy/sampler_estimate"] = float(-sampler_T.mean()) if sampler_T.size else 0.0
+        if all(lp is not None or s.size == 0 for lp, s in zip(learner_parts, sampler_parts, strict=True)):
+            learner_T = np.concatenate([np.zeros(0) if lp is None else lp for lp in learner_parts] or [np.zeros(0)])
+            if learner_T.size == sampler_T.size and sampler_T.size:
+                metrics["kl_sample_train/v1"], metrics["kl_sample_train/v2"] = sampler_learner_kl(sampler_T, learner_T)
+        grad_scale = self.objective.batch_grad_scale(fresh) if streamed and fresh else 1.0
+        metrics.update(merge_pass_metrics(passes, grad_scale))
 
         train_start = time.perf_counter()
-        learner_T = await self.objective.accumulate_gradients(self.session, fresh, metrics)
-        if learner_T is not None and learner_T.size == sampler_T.size:
-            metrics["kl_sample_train/v1"], metrics["kl_sample_train/v2"] = sampler_learner_kl(sampler_T, learner_T)
         factor = learning_rate_factor(config.lr_schedule, self.step - self._steps_before_rl, config.steps)
-        adam = dataclasses.replace(config.adam, learning_rate=config.adam.learning_rate * factor)
+        base = config.adam
+        adam = dataclasses.replace(
+            base, learning_rate=base.learning_rate * factor, grad_scale=base.grad_scale * grad_scale
+        )
         metrics["optim/learning_rate"] = adam.learning_rate
         stepped = await self.session.optim_step(adam)
         self.step = int(stepped.step)
         metrics.update({f"optim/{k.split(':')[0]}": v for k, v in stepped.metrics.items()})
-        metrics["time/train_s"] = time.perf_counter() - train_start
+        metrics["time/train_s"] = train_s + time.perf_counter() - train_start
 
         sync_start = time.perf_counter()
         published = await self.rollout.publish(self.rollout.publisher, version=self.step)
@@ -233,7 +240,7 @@ class RLLoop:
         )
         metrics["weights/rollout_version_min"] = float(min(await self.rollout.versions(), default=-1))
         metrics.update(self.rollout.metrics())
-        indices = [g.problem.index for g in groups]
+        indices = sorted(g.problem.index for g in groups)
         return StepResult(step=self.step, batch=batch, metrics=metrics, problem_indices=indices)
 
 

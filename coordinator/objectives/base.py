@@ -33,6 +33,10 @@ class ScoredGroup:
 
 
 class Objective(ABC):
+    streams: bool = False
+    """Whether a batch may train in passes as its groups arrive (`accumulate_part`): true when a group's
+    datums depend on that group alone, up to one factor of the whole batch (`batch_grad_scale`)."""
+
     @abstractmethod
     async def accumulate_gradients(
         self, session: LearnerSession, groups: list[ScoredGroup], metrics: dict[str, float]
@@ -47,3 +51,15 @@ def completion_logprobs(outputs: list[dict], sequences: list[SampledSequence]) -
     """The completion part of each datum's output logprobs, concatenated (float64)."""
     parts = [o["logprobs"].to_numpy()[-len(s.tokens) :] for o, s in zip(outputs, sequences, strict=True)]
     return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
+
+    async def accumulate_part(
+        self, session: LearnerSession, groups: list[ScoredGroup], metrics: dict[str, float]
+    ) -> np.ndarray | None:
+        """One pass of a streamed batch: as `accumulate_gradients` for some of its groups, leaving out the
+        factor the whole batch shares, which the loop's optim_step applies (`batch_grad_scale`). Only
+        for objectives that stream; `loss/sum` in `metrics` is the pass's, without that factor."""
+        raise NotImplementedError(f"{type(self).__name__} trains whole batches only")
+
+    def batch_grad_scale(self, groups: list[ScoredGroup]) -> float:
+        """The factor of a streamed batch's gradient that needs all its `groups` (given to optim_step)."""
+        return 1.0

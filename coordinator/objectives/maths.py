@@ -54,18 +54,39 @@ def loss_scales(lengths: Sequence[int], normalization: str, constant_tokens: int
     - sequence_mean (GRPO as first published): each sequence's mean token, averaged, 1 / (len_i * n);
     - constant (Dr. GRPO): 1 / (constant_tokens * n), a fixed budget instead of the lengths, so no
       length bias and no per-batch rescaling.
+
+    Each factor is a sequence's own part (`sequence_loss_scales`) times one factor of the whole batch
+    (`batch_loss_scale`), so a batch can train in passes before all of it is sampled: the passes carry
+    the sequences' parts and the optimizer step the batch's (OptimStep's grad_scale, before clipping).
     """
+    batch = batch_loss_scale(lengths, normalization, constant_tokens)
+    return [batch * own for own in sequence_loss_scales(lengths, normalization)]
+
+
+def sequence_loss_scales(lengths: Sequence[int], normalization: str) -> list[float]:
+    """The part of each sequence's loss factor that depends on that sequence alone: 1 / len_i for
+    sequence_mean, else 1."""
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"unknown loss normalisation {normalization!r}; choose one of {LOSS_NORMALIZATIONS}")
+    if normalization == "sequence_mean":
+        return [1.0 / max(length, 1) for length in lengths]
+    return [1.0] * len(lengths)
+
+
+def batch_loss_scale(lengths: Sequence[int], normalization: str, constant_tokens: int | None = None) -> float:
+    """The part of the loss factor shared by the whole batch of sequences of `lengths` tokens: 1 for sum,
+    1 / sum(lengths) for token_mean, 1 / n for sequence_mean, 1 / (constant_tokens * n) for constant."""
     count = len(lengths)
     if normalization == "sum":
-        return [1.0] * count
+        return 1.0
     if normalization == "token_mean":
-        return [1.0 / max(sum(lengths), 1)] * count
+        return 1.0 / max(sum(lengths), 1)
     if normalization == "sequence_mean":
-        return [1.0 / (max(length, 1) * count) for length in lengths]
+        return 1.0 / max(count, 1)
     if normalization == "constant":
         if not constant_tokens or constant_tokens < 1:
             raise ValueError("the constant normalisation needs constant_tokens >= 1 (Dr. GRPO: the generation budget)")
-        return [1.0 / (constant_tokens * count)] * count
+        return 1.0 / (constant_tokens * max(count, 1))
     raise ValueError(f"unknown loss normalisation {normalization!r}; choose one of {LOSS_NORMALIZATIONS}")
 
 

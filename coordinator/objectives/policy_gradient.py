@@ -3,6 +3,7 @@ advantages, with optional truncated importance sampling (one extra Forward per s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -13,9 +14,11 @@ from coordinator.client.types import Datum, SampledSequence
 from coordinator.objectives.base import Objective, ScoredGroup, completion_logprobs
 from coordinator.objectives.maths import (
     batch_advantages,
+    batch_loss_scale,
     group_advantages,
     loss_scales,
     policy_datum,
+    sequence_loss_scales,
     truncated_is_weights,
 )
 
@@ -64,15 +67,45 @@ class PolicyGradientConfig(AdvantageConfig):
 class PolicyGradient(Objective):
     def __init__(self, config: PolicyGradientConfig) -> None:
         self.config = config
+        # Group baselines make each group's advantages its own; a batch baseline needs every reward first.
+        self.streams = config.advantage_baseline == "group"
 
     async def accumulate_gradients(
         self, session: LearnerSession, groups: list[ScoredGroup], metrics: dict[str, float]
     ) -> np.ndarray | None:
         config = self.config
-        entries = config.entries(groups)
+        return await self._passes(
+            session, config.entries(groups), lambda lengths: loss_scales(
+                lengths, config.loss_normalization, config.constant_tokens
+            ), metrics,
+        )  # fmt: skip
+
+    async def accumulate_part(
+        self, session: LearnerSession, groups: list[ScoredGroup], metrics: dict[str, float]
+    ) -> np.ndarray | None:
+        if not self.streams:
+            raise NotImplementedError("a batch advantage baseline needs the whole batch: it cannot stream")
+        normalization = self.config.loss_normalization
+        return await self._passes(
+            session, self.config.entries(groups), lambda lengths: sequence_loss_scales(lengths, normalization), metrics
+        )
+
+    def batch_grad_scale(self, groups: list[ScoredGroup]) -> float:
+        lengths = [len(s.tokens) for _, s, _ in self.config.entries(groups)]
+        return batch_loss_scale(lengths, self.config.loss_normalization, self.config.constant_tokens)
+
+    async def _passes(
+        self,
+        session: LearnerSession,
+        entries: list[tuple[list[int], SampledSequence, float]],
+        scales_of: Callable[[list[int]], list[float]],
+        metrics: dict[str, float],
+    ) -> np.ndarray | None:
+        """Forward/backward of `entries` with each sequence's advantages times its loss factor."""
+        config = self.config
         if not entries:
             return None
-        scales = loss_scales([len(s.tokens) for _, s, _ in entries], config.loss_normalization, config.constant_tokens)
+        scales = scales_of([len(s.tokens) for _, s, _ in entries])
         entries = [(p, s, a * scale) for (p, s, a), scale in zip(entries, scales, strict=True)]
         data = [
             policy_datum(p, s.tokens, s.logprobs, a, s.token_weight_versions, s.routed_experts) for p, s, a in entries

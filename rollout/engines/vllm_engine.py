@@ -170,6 +170,7 @@ class VllmEngine(RolloutEngine):
             stop_token_ids=list(spec.stop_token_ids) or None,
             ignore_eos=spec.ignore_eos,
             include_stop_str_in_output=True,
+            detokenize=bool(spec.stop_strings),  # text only to match stop strings: a third of the front end's CPU
             logprobs=0,  # the sampled token's logprob only
             prompt_logprobs=self._prompt_logprobs_setting(scoring),
             output_kind=RequestOutputKind.FINAL_ONLY,

@@ -185,3 +185,48 @@ async def test_each_loss_normalisation_is_the_learners_loss(servers, tiny_model_
             await make_objective(config).accumulate_gradients(session, groups, metrics)
             await session.close()
             assert metrics["loss/sum"] == pytest.approx(want, rel=1e-4), normalization
+
+
+@pytest.mark.parametrize("normalization", ["sum", "token_mean", "sequence_mean", "constant"])
+async def test_a_batch_trained_in_passes_has_the_whole_batchs_gradient(servers, normalization):
+    """The loop's streamed step (coordinator.loop, `groups_per_pass`): one pass per group, each leaving
+    out the factor the whole batch shares, which OptimStep applies as grad_scale before clipping
+    (tests/learner/test_training_math.py checks grad_scale). The passes' gradient times that factor must
+    be the gradient of one pass on the whole batch with the factor in the advantages, and the merged
+    loss the whole batch's."""
+    from coordinator.step_inputs import merge_pass_metrics
+
+    learner, groups = servers["learner"], scored_groups()
+    config = PolicyGradientConfig(type="ppo", loss_normalization=normalization, constant_tokens=5)
+    gradients, losses = [], []
+    async with open_channel(servers["learner_address"], api_key="client-test-key") as channel:
+        for streamed in (False, True):
+            objective = make_objective(config)
+            assert objective.streams
+            session = await LearnerSession.create(channel, "anvil-tiny", seed=0)
+            scale = 1.0
+            if streamed:
+                passes = []
+                for group in groups:
+                    passes.append({})
+                    await objective.accumulate_part(session, [group], passes[-1])
+                scale = objective.batch_grad_scale(groups)
+                losses.append(merge_pass_metrics(passes, scale)["loss/sum"])
+                assert merge_pass_metrics(passes, scale)["train/passes"] == len(groups)
+            else:
+                metrics: dict[str, float] = {}
+                await objective.accumulate_gradients(session, groups, metrics)
+                losses.append(metrics["loss/sum"])
+            model = learner.sessions.get(session.session_id).backend.model
+            gradients.append({name: p.grad * scale for name, p in model.named_parameters()})
+            await session.close()
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert any(g.abs().sum() > 0 for g in gradients[0].values())
+    for name, expected in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], expected, rtol=1e-4, atol=1e-8, msg=name)
+
+
+def test_only_objectives_whose_groups_stand_alone_stream():
+    assert make_objective(PolicyGradientConfig(type="ppo")).streams
+    assert not make_objective(PolicyGradientConfig(type="ppo", advantage_baseline="batch")).streams
+    assert not make_objective(load_config(RunConfig, None, ['loop.objective={type="dpo"}']).loop.objective).streams
